@@ -1,0 +1,50 @@
+"""The interface every curvature method implements over a :class:`~kfac.store.FactorEntry`."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..store import FactorEntry
+
+__all__ = ["CurvatureMethod", "DecompositionError"]
+
+
+class DecompositionError(RuntimeError):
+    """A factor could not be decomposed even in float64 (non-finite or numerically broken factors)."""
+
+
+@runtime_checkable
+class CurvatureMethod(Protocol):
+    """Turns running factors into decompositions and applies the damped inverse to gradient matrices."""
+
+    name: str
+
+    def refresh(self, entry: FactorEntry, *, damping: float) -> None:
+        """Recompute ``entry``'s decompositions from its factors; raise :class:`DecompositionError` on failure."""
+
+    def ready(self, entry: FactorEntry) -> bool:
+        """Whether ``entry`` holds the decompositions :meth:`precondition` needs."""
+
+    def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
+        """Apply the damped inverse curvature of this layer to a ``(g_dim, a_dim)`` gradient matrix."""
+
+
+def with_float64_retry(fn, matrix: Tensor, what: str):
+    """Run ``fn(matrix)``; on failure or non-finite output retry in float64, then raise DecompositionError."""
+    if not torch.isfinite(matrix).all():
+        raise DecompositionError(f"{what} has non-finite entries")
+    last: Exception | None = None
+    for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
+        try:
+            out = fn(matrix.to(dtype))
+        except (RuntimeError, torch.linalg.LinAlgError) as exc:  # LinAlgError subclasses RuntimeError
+            last = exc
+            continue
+        tensors = out if isinstance(out, tuple) else (out,)
+        if all(torch.isfinite(t).all() for t in tensors):
+            return tuple(t.to(matrix.dtype) for t in tensors) if isinstance(out, tuple) else out.to(matrix.dtype)
+        last = RuntimeError("non-finite result")
+    raise DecompositionError(f"could not decompose {what} in {matrix.dtype} or float64: {last}")

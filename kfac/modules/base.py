@@ -1,0 +1,95 @@
+"""Module adapters: how a layer type maps to Kronecker factors.
+
+Conventions (shared by every adapter, and equal to KAISA / kfac-pytorch 0.4.2):
+
+* A layer's weight gradient is viewed as a matrix ``V`` of shape ``(d_out, d_in)``, where ``d_in`` includes
+  a trailing ones column when the layer has a bias (so the bias gradient is ``V[:, -1]``).
+* ``A_batch = a^T a / N`` with ``a`` the ``(N, d_in)`` rows built from the layer input.
+* ``G_batch = g^T g / N`` with ``g`` the ``(N, d_out)`` rows built from the gradient w.r.t. the layer output as
+  autograd delivers it.
+* Adapters return *sums* ``a^T a`` together with the row count ``N``, so statistics from several micro-batches
+  add up to those of the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ModuleAdapter", "Stat"]
+
+Stat = tuple[Tensor, int]
+"""A sufficient statistic ``(sum of row outer products, number of rows)``; diagonal factors sum squares."""
+
+
+class ModuleAdapter(ABC):
+    """Adapter for one module instance: factor statistics and gradient-matrix views."""
+
+    a_diagonal: bool = False
+    """Whether ``A`` is diagonal (stored as a vector), e.g. for embeddings."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    @abstractmethod
+    def a_dim(self) -> int:
+        """Size of ``A`` (input features, plus one for the bias column)."""
+
+    @property
+    @abstractmethod
+    def g_dim(self) -> int:
+        """Size of ``G`` (output features)."""
+
+    @abstractmethod
+    def a_rows(self, x: Tensor) -> Tensor:
+        """Input rows ``a`` of shape ``(N, a_dim)`` (already scaled as the convention requires)."""
+
+    @abstractmethod
+    def g_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``g`` of shape ``(N, g_dim)``."""
+
+    def a_stat(self, x: Tensor, dtype: torch.dtype) -> Stat:
+        a = self.a_rows(x).to(dtype)
+        return a.T @ a, a.shape[0]
+
+    def g_stat(self, g: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Stat:
+        rows = self.g_rows(g).to(dtype)
+        if scale != 1.0:
+            rows = rows / scale
+        return rows.T @ rows, rows.shape[0]
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = [self.module.weight]
+        if self.has_bias:
+            params.append(self.module.bias)
+        return params
+
+    def grad_matrix(self) -> Tensor | None:
+        """The gradient as a ``(g_dim, a_dim)`` matrix, or ``None`` if the weight has no gradient."""
+        w = self.module.weight
+        if w.grad is None:
+            return None
+        mat = w.grad.reshape(w.shape[0], -1)
+        if self.has_bias:
+            b = self.module.bias.grad
+            b = torch.zeros_like(w.grad[:, :1].reshape(-1)) if b is None else b
+            mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
+        return mat
+
+    def set_grad_matrix(self, mat: Tensor) -> None:
+        """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad`` (in place)."""
+        w = self.module.weight
+        if self.has_bias:
+            wmat, bvec = mat[:, :-1], mat[:, -1]
+            if self.module.bias.grad is not None:
+                self.module.bias.grad.copy_(bvec.reshape(self.module.bias.shape))
+        else:
+            wmat = mat
+        w.grad.copy_(wmat.reshape(w.shape))

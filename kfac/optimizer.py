@@ -1,0 +1,101 @@
+"""``kfac.KFAC``: a ``torch.optim.Optimizer`` that preconditions gradients with K-FAC, then runs a base optimizer.
+
+``param_groups`` and ``state`` *are* the base optimizer's, so LR schedulers, gradient clipping utilities and
+``GradScaler.step`` work on the wrapper directly; K-FAC's ``kl_clip`` reads each layer's current group ``lr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .preconditioner import KFACPreconditioner
+
+__all__ = ["KFAC"]
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC-preconditioned wrapper around ``optimizer``.
+
+    Example::
+
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        opt = kfac.KFAC(model, base, factor_update_steps=10, inv_update_steps=100, damping=1e-3)
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    All keyword arguments are those of :class:`kfac.KFACPreconditioner` (except ``lr``, which comes from the
+    base optimizer's param groups). If a step's gradients are non-finite the whole step, base optimizer
+    included, is skipped (``opt.preconditioner.skipped_steps`` counts them).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if "lr" in kwargs:
+            raise TypeError("KFAC reads the learning rate from the base optimizer's param groups; do not pass lr=")
+        self.optimizer = optimizer
+        self.preconditioner = KFACPreconditioner(model, lr=None, **kwargs)
+        # Initialise torch.optim.Optimizer's bookkeeping (hooks, step patching) on the base's groups, then share
+        # the very same containers so schedulers and the base optimizer see one state.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._kfac_ready = True
+        self._param_to_layer = {id(p): layer.name for layer in self.preconditioner._layers
+                                for p in layer.adapter.parameters()}
+
+    @property
+    def store(self):
+        """The factor store (:class:`kfac.FactorStore`)."""
+        return self.preconditioner.store
+
+    def _layer_lrs(self) -> dict[str, float]:
+        lrs: dict[str, float] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._param_to_layer.get(id(p))
+                if name is not None and name not in lrs:
+                    lrs[name] = float(group["lr"])
+        return lrs
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Precondition the tracked gradients, then call the base optimizer's ``step``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.preconditioner.step(lr=self._layer_lrs()):
+            self.optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the base optimizer's gradients and drop statistics of a step that never reached ``step()``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.preconditioner.discard_pending_statistics()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_kfac_ready", False):  # called by Optimizer.__init__ on the base's groups
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict plus K-FAC's state under the key ``"kfac"``."""
+        state = self.optimizer.state_dict()
+        state["kfac"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        state = dict(state_dict)
+        if "kfac" not in state:
+            raise ValueError("state dict has no 'kfac' entry: it was not saved by kfac.KFAC.state_dict()")
+        kfac_state = state.pop("kfac")
+        self.preconditioner.load_state_dict(kfac_state)
+        self.optimizer.load_state_dict(state)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+    def __repr__(self) -> str:
+        return f"KFAC(\n  optimizer={self.optimizer!r},\n  preconditioner={self.preconditioner!r}\n)"

@@ -1,0 +1,428 @@
+"""K-FAC gradient preconditioner: hooks that collect Kronecker factors and a ``step()`` that rewrites ``.grad``.
+
+Schedule (KAISA / kfac-pytorch 0.4.2 conventions): steps count from 0; factors are updated when
+``step % factor_update_steps == 0`` and decompositions refreshed when ``step % inv_update_steps == 0``.
+At a factor update ``F <- decay * F + (1 - decay) * F_batch`` (running factor initialised to the identity),
+where ``F_batch`` averages over every forward/backward pass since the previous step, so ``k`` accumulated
+micro-batches give exactly the factors of their concatenation. The preconditioned gradients of all layers
+are scaled by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <P(g), g>|))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import fisher as _fisher
+from .hparams import Hyper, check_positive, check_step_count, resolve
+from .methods import DecompositionError, make_method
+from .modules import ModuleAdapter, adapter_for
+from .store import FactorEntry, FactorStore
+
+__all__ = ["KFACPreconditioner"]
+
+logger = logging.getLogger("kfac")
+
+
+@dataclass(eq=False)
+class _Layer:
+    name: str
+    module: nn.Module
+    adapter: ModuleAdapter
+    entry: FactorEntry
+    handles: list[Any] = field(default_factory=list)
+    a_sum: Tensor | None = None
+    a_count: int = 0
+    g_sum: Tensor | None = None
+    g_count: int = 0
+    g_calls: int = 0
+    forward_calls: int = 0
+
+    def discard_pending(self) -> None:
+        self.a_sum = self.g_sum = None
+        self.a_count = self.g_count = self.g_calls = 0
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total.add_(value)
+
+
+class KFACPreconditioner:
+    """Kronecker-factored preconditioner for the supported layers of ``model``.
+
+    Usage (own training loop, KAISA style)::
+
+        pre = kfac.KFACPreconditioner(model, lr=lambda step: scheduler.get_last_lr()[0])
+        loss.backward(); pre.step(); optimizer.step()
+
+    Args (keyword-only; every hyperparameter is a constant or a callable ``step -> value``):
+        factor_update_steps: steps between factor updates.
+        inv_update_steps: steps between decomposition refreshes.
+        damping: Tikhonov damping added to the Kronecker eigenvalue products (eigen) or to each factor (inverse).
+        factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
+        kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
+        lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
+        method: ``"eigen"`` or ``"inverse"``.
+        fisher: ``"empirical"`` (``G`` from the training loss) or ``"mc"`` (``G`` from a loss on labels sampled
+            from the model, produced by :meth:`mc_backward` each factor-update step).
+        skip_layers: module names, class names or regular expressions (full match on the name); a skipped
+            module's children are skipped too.
+        accumulation_steps: forward/backward passes expected per ``step()`` (a mismatch is logged once).
+        grad_scaler: a ``torch.amp.GradScaler``; factors are computed from unscaled gradients. With your own
+            optimizer, call ``scaler.unscale_(optimizer)`` before :meth:`step` (the KFAC wrapper does it for you
+            through ``scaler.step``).
+        factor_dtype: dtype of factors and decompositions (float32; float64 for reference computations).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        factor_update_steps: Hyper = 1,
+        inv_update_steps: Hyper = 1,
+        damping: Hyper = 1e-3,
+        factor_decay: Hyper = 0.95,
+        kl_clip: Hyper | None = 1e-3,
+        lr: Hyper | None = 0.1,
+        method: str = "eigen",
+        fisher: str = "empirical",
+        skip_layers: Iterable[str] | str = (),
+        accumulation_steps: int = 1,
+        grad_scaler: Any | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if fisher not in ("empirical", "mc"):
+            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+        if not factor_dtype.is_floating_point:
+            raise ValueError(f"factor_dtype must be a floating point dtype, got {factor_dtype}")
+        self.method = make_method(method)
+        self.factor_update_steps = factor_update_steps
+        self.inv_update_steps = inv_update_steps
+        self.damping = damping
+        self.factor_decay = factor_decay
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.fisher = fisher
+        self.accumulation_steps = check_step_count(accumulation_steps, name="accumulation_steps")
+        self.grad_scaler = grad_scaler
+        self.factor_dtype = factor_dtype
+        self._hparams(0)  # validate constants early
+
+        self.store = FactorStore()
+        self.steps = 0
+        self.skipped_steps = 0
+        self.skipped: list[tuple[str, str]] = []
+        self.not_executed: list[str] = []
+        self._layers: list[_Layer] = []
+        self._checked_execution = False
+        self._capture_step: int | None = None
+        self._capture_flag = False
+        self._in_mc_backward = False
+        self._scale_cache: float | None = None
+        self._warned_accumulation = False
+        self._register(model, [skip_layers] if isinstance(skip_layers, str) else list(skip_layers))
+        if not self._layers:
+            reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
+            raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
+
+    # -- registration ---------------------------------------------------------------------------------------
+    def _register(self, model: nn.Module, skip: list[str]) -> None:
+        patterns = [re.compile(s) for s in skip]
+        skipped_prefixes: list[tuple[str, str]] = []
+        owners: dict[int, str] = {}
+        for name, module in model.named_modules():
+            parent = next((p for p, _ in skipped_prefixes if name.startswith(p + ".")), None)
+            own_params = [p for p in module.parameters(recurse=False)]
+            if parent is not None:
+                if own_params:
+                    self.skipped.append((name, f"parent module {parent!r} is skipped"))
+                continue
+            if any(s in (name, type(module).__name__) for s in skip) or any(p.fullmatch(name) for p in patterns):
+                skipped_prefixes.append((name, "skip_layers"))
+                if own_params or name:
+                    self.skipped.append((name, "matched skip_layers"))
+                continue
+            if not own_params:
+                continue
+            adapter, reason = adapter_for(module)
+            if adapter is None:
+                self.skipped.append((name, reason or "unsupported"))
+                continue
+            params = adapter.parameters()
+            if not all(p.requires_grad for p in params):
+                self.skipped.append((name, "parameters do not require grad (frozen)"))
+                continue
+            shared = next((owners[id(p)] for p in params if id(p) in owners), None)
+            if shared is not None:
+                self.skipped.append((name, f"shares parameters with tracked layer {shared!r}"))
+                continue
+            for p in params:
+                owners[id(p)] = name
+            entry = self.store.add(name, a_dim=adapter.a_dim, g_dim=adapter.g_dim, a_diagonal=adapter.a_diagonal)
+            layer = _Layer(name=name, module=module, adapter=adapter, entry=entry)
+            layer.handles.append(module.register_forward_hook(functools.partial(self._forward_hook, layer)))
+            self._layers.append(layer)
+        for name, reason in self.skipped:
+            logger.info("kfac: not preconditioning %r: %s", name, reason)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the tracked (preconditioned) modules, in registration order."""
+        return [layer.name for layer in self._layers]
+
+    def remove(self) -> None:
+        """Remove every hook this preconditioner registered (the model is left as it was)."""
+        for layer in self._layers:
+            for h in layer.handles:
+                h.remove()
+            layer.handles.clear()
+            layer.discard_pending()
+
+    # -- hyperparameters -----------------------------------------------------------------------------------
+    def _hparams(self, step: int) -> dict[str, Any]:
+        hp = {
+            "factor_update_steps": check_step_count(resolve(self.factor_update_steps, step, name="factor_update_steps"),
+                                                    name="factor_update_steps"),
+            "inv_update_steps": check_step_count(resolve(self.inv_update_steps, step, name="inv_update_steps"),
+                                                 name="inv_update_steps"),
+            "damping": resolve(self.damping, step, name="damping"),
+            "factor_decay": resolve(self.factor_decay, step, name="factor_decay"),
+            "kl_clip": resolve(self.kl_clip, step, name="kl_clip"),
+            "lr": resolve(self.lr, step, name="lr"),
+        }
+        check_positive(hp["damping"], name="damping")
+        check_positive(hp["kl_clip"], name="kl_clip", allow_none=True)
+        if not 0 <= hp["factor_decay"] < 1:
+            raise ValueError(f"factor_decay must be in [0, 1), got {hp['factor_decay']!r}")
+        return hp
+
+    def _capturing(self) -> bool:
+        """Whether this step updates factors (statistics are only collected then)."""
+        if self._capture_step != self.steps:
+            fus = check_step_count(resolve(self.factor_update_steps, self.steps, name="factor_update_steps"),
+                                   name="factor_update_steps")
+            self._capture_step, self._capture_flag = self.steps, self.steps % fus == 0
+        return self._capture_flag
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def _forward_hook(self, layer: _Layer, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        layer.forward_calls += 1
+        if not self._capturing() or not inputs:
+            return
+        with torch.no_grad():
+            stat, n = layer.adapter.a_stat(inputs[0].detach(), self.factor_dtype)
+        layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(functools.partial(self._grad_hook, layer))
+
+    def _grad_hook(self, layer: _Layer, grad: Tensor) -> None:
+        if (self.fisher == "mc") != self._in_mc_backward:
+            return
+        with torch.no_grad():
+            stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
+        layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
+        layer.g_calls += 1
+
+    def _grad_scale(self) -> float:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        if self._scale_cache is None:
+            self._scale_cache = float(scaler.get_scale())
+        return self._scale_cache
+
+    def mc_backward(self, outputs: Tensor, *, loss: str = "cross_entropy", reduction: str = "mean",
+                    generator: torch.Generator | None = None) -> None:
+        """Collect ``G`` for ``fisher="mc"`` from a loss on labels sampled from ``outputs`` (see :mod:`kfac.fisher`).
+
+        Call after the forward pass and before ``loss.backward()`` on every step; it is a no-op on steps that do
+        not update factors. Parameter gradients are not touched.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError("mc_backward() needs fisher='mc' (this preconditioner uses the empirical Fisher)")
+        if not self._capturing():
+            return
+        sampled = _fisher.sampled_loss(outputs, loss=loss, reduction=reduction, generator=generator)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            sampled = self.grad_scaler.scale(sampled)
+        weights = [layer.module.weight for layer in self._layers if layer.handles]
+        self._in_mc_backward = True
+        try:
+            torch.autograd.grad(sampled, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._in_mc_backward = False
+
+    def discard_pending_statistics(self) -> None:
+        """Drop statistics collected since the last step (e.g. those of a step that was skipped)."""
+        for layer in self._layers:
+            layer.discard_pending()
+        self._scale_cache = None
+
+    # -- step ----------------------------------------------------------------------------------------------
+    def _check_execution(self) -> None:
+        """At the first step, stop tracking layers whose forward() never ran (e.g. used functionally)."""
+        if self._checked_execution:
+            return
+        ran = [layer for layer in self._layers if layer.forward_calls > 0]
+        if not ran:
+            raise RuntimeError("no tracked layer ran forward() in training mode with gradients enabled since the "
+                               "preconditioner was created: call model.train() and run the forward pass before step()")
+        self._drop_unexecuted([layer.name for layer in self._layers if layer.forward_calls == 0], warn=True)
+        self._checked_execution = True
+
+    def _drop_unexecuted(self, names: Iterable[str], *, warn: bool) -> None:
+        reason = ("registered but never executed through forward() (e.g. called functionally, like "
+                  "nn.MultiheadAttention.out_proj); its gradient is left unpreconditioned")
+        for layer in [layer for layer in self._layers if layer.name in set(names)]:
+            if warn:
+                warnings.warn(f"kfac: not preconditioning {layer.name!r}: {reason}", stacklevel=4)
+            for h in layer.handles:
+                h.remove()
+            self._layers.remove(layer)
+            self.store.remove(layer.name)
+            self.skipped.append((layer.name, reason))
+            self.not_executed.append(layer.name)
+
+    @torch.no_grad()
+    def step(self, *, lr: float | Mapping[str, float] | None = None) -> bool:
+        """Update factors/decompositions on schedule and precondition the tracked gradients in place.
+
+        ``lr`` overrides the ``lr`` hyperparameter for ``kl_clip`` (a float, or a mapping layer name -> lr).
+        Returns ``False`` (and changes nothing but the ``skipped_steps`` counter) when a gradient or a collected
+        statistic is non-finite.
+        """
+        grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
+        if all(g is None for g in grads.values()):
+            raise RuntimeError("KFACPreconditioner.step() was called before loss.backward(): "
+                               "no tracked parameter has a gradient")
+        self._check_execution()
+        grads = {layer.name: grads[layer.name] for layer in self._layers}
+        if not self._all_finite(grads):
+            self.skipped_steps += 1
+            self.discard_pending_statistics()
+            logger.warning("kfac: non-finite gradients or factor statistics at step %d; step skipped "
+                           "(%d skipped so far)", self.steps, self.skipped_steps)
+            return False
+        hp = self._hparams(self.steps)
+        if self.steps % hp["factor_update_steps"] == 0:
+            self._update_factors(hp["factor_decay"])
+        self.discard_pending_statistics()
+        if self.steps % hp["inv_update_steps"] == 0:
+            self._refresh(hp["damping"])
+        self._precondition(grads, hp, lr)
+        self.steps += 1
+        return True
+
+    def _all_finite(self, grads: Mapping[str, Tensor | None]) -> bool:
+        checks = [torch.isfinite(g).all() for g in grads.values() if g is not None]
+        for layer in self._layers:
+            checks += [torch.isfinite(t).all() for t in (layer.a_sum, layer.g_sum) if t is not None]
+        return bool(torch.stack(checks).all())
+
+    def _update_factors(self, decay: float) -> None:
+        used = [layer for layer in self._layers if layer.a_count and layer.g_count]
+        if self._layers and not any(layer.g_count for layer in self._layers) and self.fisher == "mc":
+            raise RuntimeError("fisher='mc' needs mc_backward(outputs) after the forward pass of every "
+                               "factor-update step; no sampled-label statistics were collected")
+        calls = [layer.g_calls for layer in used]
+        if calls and min(calls) != self.accumulation_steps and not self._warned_accumulation:
+            self._warned_accumulation = True
+            logger.warning("kfac: saw %d backward pass(es) before step() but accumulation_steps=%d",
+                           min(calls), self.accumulation_steps)
+        for layer in used:
+            entry = layer.entry
+            a_batch = layer.a_sum / layer.a_count
+            g_batch = layer.g_sum / layer.g_count
+            if not entry.a_diagonal:
+                a_batch = (a_batch + a_batch.T) / 2
+            g_batch = (g_batch + g_batch.T) / 2
+            if entry.A is None:
+                entry.A = torch.ones_like(a_batch) if entry.a_diagonal else torch.eye(entry.a_dim, dtype=a_batch.dtype,
+                                                                                      device=a_batch.device)
+                entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
+            entry.A.mul_(decay).add_(a_batch, alpha=1 - decay)
+            entry.G.mul_(decay).add_(g_batch, alpha=1 - decay)
+            entry.num_updates += 1
+
+    def _refresh(self, damping: float) -> None:
+        for layer in self._layers:
+            entry = layer.entry
+            if entry.A is None:
+                continue
+            try:
+                self.method.refresh(entry, damping=damping)
+            except DecompositionError as exc:
+                entry.clear_decompositions()
+                warnings.warn(f"kfac: {exc}; layer {layer.name!r} uses its plain gradient until the next refresh",
+                              stacklevel=4)
+
+    def _precondition(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
+                      lr: float | Mapping[str, float] | None) -> None:
+        kl_clip, damping = hp["kl_clip"], hp["damping"]
+        updates: list[tuple[_Layer, Tensor, Tensor]] = []
+        vg_sum: Tensor | None = None
+        for layer in self._layers:
+            grad = grads[layer.name]
+            if grad is None or not self.method.ready(layer.entry):
+                continue
+            v = self.method.precondition(layer.entry, grad, damping=damping)
+            updates.append((layer, v, grad))
+            if kl_clip is not None:
+                layer_lr = lr.get(layer.name, hp["lr"]) if isinstance(lr, Mapping) else (hp["lr"] if lr is None else lr)
+                if layer_lr is None:
+                    raise ValueError("kl_clip needs a learning rate: pass lr= to the preconditioner or step()")
+                term = (v * grad.to(v.dtype)).sum() * layer_lr**2
+                vg_sum = term if vg_sum is None else vg_sum + term
+        nu = None
+        if vg_sum is not None:
+            nu = torch.clamp(torch.sqrt(kl_clip / vg_sum.abs()), max=1.0)
+        for layer, v, grad in updates:
+            if nu is not None:
+                v = v * nu
+            layer.adapter.set_grad_matrix(v.to(grad.dtype))
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters and every factor and decomposition (tensors are referenced, not copied)."""
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "layers": self.layers,
+                "not_executed": list(self.not_executed), "method": self.method.name,
+                "store": self.store.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the tracked layers must match (clear error otherwise)."""
+        self._drop_unexecuted(state.get("not_executed", ()), warn=False)
+        if set(state["layers"]) != set(self.layers):
+            missing, extra = set(self.layers) - set(state["layers"]), set(state["layers"]) - set(self.layers)
+            raise ValueError(f"K-FAC state was saved for different layers: missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)}")
+        if state.get("method", self.method.name) != self.method.name:
+            raise ValueError(f"K-FAC state was saved with method={state['method']!r}, this is {self.method.name!r}")
+        self.store.load_state_dict(state["store"])
+        for layer in self._layers:
+            layer.entry.to(layer.module.weight.device)
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._checked_execution = True
+        self._capture_step = None
+        self.discard_pending_statistics()
+
+    def memory_usage(self) -> int:
+        """Bytes held by factors and decompositions."""
+        return self.store.nbytes()
+
+    def __repr__(self) -> str:
+        return (f"KFACPreconditioner(method={self.method.name!r}, layers={len(self._layers)}, "
+                f"skipped={len(self.skipped)}, steps={self.steps}, store={self.store!r})")

@@ -1,0 +1,26 @@
+"""Installs the ``kfac`` package (pure Python; the optional C++/CUDA extension in csrc/ is built on demand)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = next(line.split('"')[1] for line in (here / "kfac" / "__init__.py").read_text().splitlines()
+               if line.startswith("__version__"))
+
+setup(
+    name="kfac",
+    version=version,
+    description="Distributed second-order optimization for PyTorch: K-FAC, EK-FAC, M-FAC and influence functions",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kfac", "kfac.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4"],
+    extras_require={
+        "examples": ["torchvision", "tensorboard", "tqdm", "matplotlib", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn"],
+    },
+    license="MIT",
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
