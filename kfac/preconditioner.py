@@ -248,14 +248,17 @@ class KFACPreconditioner:
                     generator: torch.Generator | None = None) -> None:
         """Collect ``G`` for ``fisher="mc"`` from a loss on labels sampled from ``outputs`` (see :mod:`kfac.fisher`).
 
-        Call after the forward pass and before ``loss.backward()`` on every step; it is a no-op on steps that do
-        not update factors. Parameter gradients are not touched.
+        Call after the forward pass and before ``loss.backward()`` on every (micro-)batch; it is a no-op on steps
+        that do not update factors. Parameter gradients are not touched. Like the user's loss under gradient
+        accumulation, the sampled loss is divided by ``accumulation_steps``.
         """
         if self.fisher != "mc":
             raise RuntimeError("mc_backward() needs fisher='mc' (this preconditioner uses the empirical Fisher)")
         if not self._capturing():
             return
         sampled = _fisher.sampled_loss(outputs, loss=loss, reduction=reduction, generator=generator)
+        if self.accumulation_steps > 1:
+            sampled = sampled / self.accumulation_steps
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             sampled = self.grad_scaler.scale(sampled)
         weights = [layer.module.weight for layer in self._layers if layer.handles]

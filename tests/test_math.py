@@ -296,22 +296,30 @@ def test_gradient_accumulation_equals_concatenated_batch(method):
         torch.testing.assert_close(p_acc, p_ref, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("chunks", [1, 2])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_mc_fisher_G_is_unbiased_for_the_output_hessian(loss):
-    """E[G_mc] = (1/B) sum_n H_n / B^2, H_n the per-example output Hessian (the GGN's middle term)."""
+def test_mc_fisher_G_is_unbiased_for_the_output_hessian(loss, chunks):
+    """E[G_mc] = (1/B) sum_n H_n / B^2, H_n the per-example output Hessian (the GGN's middle term); the same
+    when the batch is split into accumulated micro-batches."""
     torch.manual_seed(0)
     b, d = 4, 3
     model = nn.Linear(5, d)
     x = torch.randn(b, 5)
-    pre = kfac.KFACPreconditioner(model, fisher="mc", factor_decay=0.0, kl_clip=None, factor_dtype=torch.float64)
-    out = model(x)
+    pre = kfac.KFACPreconditioner(model, fisher="mc", factor_decay=0.0, kl_clip=None, factor_dtype=torch.float64,
+                                  accumulation_steps=chunks)
     gen = torch.Generator().manual_seed(0)
     samples = 4000
-    for _ in range(samples):
-        pre.mc_backward(out, loss=loss, generator=gen)
-    user_loss = F.cross_entropy(out, torch.zeros(b, dtype=torch.long)) if loss == "cross_entropy" else out.pow(2).mean()
-    user_loss.backward()
+    outs = []
+    for xb in x.chunk(chunks):
+        out = model(xb)
+        outs.append(out)
+        for _ in range(samples):
+            pre.mc_backward(out, loss=loss, generator=gen)
+        user_loss = F.cross_entropy(out, torch.zeros(len(xb), dtype=torch.long)) if loss == "cross_entropy" \
+            else out.pow(2).mean()
+        (user_loss / chunks).backward()
     pre.step()
+    out = torch.cat(outs)
     if loss == "cross_entropy":
         p = torch.softmax(out.detach(), -1)
         hessians = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
