@@ -44,6 +44,13 @@ class KFAC(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self._kfac_ready = True
+        stepped = {id(p) for group in self.param_groups for p in group["params"]}
+        self.preconditioner._untrack(
+            [layer.name for layer in self.preconditioner._layers
+             if not all(id(p) in stepped for p in layer.adapter.parameters())],
+            "parameters are not (all) in the optimizer's param groups")
+        if not self.preconditioner.layers:
+            raise ValueError("none of the supported layers has its parameters in the optimizer")
         self._param_to_layer = {id(p): layer.name for layer in self.preconditioner._layers
                                 for p in layer.adapter.parameters()}
 
@@ -67,14 +74,19 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.preconditioner.skip_step("non-finite gradients")
+            return loss
         if self.preconditioner.step(lr=self._layer_lrs()):
             self.optimizer.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the base optimizer's gradients and drop statistics of a step that never reached ``step()``."""
+        """Zero the base optimizer's gradients and drop statistics of a step that never reached ``step()``
+        (e.g. one skipped by ``GradScaler``); statistics of a forward pass awaiting its backward are kept."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self.preconditioner.discard_pending_statistics()
+        self.preconditioner._discard_stale_statistics()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_kfac_ready", False):  # called by Optimizer.__init__ on the base's groups
@@ -92,8 +104,9 @@ class KFAC(torch.optim.Optimizer):
         if "kfac" not in state:
             raise ValueError("state dict has no 'kfac' entry: it was not saved by kfac.KFAC.state_dict()")
         kfac_state = state.pop("kfac")
-        self.preconditioner.load_state_dict(kfac_state)
+        self.preconditioner.validate_state_dict(kfac_state)
         self.optimizer.load_state_dict(state)
+        self.preconditioner.load_state_dict(kfac_state)
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 

@@ -122,6 +122,7 @@ class KFACPreconditioner:
         self.store = FactorStore()
         self.steps = 0
         self.skipped_steps = 0
+        self.discarded_statistics = 0
         self.skipped: list[tuple[str, str]] = []
         self.not_executed: list[str] = []
         self._layers: list[_Layer] = []
@@ -129,7 +130,6 @@ class KFACPreconditioner:
         self._capture_step: int | None = None
         self._capture_flag = False
         self._in_mc_backward = False
-        self._scale_cache: float | None = None
         self._warned_accumulation = False
         self._register(model, [skip_layers] if isinstance(skip_layers, str) else list(skip_layers))
         if not self._layers:
@@ -142,11 +142,11 @@ class KFACPreconditioner:
         skipped_prefixes: list[tuple[str, str]] = []
         owners: dict[int, str] = {}
         for name, module in model.named_modules():
-            parent = next((p for p, _ in skipped_prefixes if name.startswith(p + ".")), None)
+            parent = next((p for p, _ in skipped_prefixes if p == "" or name.startswith(p + ".")), None)
             own_params = [p for p in module.parameters(recurse=False)]
             if parent is not None:
                 if own_params:
-                    self.skipped.append((name, f"parent module {parent!r} is skipped"))
+                    self.skipped.append((name, f"parent module {parent or '<root>'!r} is skipped"))
                 continue
             if any(s in (name, type(module).__name__) for s in skip) or any(p.fullmatch(name) for p in patterns):
                 skipped_prefixes.append((name, "skip_layers"))
@@ -229,20 +229,20 @@ class KFACPreconditioner:
             output.register_hook(functools.partial(self._grad_hook, layer))
 
     def _grad_hook(self, layer: _Layer, grad: Tensor) -> None:
-        if (self.fisher == "mc") != self._in_mc_backward:
+        if not layer.handles or (self.fisher == "mc") != self._in_mc_backward:
             return
         with torch.no_grad():
             stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
         layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
         layer.g_calls += 1
 
-    def _grad_scale(self) -> float:
+    def _grad_scale(self) -> Tensor | float | None:
+        """The loss scale of the backward pass in flight (the scaler's live tensor: no host sync, never stale)."""
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
-            return 1.0
-        if self._scale_cache is None:
-            self._scale_cache = float(scaler.get_scale())
-        return self._scale_cache
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else float(scaler.get_scale())
 
     def mc_backward(self, outputs: Tensor, *, loss: str = "cross_entropy", reduction: str = "mean",
                     generator: torch.Generator | None = None) -> None:
@@ -272,7 +272,12 @@ class KFACPreconditioner:
         """Drop statistics collected since the last step (e.g. those of a step that was skipped)."""
         for layer in self._layers:
             layer.discard_pending()
-        self._scale_cache = None
+
+    def _discard_stale_statistics(self) -> None:
+        """Drop statistics only if a backward pass already ran (a step that never reached ``step()``); the
+        statistics of a forward pass whose backward is still to come are kept."""
+        if any(layer.g_calls for layer in self._layers):
+            self.discard_pending_statistics()
 
     # -- step ----------------------------------------------------------------------------------------------
     def _check_execution(self) -> None:
@@ -289,23 +294,34 @@ class KFACPreconditioner:
     def _drop_unexecuted(self, names: Iterable[str], *, warn: bool) -> None:
         reason = ("registered but never executed through forward() (e.g. called functionally, like "
                   "nn.MultiheadAttention.out_proj); its gradient is left unpreconditioned")
-        for layer in [layer for layer in self._layers if layer.name in set(names)]:
-            if warn:
-                warnings.warn(f"kfac: not preconditioning {layer.name!r}: {reason}", stacklevel=4)
+        dropped = self._untrack(names, reason)
+        self.not_executed += dropped
+        if warn:
+            for name in dropped:
+                warnings.warn(f"kfac: not preconditioning {name!r}: {reason}", stacklevel=5)
+
+    def _untrack(self, names: Iterable[str], reason: str) -> list[str]:
+        """Stop tracking ``names`` (hooks removed, store entries deleted, listed in ``skipped``)."""
+        wanted = set(names)
+        dropped = []
+        for layer in [layer for layer in self._layers if layer.name in wanted]:
             for h in layer.handles:
                 h.remove()
+            layer.handles.clear()
             self._layers.remove(layer)
             self.store.remove(layer.name)
             self.skipped.append((layer.name, reason))
-            self.not_executed.append(layer.name)
+            dropped.append(layer.name)
+        return dropped
 
     @torch.no_grad()
     def step(self, *, lr: float | Mapping[str, float] | None = None) -> bool:
         """Update factors/decompositions on schedule and precondition the tracked gradients in place.
 
         ``lr`` overrides the ``lr`` hyperparameter for ``kl_clip`` (a float, or a mapping layer name -> lr).
-        Returns ``False`` (and changes nothing but the ``skipped_steps`` counter) when a gradient or a collected
-        statistic is non-finite.
+        Returns ``False`` (and changes nothing but the ``skipped_steps`` counter) when a tracked gradient is
+        non-finite. Non-finite factor statistics with finite gradients (e.g. an overflow in ``a^T a``) are
+        dropped with a warning: that step preconditions with the current factors but does not update them.
         """
         grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
         if all(g is None for g in grads.values()):
@@ -313,30 +329,46 @@ class KFACPreconditioner:
                                "no tracked parameter has a gradient")
         self._check_execution()
         grads = {layer.name: grads[layer.name] for layer in self._layers}
-        if not self._all_finite(grads):
-            self.skipped_steps += 1
-            self.discard_pending_statistics()
-            logger.warning("kfac: non-finite gradients or factor statistics at step %d; step skipped "
-                           "(%d skipped so far)", self.steps, self.skipped_steps)
-            return False
         hp = self._hparams(self.steps)
+        lrs = self._layer_lrs(hp, lr)
+        if not _all_finite(g for g in grads.values() if g is not None):
+            self.skip_step("non-finite gradients")
+            return False
         if self.steps % hp["factor_update_steps"] == 0:
             self._update_factors(hp["factor_decay"])
         self.discard_pending_statistics()
         if self.steps % hp["inv_update_steps"] == 0:
             self._refresh(hp["damping"])
-        self._precondition(grads, hp, lr)
+        self._precondition(grads, hp, lrs)
         self.steps += 1
         return True
 
-    def _all_finite(self, grads: Mapping[str, Tensor | None]) -> bool:
-        checks = [torch.isfinite(g).all() for g in grads.values() if g is not None]
+    def skip_step(self, reason: str) -> None:
+        """Record a skipped step: statistics since the last step are dropped, nothing else changes."""
+        self.skipped_steps += 1
+        self.discard_pending_statistics()
+        logger.warning("kfac: %s at step %d; step skipped (%d skipped so far)", reason, self.steps,
+                       self.skipped_steps)
+
+    def _layer_lrs(self, hp: Mapping[str, Any], lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
+        if hp["kl_clip"] is None:
+            return None
+        lrs = {}
         for layer in self._layers:
-            checks += [torch.isfinite(t).all() for t in (layer.a_sum, layer.g_sum) if t is not None]
-        return bool(torch.stack(checks).all())
+            value = lr.get(layer.name, hp["lr"]) if isinstance(lr, Mapping) else (hp["lr"] if lr is None else lr)
+            if value is None:
+                raise ValueError(f"kl_clip needs a learning rate for layer {layer.name!r}: pass lr= to the "
+                                 "preconditioner or to step()")
+            lrs[layer.name] = float(value)
+        return lrs
 
     def _update_factors(self, decay: float) -> None:
         used = [layer for layer in self._layers if layer.a_count and layer.g_count]
+        if used and not _all_finite(t for layer in used for t in (layer.a_sum, layer.g_sum)):
+            logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "
+                           "this step", self.steps)
+            self.discarded_statistics += 1
+            return
         if self._layers and not any(layer.g_count for layer in self._layers) and self.fisher == "mc":
             raise RuntimeError("fisher='mc' needs mc_backward(outputs) after the forward pass of every "
                                "factor-update step; no sampled-label statistics were collected")
@@ -356,8 +388,8 @@ class KFACPreconditioner:
                 entry.A = torch.ones_like(a_batch) if entry.a_diagonal else torch.eye(entry.a_dim, dtype=a_batch.dtype,
                                                                                       device=a_batch.device)
                 entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
-            entry.A.mul_(decay).add_(a_batch, alpha=1 - decay)
-            entry.G.mul_(decay).add_(g_batch, alpha=1 - decay)
+            entry.A = torch.add(entry.A * decay, a_batch, alpha=1 - decay)
+            entry.G = torch.add(entry.G * decay, g_batch, alpha=1 - decay)
             entry.num_updates += 1
 
     def _refresh(self, damping: float) -> None:
@@ -373,7 +405,7 @@ class KFACPreconditioner:
                               stacklevel=4)
 
     def _precondition(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
-                      lr: float | Mapping[str, float] | None) -> None:
+                      lrs: Mapping[str, float] | None) -> None:
         kl_clip, damping = hp["kl_clip"], hp["damping"]
         updates: list[tuple[_Layer, Tensor, Tensor]] = []
         vg_sum: Tensor | None = None
@@ -383,11 +415,8 @@ class KFACPreconditioner:
                 continue
             v = self.method.precondition(layer.entry, grad, damping=damping)
             updates.append((layer, v, grad))
-            if kl_clip is not None:
-                layer_lr = lr.get(layer.name, hp["lr"]) if isinstance(lr, Mapping) else (hp["lr"] if lr is None else lr)
-                if layer_lr is None:
-                    raise ValueError("kl_clip needs a learning rate: pass lr= to the preconditioner or step()")
-                term = (v * grad.to(v.dtype)).sum() * layer_lr**2
+            if lrs is not None:
+                term = (v * grad.to(v.dtype)).sum() * lrs[layer.name] ** 2
                 vg_sum = term if vg_sum is None else vg_sum + term
         nu = None
         if vg_sum is not None:
@@ -406,13 +435,8 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the tracked layers must match (clear error otherwise)."""
+        self.validate_state_dict(state)
         self._drop_unexecuted(state.get("not_executed", ()), warn=False)
-        if set(state["layers"]) != set(self.layers):
-            missing, extra = set(self.layers) - set(state["layers"]), set(state["layers"]) - set(self.layers)
-            raise ValueError(f"K-FAC state was saved for different layers: missing {sorted(missing)}, "
-                             f"unexpected {sorted(extra)}")
-        if state.get("method", self.method.name) != self.method.name:
-            raise ValueError(f"K-FAC state was saved with method={state['method']!r}, this is {self.method.name!r}")
         self.store.load_state_dict(state["store"])
         for layer in self._layers:
             layer.entry.to(layer.module.weight.device)
@@ -422,6 +446,22 @@ class KFACPreconditioner:
         self._capture_step = None
         self.discard_pending_statistics()
 
+    def validate_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
+        expected = set(self.layers) - set(state.get("not_executed", ()))
+        if set(state["layers"]) != expected:
+            missing, extra = expected - set(state["layers"]), set(state["layers"]) - expected
+            raise ValueError(f"K-FAC state was saved for different layers: missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)}")
+        if state.get("method", self.method.name) != self.method.name:
+            raise ValueError(f"K-FAC state was saved with method={state['method']!r}, this is {self.method.name!r}")
+        probe = FactorStore()
+        for layer in self._layers:
+            if layer.name in expected:
+                e = layer.entry
+                probe.add(e.name, a_dim=e.a_dim, g_dim=e.g_dim, a_diagonal=e.a_diagonal)
+        probe.load_state_dict(state["store"])
+
     def memory_usage(self) -> int:
         """Bytes held by factors and decompositions."""
         return self.store.nbytes()
@@ -429,3 +469,8 @@ class KFACPreconditioner:
     def __repr__(self) -> str:
         return (f"KFACPreconditioner(method={self.method.name!r}, layers={len(self._layers)}, "
                 f"skipped={len(self.skipped)}, steps={self.steps}, store={self.store!r})")
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    checks = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True

@@ -116,36 +116,47 @@ class FactorStore(Mapping[str, FactorEntry]):
                 "entries": {n: {"meta": e.meta(), "tensors": dict(e.tensors())} for n, e in self._entries.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
-        """Load entries; with ``strict``, the set of names and every factor shape must match this store."""
+        """Load entries; with ``strict``, the set of names and every factor shape must match this store.
+
+        All-or-nothing: everything is validated before anything is assigned. Tensors are taken as given (not
+        copied); the store never modifies its tensors in place, so a state dict stays a consistent snapshot.
+        """
         if state.get("format") != _FORMAT:
             raise FactorFileError(f"not a FactorStore state dict (format={state.get('format')!r})")
         entries = state["entries"]
         if strict and self._entries and set(entries) != set(self._entries):
             missing, unexpected = set(self._entries) - set(entries), set(entries) - set(self._entries)
             raise FactorFileError(f"factor store layers differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        staged: list[FactorEntry] = []
         for name, data in entries.items():
             meta = data["meta"]
+            new = FactorEntry(name=name, a_dim=int(meta["a_dim"]), g_dim=int(meta["g_dim"]),
+                              a_diagonal=bool(meta["a_diagonal"]), owner=meta.get("owner"),
+                              num_updates=int(meta.get("num_updates", 0)))
             if name in self._entries:
                 entry = self._entries[name]
                 mine = (entry.a_dim, entry.g_dim, entry.a_diagonal)
-                theirs = (meta["a_dim"], meta["g_dim"], meta["a_diagonal"])
+                theirs = (new.a_dim, new.g_dim, new.a_diagonal)
                 if mine != theirs:
                     raise FactorFileError(f"layer {name!r}: saved factors (a_dim, g_dim, diagonal)={theirs} "
                                           f"do not match the model's {mine}")
-            else:
-                entry = self.add(name, a_dim=meta["a_dim"], g_dim=meta["g_dim"], a_diagonal=meta["a_diagonal"])
-            entry.owner, entry.num_updates = meta.get("owner"), int(meta.get("num_updates", 0))
-            for k in TENSOR_FIELDS:
-                setattr(entry, k, None)
-            entry.extras = {}
             for key, tensor in data["tensors"].items():
-                _check_shape(entry, key, tensor)
+                _check_shape(new, key, tensor)
                 if key.startswith("extras."):
-                    entry.extras[key[len("extras."):]] = tensor
+                    new.extras[key[len("extras."):]] = tensor
                 elif key in TENSOR_FIELDS:
-                    setattr(entry, key, tensor)
+                    setattr(new, key, tensor)
                 else:
                     raise FactorFileError(f"layer {name!r}: unknown factor field {key!r}")
+            staged.append(new)
+        for new in staged:
+            if new.name in self._entries:
+                entry = self._entries[new.name]
+                for k in TENSOR_FIELDS:
+                    setattr(entry, k, getattr(new, k))
+                entry.extras, entry.owner, entry.num_updates = new.extras, new.owner, new.num_updates
+            else:
+                self._entries[new.name] = new
 
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -167,6 +178,7 @@ class FactorStore(Mapping[str, FactorEntry]):
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, _default_file_mode(path))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -198,7 +210,10 @@ class FactorStore(Mapping[str, FactorEntry]):
         except Exception as exc:  # safetensors raises several error types for truncated/corrupt files
             raise FactorFileError(f"{path}: corrupt or unreadable factor file ({exc})") from exc
         store = cls()
-        store.load_state_dict({"format": _FORMAT, "version": _VERSION, "entries": entries})
+        try:
+            store.load_state_dict({"format": _FORMAT, "version": _VERSION, "entries": entries})
+        except FactorFileError as exc:
+            raise FactorFileError(f"{path}: {exc}") from exc
         return store
 
 
@@ -212,3 +227,12 @@ def _check_shape(entry: FactorEntry, key: str, t: Tensor) -> None:
     if expected is not None and tuple(t.shape) != expected:
         raise FactorFileError(f"layer {entry.name!r}: field {key} has shape {tuple(t.shape)}, expected {expected}")
 
+
+
+def _default_file_mode(path: Path) -> int:
+    """Keep an existing file's permissions; new files get ``0o666 & ~umask`` like ``open()`` would."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -59,9 +59,10 @@ class ModuleAdapter(ABC):
         a = self.a_rows(x).to(dtype)
         return a.T @ a, a.shape[0]
 
-    def g_stat(self, g: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Stat:
+    def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> Stat:
+        """``(g^T g, N)`` of the rows of ``g / scale`` (``scale``: an AMP loss scale to undo)."""
         rows = self.g_rows(g).to(dtype)
-        if scale != 1.0:
+        if scale is not None:
             rows = rows / scale
         return rows.T @ rows, rows.shape[0]
 

@@ -1,0 +1,25 @@
+"""Sharding planner for distributed K-FAC: which rank decomposes, preconditions and holds what.
+
+Pure Python at plan time: nothing here touches ``torch.distributed``, and torch itself is only imported lazily by
+:func:`calibrate` and :func:`layer_specs`. Every rank computes the same :class:`Plan` from the same inputs;
+compare :meth:`Plan.digest` across ranks at start-up. Typical use::
+
+    from kfac.planner import LayerSpec, make_plan
+    specs = [LayerSpec(e.name, e.a_dim, e.g_dim, e.a_diagonal) for e in preconditioner.store.values()]
+    plan = make_plan(specs, world_size=64, strategy="dp-kfac", factor_update_steps=1, inv_update_steps=10)
+    plan.owner("layer4.0.conv2", "A"), plan.grad_source("fc", rank), plan.summary()
+
+Command line: ``python -m kfac.planner --model resnet50 --world-size 64 --strategy dp-kfac --compare``.
+"""
+
+from .assign import MemoryCapError
+from .cost import METHODS, CostModel, LayerSpec, cache_path, calibrate, layer_specs
+from .plan import (
+    ASSIGNERS, STRATEGIES, CommBytes, LayerAssignment, Plan, default_strategy, grad_workers_per_layer, make_plan,
+)
+
+__all__ = [
+    "LayerSpec", "CostModel", "Plan", "LayerAssignment", "CommBytes", "make_plan", "calibrate", "layer_specs",
+    "STRATEGIES", "ASSIGNERS", "METHODS", "default_strategy", "grad_workers_per_layer", "MemoryCapError",
+    "cache_path",
+]
