@@ -86,7 +86,9 @@ def makespan(costs: Sequence[float], ranks: Sequence[int], num_ranks: int) -> fl
     return max(load)
 
 
-def round_robin(num_layers: int, world_size: int, *, split: bool = False, stride: int = 1) -> tuple[tuple[int, int], ...]:
+def round_robin(
+    num_layers: int, world_size: int, *, split: bool = False, stride: int = 1
+) -> tuple[tuple[int, int], ...]:
     """DP-KFAC's round-robin: ``(a_rank, g_rank)`` per layer in input (model) order.
 
     Colocated: layer ``i`` -> rank ``i mod N``. Split: ``A`` -> ``2i mod N`` and ``G`` -> ``(2i + stride) mod N``
@@ -133,7 +135,8 @@ def kaisa_greedy(
             loads[worker] += summed[i]
             out[i] = [worker, worker]
         else:
-            for slot, cost in sorted(((0, work[i][0]), (1, work[i][1])), key=lambda x: (x[1], "AG"[x[0]]), reverse=True):
+            factors = sorted(((0, work[i][0]), (1, work[i][1])), key=lambda x: (x[1], "AG"[x[0]]), reverse=True)
+            for slot, cost in factors:
                 member_loads = [loads[r] for r in group]
                 worker = group[member_loads.index(min(member_loads))]
                 loads[worker] += cost

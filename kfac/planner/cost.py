@@ -275,9 +275,9 @@ def calibrate(
     for d in sizes:
         x = torch.randn(d, d, generator=gen, dtype=torch.float64).to(device=dev, dtype=torch_dtype)
         spd = x @ x.T / d + torch.eye(d, device=dev, dtype=torch_dtype)
-        t_eig.append(timed(lambda: torch.linalg.eigh(spd)))
-        t_inv.append(timed(lambda: torch.cholesky_inverse(torch.linalg.cholesky_ex(spd)[0])))
-        t_mm.append(timed(lambda: spd @ x))
+        t_eig.append(timed(lambda m=spd: torch.linalg.eigh(m)))
+        t_inv.append(timed(lambda m=spd: torch.cholesky_inverse(torch.linalg.cholesky_ex(m)[0])))
+        t_mm.append(timed(lambda m=spd, v=x: m @ v))
     model = CostModel(
         c_eig=_fit_cubic(sizes, t_eig), c_inv=_fit_cubic(sizes, t_inv), c_mm=_fit_cubic(sizes, t_mm),
         bytes_per_element=torch.empty((), dtype=torch_dtype).element_size(),

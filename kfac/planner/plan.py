@@ -35,7 +35,8 @@ every refresh is rejected).
 Communication (bytes per step, summed over all ranks; ``s = comm_bytes_per_element``; ``fu``/``iu`` the factor and
 decomposition update intervals; packed factor ``d(d+1)/2``, diagonal ``d``):
 
-* factor reduction: all-reduce ``2 (N-1) s packed / fu`` per factor (ring volume); dp-kfac reduce ``(N-1) s packed / fu``;
+* factor reduction: all-reduce ``2 (N-1) s packed / fu`` per factor (ring volume); dp-kfac's reduce
+  ``(N-1) s packed / fu``;
 * decomposition broadcast: ``|grad_workers - {owner}| s dec / iu`` per factor (``dec`` from :class:`CostModel`);
 * gradient broadcast: ``(N - G) s g a`` per layer per step.
 
@@ -187,7 +188,9 @@ class Plan:
     and decompositions it holds, ``comm`` the bytes sent per step (all ranks together), ``lower_bound`` a bound
     no assignment in the planner's search space can beat: ``max(largest job, total work / N)`` where a job's cost
     includes the preconditioning that necessarily lands on the same rank (under comm-opt every rank
-    preconditions every layer, so the bound is ``sum P + max(largest decomposition, total decomposition / N)``).
+    preconditions every layer, so the bound is ``sum P + max(largest decomposition, total decomposition / N)``;
+    under hybrid it also counts that a column's members all precondition the column's layers: see
+    ``_lower_bound``).
     The bound covers split plans unless ``split=False`` was asked for, so it is the same for all assigners.
     ``layers`` keep the input order; :meth:`digest` does not depend on it.
     """
@@ -211,6 +214,12 @@ class Plan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {layer.name: i for i, layer in enumerate(self.layers)})
+
+    def __repr__(self) -> str:
+        return (f"Plan(strategy={self.strategy!r}, world_size={self.world_size}, assigner={self.assigner!r}, "
+                f"split={self.split}, layers={len(self.layers)}, makespan={self.makespan:.6g}s, "
+                f"imbalance={self.imbalance:.4f}, max_memory={max(self.rank_memory)}B, "
+                f"bytes_per_step={self.comm.total:.6g})")
 
     # -- headline numbers ----------------------------------------------------------------------------------
     @property
@@ -251,6 +260,14 @@ class Plan:
         """``(layer, factor)`` pairs ``rank`` decomposes, in plan layer order."""
         self._check_rank(rank)
         return tuple((la.name, f) for la in self.layers for f in FACTORS if la.owner(f) == rank)
+
+    def decomposition_receivers(self, name: str, factor: str) -> tuple[int, ...]:
+        """Ranks the owner of ``factor`` sends its decomposition to after each refresh: the layer's grad workers
+        other than the owner (all ranks under comm-opt, the column under hybrid, the other factor's owner for a
+        split ``G = 1`` layer, nobody for a colocated ``G = 1`` layer)."""
+        la = self.layer(name)
+        owner = la.owner(factor)
+        return tuple(w for w in la.grad_workers if w != owner)
 
     def is_grad_worker(self, name: str, rank: int) -> bool:
         return rank in self.layer(name).grad_workers
@@ -674,7 +691,19 @@ def _lower_bound(ctx: _Context, *, split_allowed: bool) -> float:
         for x in dec_jobs:
             dec_total += x
         return pre_total + max(max(dec_jobs), dec_total / n)
-    return max(max(units), work / n)
+    # hybrid: every member of a column preconditions all of the column's layers. Take the k layers whose largest
+    # job is >= x (P-sum A): the columns holding them ("hot") have a member with load >= x + P_column, and
+    # max P_column >= A / k when k < #columns, else >= min(sum P / #columns, A / (#columns - 1)).
+    cols = n // g
+    bound = max(max(units), work / n)
+    hot_k, hot_pre = 0, 0.0
+    for x, i in sorted(((units[j] - ctx.costs[i].pre, i) for j, i in enumerate(ctx.order)),
+                       key=lambda t: (-t[0], ctx.costs[t[1]].spec.name)):
+        hot_k += 1
+        hot_pre += ctx.costs[i].pre
+        column_pre = hot_pre / hot_k if hot_k < cols else min(pre_total / cols, hot_pre / (cols - 1))
+        bound = max(bound, x + column_pre)
+    return bound
 
 
 def _evaluate(ctx: _Context, assignment: list[tuple[int, int, tuple[int, ...]]], split: bool, bound: float) -> Plan:
