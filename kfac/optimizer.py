@@ -75,10 +75,8 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self.preconditioner.skip_step("non-finite gradients")
-            return loss
-        if self.preconditioner.step(lr=self._layer_lrs()):
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.preconditioner.step(lr=self._layer_lrs(), grads_finite=finite):
             self.optimizer.step()
         return loss
 

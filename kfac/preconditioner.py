@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from . import fisher as _fisher
 from .hparams import Hyper, check_positive, check_step_count, resolve
+from .comm import Communicator
+from .distributed import Executor, PendingStats
 from .methods import DecompositionError, make_method
 from .modules import ModuleAdapter, adapter_for
 from .store import FactorEntry, FactorStore
@@ -99,6 +101,13 @@ class KFACPreconditioner:
         accumulation_steps: int = 1,
         grad_scaler: Any | None = None,
         factor_dtype: torch.dtype = torch.float32,
+        strategy: str | None = None,
+        grad_worker_fraction: float | None = None,
+        factor_reduction: str = "global",
+        comm_dtype: torch.dtype | None = None,
+        process_group: Any | None = None,
+        cost_model: Any | None = None,
+        memory_cap: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -135,6 +144,34 @@ class KFACPreconditioner:
         if not self._layers:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
             raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
+        plan_kwargs: dict[str, Any] = {"method": self.method.name, "cost_model": cost_model, "memory_cap": memory_cap}
+        for key in ("factor_update_steps", "inv_update_steps"):  # the plan amortises by constant schedules only
+            value = getattr(self, key)
+            plan_kwargs[key] = value if isinstance(value, int) and not isinstance(value, bool) else 1
+        self._comm = Communicator(group=process_group, comm_dtype=comm_dtype)
+        self._exec = Executor(comm=self._comm, entries=[layer.entry for layer in self._layers], strategy=strategy,
+                              grad_worker_fraction=grad_worker_fraction, factor_reduction=factor_reduction,
+                              plan_kwargs=plan_kwargs)
+        self._exec.bind(factor_dtype=factor_dtype,
+                        devices={layer.name: layer.module.weight.device for layer in self._layers})
+
+    @property
+    def plan(self):
+        """The :class:`kfac.planner.Plan` this rank follows (trivial in a single process)."""
+        return self._exec.plan
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def bytes_communicated(self) -> dict[str, int]:
+        """Payload bytes this rank has sent so far, by category (factors, decompositions, gradients, ...)."""
+        return dict(self._comm.bytes_sent)
 
     # -- registration ---------------------------------------------------------------------------------------
     def _register(self, model: nn.Module, skip: list[str]) -> None:
@@ -312,15 +349,18 @@ class KFACPreconditioner:
             self.store.remove(layer.name)
             self.skipped.append((layer.name, reason))
             dropped.append(layer.name)
+        if dropped and hasattr(self, "_exec"):
+            self._exec.replan([layer.entry for layer in self._layers])
         return dropped
 
     @torch.no_grad()
-    def step(self, *, lr: float | Mapping[str, float] | None = None) -> bool:
+    def step(self, *, lr: float | Mapping[str, float] | None = None, grads_finite: bool = True) -> bool:
         """Update factors/decompositions on schedule and precondition the tracked gradients in place.
 
         ``lr`` overrides the ``lr`` hyperparameter for ``kl_clip`` (a float, or a mapping layer name -> lr).
         Returns ``False`` (and changes nothing but the ``skipped_steps`` counter) when a tracked gradient is
-        non-finite. Non-finite factor statistics with finite gradients (e.g. an overflow in ``a^T a``) are
+        non-finite on any rank, or ``grads_finite`` is ``False`` on any rank (the wrapper's check of the other
+        parameters); every rank then skips together. Non-finite factor statistics with finite gradients (e.g. an overflow in ``a^T a``) are
         dropped with a warning: that step preconditions with the current factors but does not update them.
         """
         grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
@@ -331,8 +371,9 @@ class KFACPreconditioner:
         grads = {layer.name: grads[layer.name] for layer in self._layers}
         hp = self._hparams(self.steps)
         lrs = self._layer_lrs(hp, lr)
-        if not _all_finite(g for g in grads.values() if g is not None):
-            self.skip_step("non-finite gradients")
+        finite = grads_finite and _all_finite(g for g in grads.values() if g is not None)
+        if not self._comm.all_true(finite):
+            self.skip_step("non-finite gradients" if not finite else "non-finite gradients on another rank")
             return False
         if self.steps % hp["factor_update_steps"] == 0:
             self._update_factors(hp["factor_decay"])
@@ -364,11 +405,6 @@ class KFACPreconditioner:
 
     def _update_factors(self, decay: float) -> None:
         used = [layer for layer in self._layers if layer.a_count and layer.g_count]
-        if used and not _all_finite(t for layer in used for t in (layer.a_sum, layer.g_sum)):
-            logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "
-                           "this step", self.steps)
-            self.discarded_statistics += 1
-            return
         if self._layers and not any(layer.g_count for layer in self._layers) and self.fisher == "mc":
             raise RuntimeError("fisher='mc' needs mc_backward(outputs) after the forward pass of every "
                                "factor-update step; no sampled-label statistics were collected")
@@ -377,50 +413,59 @@ class KFACPreconditioner:
             self._warned_accumulation = True
             logger.warning("kfac: saw %d backward pass(es) before step() but accumulation_steps=%d",
                            min(calls), self.accumulation_steps)
-        for layer in used:
+        pending = {layer.name: PendingStats(layer.a_sum if layer in used else None, layer.a_count if layer in used else 0,
+                                            layer.g_sum if layer in used else None, layer.g_count if layer in used else 0)
+                   for layer in self._layers}
+        batches = self._exec.reduce_statistics(pending, self.factor_dtype)
+        held = [t for a, g, _ in batches.values() for t in (a, g) if t is not None]
+        if not _all_finite(held):
+            logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "
+                           "this step", self.steps)
+            self.discarded_statistics += 1
+            return
+        for layer in self._layers:
+            a_batch, g_batch, seen = batches[layer.name]
             entry = layer.entry
-            a_batch = layer.a_sum / layer.a_count
-            g_batch = layer.g_sum / layer.g_count
-            if not entry.a_diagonal:
-                a_batch = (a_batch + a_batch.T) / 2
-            g_batch = (g_batch + g_batch.T) / 2
-            if entry.A is None:
-                entry.A = torch.ones_like(a_batch) if entry.a_diagonal else torch.eye(entry.a_dim, dtype=a_batch.dtype,
-                                                                                      device=a_batch.device)
-                entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
-            entry.A = torch.add(entry.A * decay, a_batch, alpha=1 - decay)
-            entry.G = torch.add(entry.G * decay, g_batch, alpha=1 - decay)
-            entry.num_updates += 1
+            if a_batch is not None:
+                if entry.A is None:
+                    entry.A = (torch.ones_like(a_batch) if entry.a_diagonal else
+                               torch.eye(entry.a_dim, dtype=a_batch.dtype, device=a_batch.device))
+                entry.A = torch.add(entry.A * decay, a_batch, alpha=1 - decay)
+            if g_batch is not None:
+                if entry.G is None:
+                    entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
+                entry.G = torch.add(entry.G * decay, g_batch, alpha=1 - decay)
+            if seen:
+                entry.num_updates += 1
 
     def _refresh(self, damping: float) -> None:
-        for layer in self._layers:
-            entry = layer.entry
-            if entry.A is None:
-                continue
-            try:
-                self.method.refresh(entry, damping=damping)
-            except DecompositionError as exc:
-                entry.clear_decompositions()
-                warnings.warn(f"kfac: {exc}; layer {layer.name!r} uses its plain gradient until the next refresh",
-                              stacklevel=4)
+        def failed(entry: FactorEntry, factor: str, exc: DecompositionError) -> None:
+            warnings.warn(f"kfac: {exc}; layer {entry.name!r} uses its plain gradient until the next refresh",
+                          stacklevel=5)
+
+        self._exec.refresh(lambda e, f: self.method.refresh_factor(e, f, damping=damping), self.method.fields, failed)
 
     def _precondition(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
                       lrs: Mapping[str, float] | None) -> None:
         kl_clip, damping = hp["kl_clip"], hp["damping"]
-        updates: list[tuple[_Layer, Tensor, Tensor]] = []
-        vg_sum: Tensor | None = None
+        local: dict[str, tuple[Tensor, bool]] = {}
         for layer in self._layers:
             grad = grads[layer.name]
-            if grad is None or not self.method.ready(layer.entry):
+            if grad is None or not self._exec.is_grad_worker(layer.name):
                 continue
-            v = self.method.precondition(layer.entry, grad, damping=damping)
-            updates.append((layer, v, grad))
-            if lrs is not None:
+            if self.method.ready(layer.entry):
+                local[layer.name] = (self.method.precondition(layer.entry, grad, damping=damping), True)
+            else:
+                local[layer.name] = (grad.to(self.factor_dtype), False)
+        results = self._exec.exchange_gradients(local, grads)
+        updates = [(layer, results[layer.name][0], grads[layer.name]) for layer in self._layers
+                   if layer.name in results and results[layer.name][1]]
+        vg_sum: Tensor | None = None
+        if lrs is not None:
+            for layer, v, grad in updates:
                 term = (v * grad.to(v.dtype)).sum() * lrs[layer.name] ** 2
                 vg_sum = term if vg_sum is None else vg_sum + term
-        nu = None
-        if vg_sum is not None:
-            nu = torch.clamp(torch.sqrt(kl_clip / vg_sum.abs()), max=1.0)
+        nu = None if vg_sum is None else torch.clamp(torch.sqrt(kl_clip / vg_sum.abs()), max=1.0)
         for layer, v, grad in updates:
             if nu is not None:
                 v = v * nu
@@ -428,16 +473,21 @@ class KFACPreconditioner:
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step counters and every factor and decomposition (tensors are referenced, not copied)."""
+        """Step counters and every factor and decomposition (tensors are referenced, not copied).
+
+        In a distributed run this is a collective (call it on every rank): each factor's owner sends its state,
+        so every rank returns the complete state, loadable at any world size.
+        """
+        store = self._exec.gather_store_state(self.store, self.method.fields)
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "layers": self.layers,
-                "not_executed": list(self.not_executed), "method": self.method.name,
-                "store": self.store.state_dict()}
+                "not_executed": list(self.not_executed), "method": self.method.name, "store": store}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the tracked layers must match (clear error otherwise)."""
         self.validate_state_dict(state)
         self._drop_unexecuted(state.get("not_executed", ()), warn=False)
         self.store.load_state_dict(state["store"])
+        self._exec.prune(self.method.fields)
         for layer in self._layers:
             layer.entry.to(layer.module.weight.device)
         self.steps = int(state["steps"])
@@ -467,7 +517,8 @@ class KFACPreconditioner:
         return self.store.nbytes()
 
     def __repr__(self) -> str:
-        return (f"KFACPreconditioner(method={self.method.name!r}, layers={len(self._layers)}, "
+        return (f"KFACPreconditioner(method={self.method.name!r}, strategy={self._exec.strategy!r}, "
+                f"world_size={self.world_size}, layers={len(self._layers)}, "
                 f"skipped={len(self.skipped)}, steps={self.steps}, store={self.store!r})")
 
 

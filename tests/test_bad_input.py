@@ -367,7 +367,8 @@ def test_eigh_failure_in_all_dtypes_uses_plain_gradient(monkeypatch):
     assert not torch.equal(out[1], raw[1])
     e = pre.store["0"]
     assert e.A is not None and e.num_updates == 1
-    assert e.QA is None and e.dA is None and e.QG is None and e.dG is None
+    assert e.QA is None and e.dA is None  # the failed factor has no decomposition ...
+    assert not pre.method.ready(e)  # ... so the layer is not preconditioned until the next refresh
     # next refresh (no failure) restores preconditioning for the layer
     model.zero_grad()
     _loss(model, 1).backward()
@@ -408,7 +409,7 @@ def test_inverse_cholesky_failure_in_all_dtypes_uses_plain_gradient(monkeypatch)
         _, pre, raw, out = _one_step("inverse", monkeypatch, (torch.linalg, "cholesky_ex", broken_for_a0))
     assert torch.equal(out[0], raw[0])
     assert torch.equal(out[1], ref[1]) and not torch.equal(out[1], raw[1])
-    assert pre.store["0"].A_inv is None and pre.store["0"].G_inv is None
+    assert pre.store["0"].A_inv is None and not pre.method.ready(pre.store["0"])
     assert pre.store["2"].A_inv is not None
 
 

@@ -25,6 +25,12 @@ class CurvatureMethod(Protocol):
     def refresh(self, entry: FactorEntry, *, damping: float) -> None:
         """Recompute ``entry``'s decompositions from its factors; raise :class:`DecompositionError` on failure."""
 
+    def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
+        """Recompute the decomposition of one factor (``"A"`` or ``"G"``); used when ranks own factors apart."""
+
+    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """``(field name, shape)`` of the decomposition tensors of ``factor`` (what a refresh sends)."""
+
     def ready(self, entry: FactorEntry) -> bool:
         """Whether ``entry`` holds the decompositions :meth:`precondition` needs."""
 

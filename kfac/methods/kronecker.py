@@ -23,7 +23,7 @@ def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     return d.clamp(min=0), q
 
 
-def _damped_inverse(m: Tensor, damping: float) -> Tensor:
+def _damped_inverse(m: Tensor, damping: float, what: str = "factor") -> Tensor:
     eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
 
     def inv(x: Tensor) -> Tensor:
@@ -32,7 +32,7 @@ def _damped_inverse(m: Tensor, damping: float) -> Tensor:
             raise torch.linalg.LinAlgError(f"Cholesky failed (info={int(info)}): factor + damping is not positive definite")
         return torch.cholesky_inverse(chol)
 
-    return with_float64_retry(inv, m, "factor")
+    return with_float64_retry(inv, m, what)
 
 
 def _require(entry: FactorEntry) -> None:
@@ -45,20 +45,42 @@ class EigenKFAC:
 
     name = "eigen"
 
+    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The decomposition tensors of ``factor`` with their shapes (what a refresh produces)."""
+        if factor == "A":
+            d = entry.a_dim
+            return (("dA", (d,)),) if entry.a_diagonal else (("QA", (d, d)), ("dA", (d,)))
+        return (("QG", (entry.g_dim, entry.g_dim)), ("dG", (entry.g_dim,)))
+
+    def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
+        """Decompose one factor; on failure its decomposition is cleared and :class:`DecompositionError` raised."""
+        m = getattr(entry, factor)
+        if m is None:
+            raise DecompositionError(f"layer {entry.name!r} has no {factor} factor yet")
+        try:
+            if factor == "A" and entry.a_diagonal:
+                if not torch.isfinite(m).all():
+                    raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
+                entry.QA, entry.dA = None, m.clamp(min=0)
+                return
+            d, q = with_float64_retry(_eigh, _symmetrise(m), f"{factor} of {entry.name!r}")
+        except DecompositionError:
+            for field, _ in self.fields(entry, factor):
+                setattr(entry, field, None)
+            raise
+        if factor == "A":
+            entry.QA, entry.dA = q, d
+        else:
+            entry.QG, entry.dG = q, d
+
     def refresh(self, entry: FactorEntry, *, damping: float) -> None:
         _require(entry)
-        if entry.a_diagonal:
-            if not torch.isfinite(entry.A).all():
-                raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
-            dA, QA = entry.A.clamp(min=0), None
-        else:
-            dA, QA = with_float64_retry(_eigh, _symmetrise(entry.A), f"A of {entry.name!r}")
-        dG, QG = with_float64_retry(_eigh, _symmetrise(entry.G), f"G of {entry.name!r}")
-        entry.clear_decompositions()
-        entry.QA, entry.dA, entry.QG, entry.dG = QA, dA, QG, dG
+        for factor in ("A", "G"):
+            self.refresh_factor(entry, factor, damping=damping)
 
     def ready(self, entry: FactorEntry) -> bool:
-        return entry.dA is not None and entry.QG is not None
+        return entry.dA is not None and entry.QG is not None and entry.dG is not None and (
+            entry.a_diagonal or entry.QA is not None)
 
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
         QG, dG, dA = entry.QG, entry.dG, entry.dA
@@ -77,17 +99,32 @@ class InverseKFAC:
 
     name = "inverse"
 
+    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        if factor == "A":
+            d = entry.a_dim
+            return (("A_inv", (d,) if entry.a_diagonal else (d, d)),)
+        return (("G_inv", (entry.g_dim, entry.g_dim)),)
+
+    def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
+        m = getattr(entry, factor)
+        if m is None:
+            raise DecompositionError(f"layer {entry.name!r} has no {factor} factor yet")
+        try:
+            if factor == "A" and entry.a_diagonal:
+                if not torch.isfinite(m).all():
+                    raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
+                inv = 1.0 / (m + damping)
+            else:
+                inv = _damped_inverse(_symmetrise(m), damping, f"{factor} of {entry.name!r}")
+        except DecompositionError:
+            setattr(entry, f"{factor}_inv", None)
+            raise
+        setattr(entry, f"{factor}_inv", inv)
+
     def refresh(self, entry: FactorEntry, *, damping: float) -> None:
         _require(entry)
-        if entry.a_diagonal:
-            if not torch.isfinite(entry.A).all():
-                raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
-            A_inv = 1.0 / (entry.A + damping)
-        else:
-            A_inv = _damped_inverse(_symmetrise(entry.A), damping)
-        G_inv = _damped_inverse(_symmetrise(entry.G), damping)
-        entry.clear_decompositions()
-        entry.A_inv, entry.G_inv = A_inv, G_inv
+        for factor in ("A", "G"):
+            self.refresh_factor(entry, factor, damping=damping)
 
     def ready(self, entry: FactorEntry) -> bool:
         return entry.A_inv is not None and entry.G_inv is not None
