@@ -1,0 +1,171 @@
+"""Worker functions for the distributed tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import kfac
+
+GLOBAL_BATCH = 12
+STEPS = 5
+
+
+def make_model(hidden: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, hidden),
+                         nn.Tanh(), nn.Linear(hidden, 4)).double()
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(GLOBAL_BATCH, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (GLOBAL_BATCH,),
+                                                                                              generator=g)
+
+
+KFAC_KW = dict(factor_update_steps=1, inv_update_steps=2, damping=0.01, factor_decay=0.8, kl_clip=1e-2,
+               factor_dtype=torch.float64)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
+    per = GLOBAL_BATCH // world
+    for step in steps:
+        x, y = batch(step)
+        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def launch(fn, world: int, out_dir: Path, *args, timeout: float = 120.0) -> list[dict]:
+    """Run ``fn(rank, world, out_dir, *args)`` on ``world`` gloo processes; return each rank's JSON result.
+    Raises if any rank fails or the deadline passes (processes are killed: a test never hangs)."""
+    import uuid
+    store = out_dir / f"pg_store_{uuid.uuid4().hex}"  # a FileStore file must be fresh for each process group
+    ctx = mp.start_processes(_entry, args=(fn, world, str(out_dir), str(store), args), nprocs=world, join=False,
+                             start_method="spawn")
+    import time
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed test did not finish within {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = []
+    for r in range(world):
+        data = json.loads((out_dir / f"rank{r}.json").read_text())
+        if "error" in data:
+            raise RuntimeError(f"rank {r} failed:\n{data['error']}")
+        results.append(data)
+    return results
+
+
+def _entry(rank: int, fn, world: int, out_dir: str, store: str, args: tuple) -> None:
+    out = Path(out_dir)
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, world, out, *args)
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+# -- scenarios -------------------------------------------------------------------------------------------------
+def equivalence(rank: int, world: int, out: Path, configs: list[dict]) -> dict:
+    """Train a DDP model with each config; save final parameters (rank 0) and per-rank bytes/memory."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    report = {}
+    for i, cfg in enumerate(configs):
+        model = make_model()
+        ddp = DDP(model)
+        opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), **KFAC_KW, **cfg)
+        train(ddp, opt, range(STEPS), rank, world)
+        if rank == 0:
+            torch.save([p.detach() for p in model.parameters()], out / f"params{i}.pt")
+        report[str(i)] = {"strategy": opt.preconditioner.plan.strategy, "bytes": opt.preconditioner.bytes_communicated,
+                          "memory": opt.preconditioner.memory_usage()}
+    return report
+
+
+def non_finite_on_one_rank(rank: int, world: int, out: Path) -> dict:
+    model = make_model()
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac", **KFAC_KW)
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    for p in model.parameters():  # no DDP here: ranks see different gradients; only rank 1's are broken
+        dist.all_reduce(p.grad)
+    if rank == 1:
+        model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return {"skipped": opt.preconditioner.skipped_steps, "steps": opt.preconditioner.steps, "unchanged": unchanged}
+
+
+def mismatched_models(rank: int, world: int, out: Path) -> dict:
+    model = make_model(hidden=8 if rank == 0 else 9)
+    try:
+        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="comm-opt")
+    except RuntimeError as exc:
+        return {"error_message": str(exc)}
+    return {"error_message": None}
+
+
+def checkpoint(rank: int, world: int, out: Path, phase: str, steps: int, strategy: str) -> dict:
+    """phase 'save': train `steps` steps, save model + optimizer state; 'resume': load it and train on."""
+    model = make_model()
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy, **KFAC_KW)
+    if phase == "save":
+        _train_allreduce(model, opt, range(steps), rank, world)
+        state = {"model": model.state_dict(), "opt": opt.state_dict()}  # collective: every rank calls it
+        if rank == 0:
+            torch.save(state, out / "ckpt.pt")
+    else:
+        state = torch.load(out / "ckpt.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = opt.preconditioner.steps
+        _train_allreduce(model, opt, range(start, start + steps), rank, world)
+        if rank == 0:
+            torch.save([p.detach() for p in model.parameters()], out / "resumed.pt")
+    return {"memory": opt.preconditioner.memory_usage()}
+
+
+def _train_allreduce(model, opt, steps, rank, world):
+    """Like DDP: average gradients over ranks by hand (the model stays un-wrapped, so layer names match)."""
+    per = GLOBAL_BATCH // world
+    for step in steps:
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+
+
+def local_reduction(rank: int, world: int, out: Path) -> dict:
+    model = make_model()
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac",
+                    factor_reduction="local", **{**KFAC_KW, "factor_decay": 0.0})
+    _train_allreduce(model, opt, range(1), rank, world)
+    torch.save({n: (e.A, e.G) for n, e in opt.store.items()}, out / f"local_rank{rank}.pt")
+    return {"factor_bytes": opt.preconditioner.bytes_communicated.get("factors", 0)}
