@@ -3,8 +3,10 @@
 A :class:`Communicator` wraps a process group with the few collectives distributed K-FAC needs, each applied to a
 *bucket* (many tensors flattened into one buffer, so a step issues one collective per source/destination rank,
 not one per layer). Symmetric matrices travel as packed upper triangles (``d(d+1)/2`` numbers instead of ``d^2``),
-optionally in a lower-precision communication dtype. Every call adds the payload it sends to ``bytes_sent``
-(by category), which the benchmarks and tests compare with the planner's predictions.
+optionally in a lower-precision communication dtype. Every call adds its share of the bytes on the wire to
+``bytes_sent`` (by category) with the bandwidth-optimal volumes the planner predicts, so that the sum over ranks
+is the traffic of the step: a ring all-reduce moves ``2 (N - 1)`` payloads, a reduce ``N - 1``, a broadcast one
+per receiver (each rank counts ``1/N`` of a collective's volume; a broadcast is counted by its source).
 
 A communicator over a single process (or with ``torch.distributed`` not initialised) performs no communication.
 """
@@ -55,7 +57,7 @@ class Communicator:
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.world_size = dist.get_world_size(group) if self.enabled else 1
         self.enabled = self.enabled and self.world_size > 1
-        self.bytes_sent: Counter[str] = Counter()
+        self.bytes_sent: Counter[str] = Counter()  # float byte counts (fractions of collectives)
 
     # -- buckets -------------------------------------------------------------------------------------------
     def _flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -71,8 +73,12 @@ class Communicator:
             offset += n
         return out
 
-    def _count(self, category: str, buffer: Tensor, factor: float = 1.0) -> None:
-        self.bytes_sent[category] += int(buffer.numel() * buffer.element_size() * factor)
+    def _count(self, category: str, buffer: Tensor, factor: float = 1.0, control: int = 0) -> None:
+        """Account ``factor`` copies of ``buffer``, of which ``control`` elements (status flags) go to "control"."""
+        size = buffer.element_size()
+        self.bytes_sent[category] += (buffer.numel() - control) * size * factor
+        if control:
+            self.bytes_sent["control"] += control * size * factor
 
     # -- collectives ---------------------------------------------------------------------------------------
     def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str) -> list[Tensor]:
@@ -80,7 +86,7 @@ class Communicator:
         if not self.enabled or not tensors:
             return list(tensors)
         buffer = self._flatten(tensors)
-        self._count(category, buffer)
+        self._count(category, buffer, 2 * (self.world_size - 1) / self.world_size)
         dist.all_reduce(buffer, group=self.group)
         return self._unflatten(buffer, tensors)
 
@@ -91,19 +97,20 @@ class Communicator:
         if not tensors:
             return [] if self.rank == dst else None
         buffer = self._flatten(tensors)
-        self._count(category, buffer)
+        self._count(category, buffer, (self.world_size - 1) / self.world_size)
         dist.reduce(buffer, dst=self._global(dst), group=self.group)
         return self._unflatten(buffer, tensors) if self.rank == dst else None
 
     def broadcast(self, tensors: Sequence[Tensor], *, src: int, category: str, group: Any | None = None,
-                  group_size: int | None = None) -> list[Tensor]:
-        """``src``'s ``tensors`` on every rank of ``group`` (others pass correctly shaped placeholders)."""
+                  group_size: int | None = None, control: int = 0) -> list[Tensor]:
+        """``src``'s ``tensors`` on every rank of ``group`` (others pass correctly shaped placeholders);
+        ``control`` of the elements are status flags (accounted separately)."""
         if not self.enabled or not tensors:
             return list(tensors)
         buffer = self._flatten(tensors)
         if self.rank == src:
             receivers = (group_size or self.world_size) - 1
-            self._count(category, buffer, receivers)
+            self._count(category, buffer, receivers, control)
         dist.broadcast(buffer, src=self._global(src), group=group if group is not None else self.group)
         return self._unflatten(buffer, tensors)
 

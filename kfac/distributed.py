@@ -107,9 +107,10 @@ class Executor:
                 if not (p.a_count and p.g_count):
                     out[n] = (None, None, False)
                     continue
-                a = p.a_sum / p.a_count
-                g = p.g_sum / p.g_count
-                out[n] = (a if e.a_diagonal else (a + a.T) / 2, (g + g.T) / 2, True)
+                a = p.a_sum / p.a_count if e.a_diagonal else torch.add(p.a_sum, p.a_sum.T, alpha=1.0).mul_(
+                    0.5 / p.a_count)
+                g = torch.add(p.g_sum, p.g_sum.T).mul_(0.5 / p.g_count)
+                out[n] = (a, g, True)
             return out
         device = next((t.device for p in pending.values() for t in (p.a_sum, p.g_sum) if t is not None),
                       torch.device("cpu"))
@@ -156,7 +157,7 @@ class Executor:
 
     # -- 2. decompositions ---------------------------------------------------------------------------------
     def refresh(self, refresh_factor: Callable[[FactorEntry, str], None],
-                fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...]], ...]],
+                fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...], bool], ...]],
                 on_failure: Callable[[FactorEntry, str, DecompositionError], None]) -> None:
         """Owners decompose their factors; results go to the layer's other grad workers (with a status flag so
         a failed decomposition falls back to the plain gradient on every grad worker)."""
@@ -186,20 +187,20 @@ class Executor:
                 e = self.entries[n]
                 like.append(torch.tensor([1.0 if ok.get((n, f), False) else 0.0], dtype=self._dtype(e),
                                          device=self._device(e)))
-                for field, shape in fields(e, f):
-                    t = getattr(e, field)
-                    like.append(t if src == self.rank and ok.get((n, f)) else
-                                torch.zeros(shape, dtype=self._dtype(e), device=self._device(e)))
-            out = self.comm.broadcast(like, src=src, category="decompositions", group=group, group_size=len(members))
+                for field, shape, sym in fields(e, f):
+                    t = getattr(e, field) if src == self.rank and ok.get((n, f)) else None
+                    like.append(_wire(t, shape, sym, self._dtype(e), self._device(e)))
+            out = self.comm.broadcast(like, src=src, category="decompositions", group=group, group_size=len(members),
+                                      control=len(keys))
             if src == self.rank:
                 continue
             it = iter(out)
             for n, f in keys:
                 e = self.entries[n]
                 good = float(next(it)) > 0.5
-                for field, _ in fields(e, f):
+                for field, shape, sym in fields(e, f):
                     received = next(it)
-                    setattr(e, field, received if good else None)
+                    setattr(e, field, _unwire(received, shape, sym) if good else None)
 
     # -- 3. preconditioned gradients -----------------------------------------------------------------------
     def exchange_gradients(self, local: Mapping[str, tuple[Tensor, bool]], grads: Mapping[str, Tensor | None],
@@ -223,14 +224,15 @@ class Executor:
                 else:
                     like += [torch.zeros(e.g_dim, e.a_dim, dtype=self._factor_dtype, device=self._device(e)),
                              torch.zeros(1, dtype=self._factor_dtype, device=self._device(e))]
-            received = self.comm.broadcast(like, src=src, category="gradients", group=group, group_size=len(members))
+            received = self.comm.broadcast(like, src=src, category="gradients", group=group, group_size=len(members),
+                                           control=len(names))
             if src != self.rank:
                 for k, n in enumerate(names):
                     out[n] = (received[2 * k], float(received[2 * k + 1]) > 0.5)
         return out
 
     # -- state ---------------------------------------------------------------------------------------------
-    def gather_store_state(self, store, fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...]], ...]],
+    def gather_store_state(self, store, fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...], bool], ...]],
                            ) -> dict:
         """The complete store state dict on every rank: each factor's owner broadcasts its running factor and
         decomposition (a collective; a plain ``store.state_dict()`` in a single process)."""
@@ -245,24 +247,24 @@ class Executor:
                 e = self.entries[n]
                 shape = (e.a_dim,) if (f == "A" and e.a_diagonal) else ((e.a_dim, e.a_dim) if f == "A" else
                                                                         (e.g_dim, e.g_dim))
-                for field, fshape in ((f, shape), *fields(e, f)):
+                for field, fshape, sym in ((f, shape, len(shape) == 2), *fields(e, f)):
                     t = getattr(e, field) if src == self.rank else None
-                    present = t is not None
-                    like += [torch.tensor([1.0 if present else 0.0], dtype=self._factor_dtype, device=self._device(e)),
-                             t if present else torch.zeros(fshape, dtype=self._factor_dtype, device=self._device(e))]
-                    slots.append((n, field))
+                    like += [torch.tensor([1.0 if t is not None else 0.0], dtype=self._factor_dtype,
+                                          device=self._device(e)),
+                             _wire(t, fshape, sym, self._factor_dtype, self._device(e))]
+                    slots.append((n, field, fshape, sym))
             if not like:
                 continue
-            received = self.comm.broadcast(like, src=src, category="state")
-            for k, (n, field) in enumerate(slots):
+            received = self.comm.broadcast(like, src=src, category="state", control=len(slots))
+            for k, (n, field, fshape, sym) in enumerate(slots):
                 tensors = state["entries"][n]["tensors"]
                 if float(received[2 * k]) > 0.5:
-                    tensors[field] = received[2 * k + 1]
+                    tensors[field] = _unwire(received[2 * k + 1], fshape, sym)
                 else:
                     tensors.pop(field, None)
         return state
 
-    def prune(self, fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...]], ...]]) -> None:
+    def prune(self, fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...], bool], ...]]) -> None:
         """After loading a complete state: keep only what this rank holds under the current plan."""
         for n, e in self.entries.items():
             e.owner = self.plan.owner(n, "A")
@@ -270,7 +272,7 @@ class Executor:
                 if not self.holds(n, f):
                     setattr(e, f, None)
                 if not (self.plan.owner(n, f) == self.rank or self.is_grad_worker(n)):
-                    for field, _ in fields(e, f):
+                    for field, _, _ in fields(e, f):
                         setattr(e, field, None)
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -283,3 +285,16 @@ class Executor:
     def bind(self, *, factor_dtype: torch.dtype, devices: Mapping[str, torch.device]) -> None:
         self._factor_dtype = factor_dtype
         self._devices = dict(devices)
+
+
+def _wire(t: Tensor | None, shape: tuple[int, ...], symmetric: bool, dtype: torch.dtype,
+          device: torch.device) -> Tensor:
+    """What travels for a tensor of ``shape``: packed upper triangle when symmetric; zeros as a placeholder."""
+    if t is None:
+        n = shape[0] * (shape[0] + 1) // 2 if symmetric else int(torch.Size(shape).numel())
+        return torch.zeros(n, dtype=dtype, device=device)
+    return pack_symmetric(t) if symmetric else t
+
+
+def _unwire(t: Tensor, shape: tuple[int, ...], symmetric: bool) -> Tensor:
+    return unpack_symmetric(t, shape[0]) if symmetric else t.reshape(shape)

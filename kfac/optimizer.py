@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .preconditioner import KFACPreconditioner
+from .preconditioner import KFACPreconditioner, _all_finite
 
 __all__ = ["KFAC"]
 
@@ -74,8 +74,10 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # the preconditioner checks its own layers' gradients; here only the others (norm layers, ...)
+        others = [p.grad for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and id(p) not in self._param_to_layer]
+        finite = _all_finite(others)
         if self.preconditioner.step(lr=self._layer_lrs(), grads_finite=finite):
             self.optimizer.step()
         return loss

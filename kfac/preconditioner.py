@@ -144,6 +144,13 @@ class KFACPreconditioner:
         if not self._layers:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
             raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
+        if cost_model is None:  # default constants, with the element sizes this run actually stores and sends
+            import dataclasses
+
+            from .planner import CostModel
+            wire = comm_dtype or factor_dtype
+            cost_model = dataclasses.replace(CostModel.default(), bytes_per_element=factor_dtype.itemsize,
+                                             comm_bytes_per_element=wire.itemsize)
         plan_kwargs: dict[str, Any] = {"method": self.method.name, "cost_model": cost_model, "memory_cap": memory_cap}
         for key in ("factor_update_steps", "inv_update_steps"):  # the plan amortises by constant schedules only
             value = getattr(self, key)
@@ -170,8 +177,9 @@ class KFACPreconditioner:
 
     @property
     def bytes_communicated(self) -> dict[str, int]:
-        """Payload bytes this rank has sent so far, by category (factors, decompositions, gradients, ...)."""
-        return dict(self._comm.bytes_sent)
+        """This rank's share of the bytes on the wire so far, by category (factors, decompositions, gradients,
+        control flags, ...); summed over ranks it is the total traffic, comparable with ``plan.comm``."""
+        return {k: int(round(v)) for k, v in self._comm.bytes_sent.items()}
 
     # -- registration ---------------------------------------------------------------------------------------
     def _register(self, model: nn.Module, skip: list[str]) -> None:
@@ -430,11 +438,11 @@ class KFACPreconditioner:
                 if entry.A is None:
                     entry.A = (torch.ones_like(a_batch) if entry.a_diagonal else
                                torch.eye(entry.a_dim, dtype=a_batch.dtype, device=a_batch.device))
-                entry.A = torch.add(entry.A * decay, a_batch, alpha=1 - decay)
+                entry.A = torch.lerp(entry.A, a_batch, 1 - decay)  # decay A + (1 - decay) A_batch, a new tensor
             if g_batch is not None:
                 if entry.G is None:
                     entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
-                entry.G = torch.add(entry.G * decay, g_batch, alpha=1 - decay)
+                entry.G = torch.lerp(entry.G, g_batch, 1 - decay)
             if seen:
                 entry.num_updates += 1
 
@@ -463,12 +471,12 @@ class KFACPreconditioner:
         vg_sum: Tensor | None = None
         if lrs is not None:
             for layer, v, grad in updates:
-                term = (v * grad.to(v.dtype)).sum() * lrs[layer.name] ** 2
+                term = torch.vdot(v.reshape(-1), grad.to(v.dtype).reshape(-1)) * lrs[layer.name] ** 2
                 vg_sum = term if vg_sum is None else vg_sum + term
         nu = None if vg_sum is None else torch.clamp(torch.sqrt(kl_clip / vg_sum.abs()), max=1.0)
         for layer, v, grad in updates:
             if nu is not None:
-                v = v * nu
+                v = v.mul_(nu) if v is not grad else v * nu
             layer.adapter.set_grad_matrix(v.to(grad.dtype))
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -523,5 +531,7 @@ class KFACPreconditioner:
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:
-    checks = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack(checks).all()) if checks else True
+    """One host sync: the max-norm of a tensor is finite iff all its entries are (NaN propagates)."""
+    norms = [torch.linalg.vector_norm(t.detach().float() if not t.is_floating_point() else t.detach(), float("inf"))
+             .to(torch.float32) for t in tensors if t.numel()]
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True

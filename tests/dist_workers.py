@@ -82,9 +82,11 @@ def _entry(rank: int, fn, world: int, out_dir: str, store: str, args: tuple) -> 
         result = fn(rank, world, out, *args)
     except Exception:
         result = {"error": traceback.format_exc()}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    try:  # orderly teardown: nobody leaves while a peer still talks to it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 # -- scenarios -------------------------------------------------------------------------------------------------
@@ -100,7 +102,9 @@ def equivalence(rank: int, world: int, out: Path, configs: list[dict]) -> dict:
         train(ddp, opt, range(STEPS), rank, world)
         if rank == 0:
             torch.save([p.detach() for p in model.parameters()], out / f"params{i}.pt")
-        report[str(i)] = {"strategy": opt.preconditioner.plan.strategy, "bytes": opt.preconditioner.bytes_communicated,
+        report[str(i)] = {"strategy": opt.preconditioner.plan.strategy,
+                          "bytes": {k: float(v) for k, v in opt.preconditioner._comm.bytes_sent.items()},
+                          "plan_comm": opt.preconditioner.plan.comm.to_dict(),
                           "memory": opt.preconditioner.memory_usage()}
     return report
 

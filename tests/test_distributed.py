@@ -42,6 +42,17 @@ def test_strategies_equal_single_process(world, tmp_path):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=lambda m: f"{cfg} at world {world}: {m}")
         assert reports[0][str(i)]["strategy"] == cfg["strategy"]
+    # measured traffic (summed over ranks) equals the plan's prediction: STEPS factor updates and gradient
+    # exchanges, and refreshes at steps 0, 2, 4 (inv_update_steps=2)
+    refreshes = len(range(0, W.STEPS, W.KFAC_KW["inv_update_steps"]))
+    for i, cfg in enumerate(configs):
+        plan = reports[0][str(i)]["plan_comm"]
+        total = {k: sum(r[str(i)]["bytes"].get(k, 0.0) for r in reports) for k in ("factors", "decompositions",
+                                                                                   "gradients")}
+        assert total["factors"] == pytest.approx(plan["factor_reduction"] * W.STEPS, rel=1e-9), cfg
+        assert total["gradients"] == pytest.approx(plan["gradient_broadcast"] * W.STEPS, rel=1e-9), cfg
+        assert total["decompositions"] == pytest.approx(
+            plan["decomposition_broadcast"] * W.KFAC_KW["inv_update_steps"] * refreshes, rel=1e-9), cfg
     # communication: dp-kfac reduces factors to owners instead of all-reducing them and never broadcasts
     # decompositions, comm-opt broadcasts decompositions and never gradients
     by_strategy = {cfg["strategy"]: reports[0][str(i)]["bytes"] for i, cfg in enumerate(configs)

@@ -28,8 +28,9 @@ class CurvatureMethod(Protocol):
     def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
         """Recompute the decomposition of one factor (``"A"`` or ``"G"``); used when ranks own factors apart."""
 
-    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """``(field name, shape)`` of the decomposition tensors of ``factor`` (what a refresh sends)."""
+    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+        """``(field name, shape, symmetric)`` of the decomposition tensors of ``factor`` (what a refresh sends;
+        symmetric matrices travel as packed upper triangles)."""
 
     def ready(self, entry: FactorEntry) -> bool:
         """Whether ``entry`` holds the decompositions :meth:`precondition` needs."""

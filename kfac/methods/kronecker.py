@@ -45,12 +45,12 @@ class EigenKFAC:
 
     name = "eigen"
 
-    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """The decomposition tensors of ``factor`` with their shapes (what a refresh produces)."""
+    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+        """``(name, shape, symmetric)`` of the decomposition tensors of ``factor`` (what a refresh produces)."""
         if factor == "A":
             d = entry.a_dim
-            return (("dA", (d,)),) if entry.a_diagonal else (("QA", (d, d)), ("dA", (d,)))
-        return (("QG", (entry.g_dim, entry.g_dim)), ("dG", (entry.g_dim,)))
+            return (("dA", (d,), False),) if entry.a_diagonal else (("QA", (d, d), False), ("dA", (d,), False))
+        return (("QG", (entry.g_dim, entry.g_dim), False), ("dG", (entry.g_dim,), False))
 
     def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
         """Decompose one factor; on failure its decomposition is cleared and :class:`DecompositionError` raised."""
@@ -65,7 +65,7 @@ class EigenKFAC:
                 return
             d, q = with_float64_retry(_eigh, _symmetrise(m), f"{factor} of {entry.name!r}")
         except DecompositionError:
-            for field, _ in self.fields(entry, factor):
+            for field, _, _ in self.fields(entry, factor):
                 setattr(entry, field, None)
             raise
         if factor == "A":
@@ -99,11 +99,11 @@ class InverseKFAC:
 
     name = "inverse"
 
-    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
         if factor == "A":
             d = entry.a_dim
-            return (("A_inv", (d,) if entry.a_diagonal else (d, d)),)
-        return (("G_inv", (entry.g_dim, entry.g_dim)),)
+            return (("A_inv", (d,), False),) if entry.a_diagonal else (("A_inv", (d, d), True),)
+        return (("G_inv", (entry.g_dim, entry.g_dim), True),)
 
     def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
         m = getattr(entry, factor)
