@@ -50,6 +50,8 @@ class FactorEntry:
     owner: int | None = None
     num_updates: int = 0
     """How many batches of statistics the running factors have absorbed."""
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Derived, never persisted data (e.g. the block structure of a decomposition), keyed by field name."""
 
     def tensors(self) -> dict[str, Tensor]:
         out = {k: getattr(self, k) for k in TENSOR_FIELDS if getattr(self, k) is not None}

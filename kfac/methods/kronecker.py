@@ -5,6 +5,12 @@ For a gradient matrix ``V`` (``g_dim x a_dim``; ``vec`` is column-major, so ``(A
 * ``"eigen"``: with ``A = QA diag(dA) QA^T`` and ``G = QG diag(dG) QG^T`` (eigenvalues clamped at 0),
   ``P(V) = QG [(QG^T V QA) / (dG dA^T + damping)] QA^T``, i.e. exactly ``(A (x) G + damping I)^-1 vec(V)``.
 * ``"inverse"``: ``P(V) = (G + damping I)^-1 V (A + damping I)^-1`` with damping baked in at refresh time.
+
+Exact block structure: a coordinate whose off-diagonal row of a factor is exactly zero is a 1x1 diagonal block
+(e.g. kernel taps that only ever see zero padding -- 8 of 9 taps of a 3x3 convolution at 1x1 spatial size -- or
+dead units). Such a factor is ``blockdiag(F_cc, diag(f_dd))`` up to a permutation, so it is decomposed block-wise
+(``eigh``/Cholesky of ``F_cc`` only) and applied block-wise; the decompositions keep their full shapes (the
+decoupled part is an identity / a diagonal) and the result is the same linear map, computed with fewer flops.
 """
 
 from __future__ import annotations
@@ -18,19 +24,106 @@ from .base import DecompositionError, with_float64_retry
 __all__ = ["EigenKFAC", "InverseKFAC", "make_method"]
 
 
+_MIN_DECOUPLED_FRACTION = 0.25  # below this, block-wise work saves too little to be worth the index traffic
+
+
+def _decoupled(m: Tensor) -> Tensor | None:
+    """Mask of coordinates whose off-diagonal row (and column) of the symmetric ``m`` is exactly zero, or
+    ``None`` when too few are (then dense code is used)."""
+    nonzero = m != 0
+    mask = (nonzero.sum(1) - nonzero.diagonal().to(torch.int64)) == 0
+    return mask if int(mask.sum()) >= _MIN_DECOUPLED_FRACTION * m.shape[0] else None
+
+
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
-    d, q = torch.linalg.eigh(m)
+    """Eigenvalues (clamped at 0) and eigenvectors; decoupled coordinates are their own eigenvectors."""
+    mask = _decoupled(m)
+    if mask is None:
+        d, q = torch.linalg.eigh(m)
+        return d.clamp(min=0), q
+    c = (~mask).nonzero().squeeze(1)
+    d = m.diagonal().clone()
+    q = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    if c.numel():
+        dc, qc = torch.linalg.eigh(m[c][:, c])
+        d[c] = dc
+        q[c.unsqueeze(1), c.unsqueeze(0)] = qc
     return d.clamp(min=0), q
 
 
-def _damped_inverse(m: Tensor, damping: float, what: str = "factor") -> Tensor:
-    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+class _Structure:
+    """Block structure of a decomposition matrix ``M`` (``Q`` or an inverse): coupled indices ``c`` with the
+    dense block ``M[c][:, c]``, and decoupled indices ``d`` where ``M`` is diagonal with values ``diag``."""
 
-    def inv(x: Tensor) -> Tensor:
-        chol, info = torch.linalg.cholesky_ex(x + damping * eye.to(x.dtype))
+    def __init__(self, m: Tensor, mask: Tensor) -> None:
+        self.source = m
+        self.c = (~mask).nonzero().squeeze(1)
+        self.d = mask.nonzero().squeeze(1)
+        self.block = m[self.c][:, self.c].contiguous()
+        self.diag = m.diagonal()[self.d]
+
+    @staticmethod
+    def of(m: Tensor, cache: dict, key: str) -> "_Structure | None":
+        """Structure of ``m`` (cached per decomposition: recomputed only when ``m`` is a new tensor)."""
+        hit = cache.get(key)
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        nonzero = m != 0
+        single = (nonzero.sum(0) == 1) & (nonzero.sum(1) == 1) & nonzero.diagonal()
+        mask = single if int(single.sum()) >= _MIN_DECOUPLED_FRACTION * m.shape[0] else None
+        out = _Structure(m, mask) if mask is not None else None
+        cache[key] = (m, out)
+        return out
+
+    def right(self, v: Tensor, transpose: bool = False) -> Tensor:
+        """``v @ M`` (or ``v @ M^T``) for ``v`` of shape ``(rows, n)``."""
+        out = torch.empty_like(v)
+        out[:, self.d] = v[:, self.d] * self.diag
+        out[:, self.c] = v[:, self.c] @ (self.block.T if transpose else self.block)
+        return out
+
+    def left(self, v: Tensor, transpose: bool = False) -> Tensor:
+        """``M @ v`` (or ``M^T @ v``) for ``v`` of shape ``(n, cols)``."""
+        out = torch.empty_like(v)
+        out[self.d] = v[self.d] * self.diag[:, None]
+        out[self.c] = (self.block.T if transpose else self.block) @ v[self.c]
+        return out
+
+
+def _right(v: Tensor, m: Tensor, cache: dict, key: str, transpose: bool = False) -> Tensor:
+    s = _Structure.of(m, cache, key)
+    if s is None:
+        return v @ (m.T if transpose else m)
+    return s.right(v, transpose)
+
+
+def _left(m: Tensor, v: Tensor, cache: dict, key: str, transpose: bool = False) -> Tensor:
+    s = _Structure.of(m, cache, key)
+    if s is None:
+        return (m.T if transpose else m) @ v
+    return s.left(v, transpose)
+
+
+def _damped_inverse(m: Tensor, damping: float, what: str = "factor") -> Tensor:
+    def dense_inv(x: Tensor) -> Tensor:
+        eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+        chol, info = torch.linalg.cholesky_ex(x + damping * eye)
         if int(info) != 0:
             raise torch.linalg.LinAlgError(f"Cholesky failed (info={int(info)}): factor + damping is not positive definite")
         return torch.cholesky_inverse(chol)
+
+    def inv(x: Tensor) -> Tensor:
+        mask = _decoupled(x)
+        if mask is None:
+            return dense_inv(x)
+        diag = x.diagonal() + damping
+        if bool((diag <= 0).any()):
+            raise torch.linalg.LinAlgError("factor + damping is not positive definite")
+        out = torch.diag(1.0 / diag)
+        c = (~mask).nonzero().squeeze(1)
+        if c.numel():
+            out[c.unsqueeze(1), c.unsqueeze(0)] = dense_inv(x[c][:, c])
+        return out
 
     return with_float64_retry(inv, m, what)
 
@@ -83,14 +176,14 @@ class EigenKFAC:
             entry.a_diagonal or entry.QA is not None)
 
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
-        QG, dG, dA = entry.QG, entry.dG, entry.dA
-        v = QG.T @ grad.to(QG.dtype)
+        QG, dG, dA, cache = entry.QG, entry.dG, entry.dA, entry.cache
+        v = _left(QG, grad.to(QG.dtype), cache, "QG", transpose=True)
         if entry.QA is not None:
-            v = v @ entry.QA
+            v = _right(v, entry.QA, cache, "QA")
         v = v / (torch.outer(dG, dA) + damping)
-        v = QG @ v
+        v = _left(QG, v, cache, "QG")
         if entry.QA is not None:
-            v = v @ entry.QA.T
+            v = _right(v, entry.QA, cache, "QA", transpose=True)
         return v
 
 
@@ -130,8 +223,8 @@ class InverseKFAC:
         return entry.A_inv is not None and entry.G_inv is not None
 
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
-        v = entry.G_inv @ grad.to(entry.G_inv.dtype)
-        return v * entry.A_inv if entry.a_diagonal else v @ entry.A_inv
+        v = _left(entry.G_inv, grad.to(entry.G_inv.dtype), entry.cache, "G_inv")
+        return v * entry.A_inv if entry.a_diagonal else _right(v, entry.A_inv, entry.cache, "A_inv")
 
 
 def _symmetrise(m: Tensor) -> Tensor:
