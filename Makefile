@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/step_overhead.py --profile
 
 clean:
 	rm -rf $(VENV) build *.egg-info
