@@ -128,6 +128,16 @@ def _damped_inverse(m: Tensor, damping: float, what: str = "factor") -> Tensor:
     return with_float64_retry(inv, m, what)
 
 
+def _factor(entry: FactorEntry, factor: str) -> Tensor:
+    """The running factor to decompose (a diagonal ``A`` is checked here; matrices by the float64 retry)."""
+    m = getattr(entry, factor)
+    if m is None:
+        raise DecompositionError(f"layer {entry.name!r} has no {factor} factor yet")
+    if factor == "A" and entry.a_diagonal and not torch.isfinite(m).all():
+        raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
+    return m
+
+
 def _require(entry: FactorEntry) -> None:
     if entry.A is None or entry.G is None:
         raise DecompositionError(f"layer {entry.name!r} has no factors yet")
@@ -147,13 +157,9 @@ class EigenKFAC:
 
     def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
         """Decompose one factor; on failure its decomposition is cleared and :class:`DecompositionError` raised."""
-        m = getattr(entry, factor)
-        if m is None:
-            raise DecompositionError(f"layer {entry.name!r} has no {factor} factor yet")
         try:
+            m = _factor(entry, factor)
             if factor == "A" and entry.a_diagonal:
-                if not torch.isfinite(m).all():
-                    raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
                 entry.QA, entry.dA = None, m.clamp(min=0)
                 return
             d, q = with_float64_retry(_eigh, _symmetrise(m), f"{factor} of {entry.name!r}")
@@ -199,13 +205,9 @@ class InverseKFAC:
         return (("G_inv", (entry.g_dim, entry.g_dim), True),)
 
     def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:
-        m = getattr(entry, factor)
-        if m is None:
-            raise DecompositionError(f"layer {entry.name!r} has no {factor} factor yet")
         try:
+            m = _factor(entry, factor)
             if factor == "A" and entry.a_diagonal:
-                if not torch.isfinite(m).all():
-                    raise DecompositionError(f"A of {entry.name!r} has non-finite entries")
                 inv = 1.0 / (m + damping)
             else:
                 inv = _damped_inverse(_symmetrise(m), damping, f"{factor} of {entry.name!r}")
