@@ -60,8 +60,8 @@ class Communicator:
         self.bytes_sent: Counter[str] = Counter()  # float byte counts (fractions of collectives)
 
     # -- buckets -------------------------------------------------------------------------------------------
-    def _flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        dtype = self.comm_dtype or tensors[0].dtype
+    def _flatten(self, tensors: Sequence[Tensor], *, exact: bool = False) -> Tensor:
+        dtype = tensors[0].dtype if exact or self.comm_dtype is None else self.comm_dtype
         return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
 
     @staticmethod
@@ -81,11 +81,12 @@ class Communicator:
             self.bytes_sent["control"] += control * size * factor
 
     # -- collectives ---------------------------------------------------------------------------------------
-    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str) -> list[Tensor]:
-        """Element-wise sums over ranks of ``tensors`` (new tensors; inputs are not modified)."""
+    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False) -> list[Tensor]:
+        """Element-wise sums over ranks of ``tensors`` (new tensors; inputs are not modified). ``exact`` keeps
+        the tensors' own dtype on the wire (for counts and other bookkeeping that ``comm_dtype`` must not round)."""
         if not self.enabled or not tensors:
             return list(tensors)
-        buffer = self._flatten(tensors)
+        buffer = self._flatten(tensors, exact=exact)
         self._count(category, buffer, 2 * (self.world_size - 1) / self.world_size)
         dist.all_reduce(buffer, group=self.group)
         return self._unflatten(buffer, tensors)

@@ -117,14 +117,21 @@ class Executor:
         counts = torch.tensor([[pending[n].a_count, pending[n].g_count] for n in names], dtype=torch.float64,
                               device=device)
         local = self.factor_reduction == "local"
-        if not local:
-            counts = self.comm.all_reduce_sum([counts], category="factor_counts")[0]
+        if not local:  # counts first, exactly (never in a low-precision comm dtype)
+            counts = self.comm.all_reduce_sum([counts], category="factor_counts", exact=True)[0]
+        g_scale = float(self.world_size) ** 2
         payload: dict[tuple[str, str], Tensor] = {}
         for i, n in enumerate(names):
             e, p = self.entries[n], pending[n]
-            for f, total, dim, diag in (("A", p.a_sum, e.a_dim, e.a_diagonal), ("G", p.g_sum, e.g_dim, False)):
-                if total is None:
+            a_n, g_n = float(counts[i, 0]), float(counts[i, 1])
+            # each rank sends its sum already divided by the global count: the reduction yields the mean directly,
+            # and values stay at the scale of a factor (no overflow in float16 on the wire)
+            for f, total, dim, diag, norm in (("A", p.a_sum, e.a_dim, e.a_diagonal, a_n),
+                                              ("G", p.g_sum, e.g_dim, False, g_n * g_scale)):
+                if total is None or norm == 0:
                     total = torch.zeros(dim if diag else (dim, dim), dtype=dtype, device=device)
+                else:
+                    total = total / norm
                 payload[(n, f)] = total if diag else pack_symmetric(total)
         reduced: dict[tuple[str, str], Tensor] = {}
         keys = list(payload)
@@ -140,18 +147,16 @@ class Executor:
                 out = self.comm.reduce_sum([payload[k] for k in mine], dst=dst, category="factors")
                 if out is not None:
                     reduced.update(zip(mine, out))
-        g_scale = float(self.world_size) ** 2
         result: dict[str, tuple[Tensor | None, Tensor | None, bool]] = {}
         for i, n in enumerate(names):
             e = self.entries[n]
-            a_n, g_n = float(counts[i, 0]), float(counts[i, 1])
-            seen = a_n > 0 and g_n > 0
+            seen = float(counts[i, 0]) > 0 and float(counts[i, 1]) > 0
             a = g = None
             if (n, "A") in reduced and seen:
                 a = reduced[(n, "A")] if e.a_diagonal else unpack_symmetric(reduced[(n, "A")], e.a_dim)
-                a = a / a_n
+                a = a.to(dtype)
             if (n, "G") in reduced and seen:
-                g = unpack_symmetric(reduced[(n, "G")], e.g_dim) / (g_n * g_scale)
+                g = unpack_symmetric(reduced[(n, "G")], e.g_dim).to(dtype)
             result[n] = (a, g, seen)
         return result
 

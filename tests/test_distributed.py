@@ -117,3 +117,15 @@ def test_checkpoint_at_world_4_resumes_at_world_2(strategy, tmp_path):
     got = torch.load(tmp_path / "resumed.pt")
     for g, w in zip(got, reference(steps=6)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_float16_wire_keeps_counts_exact_and_factors_in_range(tmp_path):
+    """Counts travel exactly and sums travel pre-normalised: float16 on the wire gives the right factors even with
+    more rows than float16 can count and sums that would overflow it."""
+    rows = 40000  # per rank; 80000 in total > 65504
+    results = W.launch(W.half_precision_wire, 2, tmp_path, rows)
+    A = torch.tensor(results[0]["A"], dtype=torch.float64)
+    G = torch.tensor(results[0]["G"], dtype=torch.float64)
+    torch.testing.assert_close(A, torch.full((4, 4), 0.25, dtype=torch.float64))  # inputs are all 0.5
+    # output gradient of sum() per row is 1 on each rank = 1/world_size in global-mean units (x1/N^2 convention)
+    torch.testing.assert_close(G, torch.full((2, 2), 1.0 / 4, dtype=torch.float64))
