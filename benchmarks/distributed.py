@@ -75,9 +75,7 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +88,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
@@ -98,8 +96,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
 
 import kfac  # noqa: E402
 
-IMAGE = 32
-NUM_CLASSES = 10
+from _common import IMAGE, build_model, count_events, machine_info, make_batches  # noqa: E402,E501
 SGD_KWARGS: dict[str, float] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 KFAC_KWARGS: dict[str, float] = {"damping": 1e-3}  # factor_decay, kl_clip: kfac defaults (0.95, 1e-3)
 # label -> KFAC keyword arguments (None: plain SGD baseline)
@@ -122,30 +119,8 @@ def byte_unit(largest: float) -> tuple[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 # model, data
 # ----------------------------------------------------------------------------------------------------------
-def build_model(quick: bool, seed: int) -> nn.Module:
-    """``resnet18(num_classes=10)`` (or, for ``--quick``, a tiny conv net) with deterministic weights."""
-    torch.manual_seed(seed)
-    if quick:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(16, NUM_CLASSES),
-        )
-    import torchvision
-
-    return torchvision.models.resnet18(num_classes=NUM_CLASSES)
 
 
-def make_batches(n: int, global_batch: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """A pool of SYNTHETIC global batches (identical on every rank): inputs ~ N(0, 1), labels uniform."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(global_batch, 3, IMAGE, IMAGE, generator=g),
-             torch.randint(0, NUM_CLASSES, (global_batch,), generator=g)) for _ in range(n)]
-
-
-def count_events(start: int, steps: int, every: int) -> int:
-    """How many step indices ``s`` in ``[start, start + steps)`` satisfy ``s % every == 0``."""
-    return (start + steps - 1) // every - (start - 1) // every
 
 
 def system_busy_seconds() -> float | None:
@@ -556,36 +531,6 @@ def at_scale_summary(path: Path, model: str = "resnet50", world_sizes: tuple[int
 # ----------------------------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "kfac"], cwd=REPO_ROOT, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    try:
-        import torchvision
-
-        tv: str | None = torchvision.__version__
-    except ImportError:
-        tv = None
-    return {
-        "cpu_model": cpu, "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__, "torchvision": tv, "kfac": getattr(kfac, "__version__", None),
-        "git_commit": commit, "kfac_dir_dirty": dirty, "python": platform.python_version(),
-        "platform": platform.platform(), "gloo_available": dist.is_gloo_available(),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
@@ -744,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         return replot(args)
     suffix = "_quick" if args.quick else ""
-    info = machine_info()
+    info = machine_info(gloo_available=dist.is_gloo_available())
     info["load_average_start"] = os.getloadavg()
     cores = info["usable_cores"] or info["logical_cores"] or 1
     model_desc = "tiny CNN (quick smoke test)" if args.quick else "torchvision resnet18(num_classes=10)"

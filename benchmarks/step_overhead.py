@@ -50,14 +50,11 @@ configuration and writes ``step_overhead_quick.{json,png}`` instead, leaving the
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import functools
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -79,8 +76,7 @@ SCHEDULES: tuple[tuple[int, int], ...] = ((1, 10), (10, 100))
 QUICK_SCHEDULES: tuple[tuple[int, int], ...] = ((1, 2), (2, 4))
 METHODS: tuple[str, ...] = ("sgd", "eigen", "inverse")
 BATCH = 32
-IMAGE = 32
-NUM_CLASSES = 10
+from _common import IMAGE, build_model, count_events, machine_info, make_batches  # noqa: E402
 SGD_KWARGS: dict[str, float] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 KFAC_KWARGS: dict[str, float] = {"damping": 1e-3, "factor_decay": 0.95, "kl_clip": 1e-3}
 # KAISA / kfac-pytorch, eigen method, ResNet-18, same 2-core machine class (given as context; NOT measured here).
@@ -90,27 +86,6 @@ KAISA_REFERENCE: dict[tuple[int, int], float] = {(10, 100): 9.2, (1, 10): 23.0}
 # ----------------------------------------------------------------------------------------------------------
 # models, data, one training configuration
 # ----------------------------------------------------------------------------------------------------------
-def build_model(quick: bool, seed: int) -> nn.Module:
-    """``resnet18(num_classes=10)`` (or, for ``--quick``, a tiny conv net) with deterministic weights."""
-    torch.manual_seed(seed)
-    if quick:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(16, NUM_CLASSES),
-        )
-    import torchvision
-
-    return torchvision.models.resnet18(num_classes=NUM_CLASSES)
-
-
-def make_batches(n: int, batch: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """A pool of synthetic batches: inputs ~ N(0, 1), labels uniform (timing only)."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, IMAGE, IMAGE, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g))
-            for _ in range(n)]
-
-
 @dataclass
 class Config:
     """One timed configuration: a schedule and an optimizer method."""
@@ -161,11 +136,6 @@ def make_runner(config: Config, batches: list[tuple[Tensor, Tensor]], *, quick: 
         opt = kfac.KFAC(model, base, factor_update_steps=config.factor_update_steps,
                         inv_update_steps=config.inv_update_steps, method=config.method, **KFAC_KWARGS)
     return Runner(config=config, model=model, optimizer=opt, batches=batches)
-
-
-def count_events(start: int, steps: int, every: int) -> int:
-    """How many step indices ``s`` in ``[start, start + steps)`` satisfy ``s % every == 0``."""
-    return (start + steps - 1) // every - (start - 1) // every  # floor division, also right for start == 0
 
 
 def time_window(runner: Runner, steps: int) -> dict[str, Any]:
@@ -413,38 +383,6 @@ def format_profile(p: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "kfac"], cwd=REPO_ROOT, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    try:
-        import torchvision
-
-        tv = torchvision.__version__
-    except ImportError:
-        tv = None
-    return {
-        "cpu_model": cpu, "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": tv,
-        "kfac": kfac.__version__, "git_commit": commit, "kfac_dir_dirty": dirty,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: bool) -> None:
     import matplotlib
 
@@ -540,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     schedules = QUICK_SCHEDULES if args.quick else SCHEDULES
     suffix = "_quick" if args.quick else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
+    info = machine_info(torch_threads=torch.get_num_threads())
     info["load_average_start"] = os.getloadavg()
     model_desc = "tiny CNN (quick smoke test)" if args.quick else "torchvision resnet18(num_classes=10)"
     log(f"{model_desc}, batch {BATCH}, {IMAGE}x{IMAGE}, float32, CPU ({info['cpu_model']}, "

@@ -46,11 +46,14 @@ class PendingStats:
 class Executor:
     """Binds a plan to a communicator and this rank's factor store entries."""
 
-    def __init__(self, *, comm: Communicator, entries: Sequence[FactorEntry], strategy: str | None,
-                 grad_worker_fraction: float | None, factor_reduction: str, plan_kwargs: Mapping) -> None:
+    def __init__(self, *, comm: Communicator, entries: Sequence[FactorEntry], devices: Mapping[str, torch.device],
+                 factor_dtype: torch.dtype, strategy: str | None, grad_worker_fraction: float | None,
+                 factor_reduction: str, plan_kwargs: Mapping) -> None:
         if factor_reduction not in FACTOR_REDUCTIONS:
             raise ValueError(f"factor_reduction must be one of {FACTOR_REDUCTIONS}, got {factor_reduction!r}")
         self.comm = comm
+        self.factor_dtype = factor_dtype
+        self.devices = dict(devices)
         self.rank, self.world_size = comm.rank, comm.world_size
         self.strategy_request, self.grad_worker_fraction = strategy, grad_worker_fraction
         self.factor_reduction = factor_reduction
@@ -100,39 +103,26 @@ class Executor:
         """``(A_batch, G_batch, seen)`` per layer: the batch factors this rank holds (``None`` where not held or
         where no rank saw the layer this step) and whether any rank saw it."""
         names = list(self.entries)
-        if not self.comm.enabled:
-            out: dict[str, tuple[Tensor | None, Tensor | None, bool]] = {}
-            for n in names:
-                p, e = pending[n], self.entries[n]
-                if not (p.a_count and p.g_count):
-                    out[n] = (None, None, False)
-                    continue
-                a = p.a_sum / p.a_count if e.a_diagonal else torch.add(p.a_sum, p.a_sum.T, alpha=1.0).mul_(
-                    0.5 / p.a_count)
-                g = torch.add(p.g_sum, p.g_sum.T).mul_(0.5 / p.g_count)
-                out[n] = (a, g, True)
-            return out
-        device = next((t.device for p in pending.values() for t in (p.a_sum, p.g_sum) if t is not None),
-                      torch.device("cpu"))
-        counts = torch.tensor([[pending[n].a_count, pending[n].g_count] for n in names], dtype=torch.float64,
-                              device=device)
+        counts = torch.tensor([[pending[n].a_count, pending[n].g_count] for n in names], dtype=torch.float64)
         local = self.factor_reduction == "local"
-        if not local:  # counts first, exactly (never in a low-precision comm dtype)
-            counts = self.comm.all_reduce_sum([counts], category="factor_counts", exact=True)[0]
+        if self.comm.enabled and not local:  # counts first, exactly (never in a low-precision comm dtype)
+            counts = self.comm.all_reduce_sum([counts.to(self._any_device())], category="factor_counts",
+                                              exact=True)[0].cpu()
+        seen = [bool(a_n > 0 and g_n > 0) for a_n, g_n in counts.tolist()]
+        # each rank's sum divided by the *global* count: reductions yield the mean directly, and values stay at the
+        # scale of a factor (no overflow in float16 on the wire)
         g_scale = float(self.world_size) ** 2
-        payload: dict[tuple[str, str], Tensor] = {}
+        means: dict[tuple[str, str], Tensor | None] = {}
         for i, n in enumerate(names):
             e, p = self.entries[n], pending[n]
-            a_n, g_n = float(counts[i, 0]), float(counts[i, 1])
-            # each rank sends its sum already divided by the global count: the reduction yields the mean directly,
-            # and values stay at the scale of a factor (no overflow in float16 on the wire)
-            for f, total, dim, diag, norm in (("A", p.a_sum, e.a_dim, e.a_diagonal, a_n),
-                                              ("G", p.g_sum, e.g_dim, False, g_n * g_scale)):
-                if total is None or norm == 0:
-                    total = torch.zeros(dim if diag else (dim, dim), dtype=dtype, device=device)
-                else:
-                    total = total / norm
-                payload[(n, f)] = total if diag else pack_symmetric(total)
+            a_n, g_n = counts[i].tolist()
+            means[(n, "A")] = _batch_mean(p.a_sum, a_n, e.a_diagonal) if seen[i] else None
+            means[(n, "G")] = _batch_mean(p.g_sum, g_n * g_scale, False) if seen[i] else None
+        if not self.comm.enabled:
+            return {n: (means[(n, "A")], means[(n, "G")], seen[i]) for i, n in enumerate(names)}
+        payload = {(n, f): _wire(means[(n, f)], _factor_shape(self.entries[n], f),
+                                 len(_factor_shape(self.entries[n], f)) == 2, dtype, self.devices[n])
+                   for n in names for f in ("A", "G")}
         reduced: dict[tuple[str, str], Tensor] = {}
         keys = list(payload)
         if local:
@@ -147,18 +137,13 @@ class Executor:
                 out = self.comm.reduce_sum([payload[k] for k in mine], dst=dst, category="factors")
                 if out is not None:
                     reduced.update(zip(mine, out))
-        result: dict[str, tuple[Tensor | None, Tensor | None, bool]] = {}
-        for i, n in enumerate(names):
-            e = self.entries[n]
-            seen = float(counts[i, 0]) > 0 and float(counts[i, 1]) > 0
-            a = g = None
-            if (n, "A") in reduced and seen:
-                a = reduced[(n, "A")] if e.a_diagonal else unpack_symmetric(reduced[(n, "A")], e.a_dim)
-                a = a.to(dtype)
-            if (n, "G") in reduced and seen:
-                g = unpack_symmetric(reduced[(n, "G")], e.g_dim).to(dtype)
-            result[n] = (a, g, seen)
-        return result
+        def received(n: str, f: str, i: int) -> Tensor | None:
+            if (n, f) not in reduced or not seen[i]:
+                return None
+            shape = _factor_shape(self.entries[n], f)
+            return _unwire(reduced[(n, f)], shape, len(shape) == 2).to(dtype)
+
+        return {n: (received(n, "A", i), received(n, "G", i), seen[i]) for i, n in enumerate(names)}
 
     # -- 2. decompositions ---------------------------------------------------------------------------------
     def refresh(self, refresh_factor: Callable[[FactorEntry, str], None],
@@ -184,28 +169,15 @@ class Executor:
         if len(members) == 1:
             return
         for src in members:
-            keys = [(n, f) for n in self.entries for f in ("A", "G") if self.plan.owner(n, f) == src]
-            if not keys:
-                continue
-            like: list[Tensor] = []
-            for n, f in keys:
-                e = self.entries[n]
-                like.append(torch.tensor([1.0 if ok.get((n, f), False) else 0.0], dtype=self._dtype(e),
-                                         device=self._device(e)))
-                for field, shape, sym in fields(e, f):
-                    t = getattr(e, field) if src == self.rank and ok.get((n, f)) else None
-                    like.append(_wire(t, shape, sym, self._dtype(e), self._device(e)))
-            out = self.comm.broadcast(like, src=src, category="decompositions", group=group, group_size=len(members),
-                                      control=len(keys))
-            if src == self.rank:
-                continue
-            it = iter(out)
-            for n, f in keys:
-                e = self.entries[n]
-                good = float(next(it)) > 0.5
-                for field, shape, sym in fields(e, f):
-                    received = next(it)
-                    setattr(e, field, _unwire(received, shape, sym) if good else None)
+            slots = [(n, f, field, shape, sym) for n, e in self.entries.items() for f in ("A", "G")
+                     if self.plan.owner(n, f) == src for field, shape, sym in fields(e, f)]
+            sent = [(n, ok.get((n, f), False), getattr(self.entries[n], field), shape, sym)
+                    for n, f, field, shape, sym in slots]
+            received = self._broadcast_flagged(sent, src=src, category="decompositions", group=group,
+                                               group_size=len(members))
+            if src != self.rank:
+                for (n, _, field, _, _), (good, t) in zip(slots, received):
+                    setattr(self.entries[n], field, t if good else None)
 
     # -- 3. preconditioned gradients -----------------------------------------------------------------------
     def exchange_gradients(self, local: Mapping[str, tuple[Tensor, bool]], grads: Mapping[str, Tensor | None],
@@ -220,20 +192,12 @@ class Executor:
             names = [n for n in self.entries if grads.get(n) is not None and self.plan.grad_source(n, self.rank) == src]
             if not names:
                 continue
-            like: list[Tensor] = []
-            for n in names:
-                e = self.entries[n]
-                if src == self.rank:
-                    v, ok = out[n]
-                    like += [v, torch.tensor([1.0 if ok else 0.0], dtype=v.dtype, device=v.device)]
-                else:
-                    like += [torch.zeros(e.g_dim, e.a_dim, dtype=self._factor_dtype, device=self._device(e)),
-                             torch.zeros(1, dtype=self._factor_dtype, device=self._device(e))]
-            received = self.comm.broadcast(like, src=src, category="gradients", group=group, group_size=len(members),
-                                           control=len(names))
+            sent = [(n, *(out[n][::-1] if src == self.rank else (False, None)),
+                     (self.entries[n].g_dim, self.entries[n].a_dim), False) for n in names]
+            received = self._broadcast_flagged(sent, src=src, category="gradients", group=group,
+                                               group_size=len(members))
             if src != self.rank:
-                for k, n in enumerate(names):
-                    out[n] = (received[2 * k], float(received[2 * k + 1]) > 0.5)
+                out.update((n, (t, ok)) for n, (ok, t) in zip(names, received))
         return out
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -245,26 +209,17 @@ class Executor:
         if not self.comm.enabled:
             return state
         for src in range(self.world_size):
-            keys = [(n, f) for n in self.entries for f in ("A", "G") if self.plan.owner(n, f) == src]
-            slots: list[tuple[str, str]] = []
-            like: list[Tensor] = []
-            for n, f in keys:
-                e = self.entries[n]
-                shape = (e.a_dim,) if (f == "A" and e.a_diagonal) else ((e.a_dim, e.a_dim) if f == "A" else
-                                                                        (e.g_dim, e.g_dim))
-                for field, fshape, sym in ((f, shape, len(shape) == 2), *fields(e, f)):
-                    t = getattr(e, field) if src == self.rank else None
-                    like += [torch.tensor([1.0 if t is not None else 0.0], dtype=self._factor_dtype,
-                                          device=self._device(e)),
-                             _wire(t, fshape, sym, self._factor_dtype, self._device(e))]
-                    slots.append((n, field, fshape, sym))
-            if not like:
-                continue
-            received = self.comm.broadcast(like, src=src, category="state", control=len(slots))
-            for k, (n, field, fshape, sym) in enumerate(slots):
+            slots = [(n, field, shape, sym) for n, e in self.entries.items() for f in ("A", "G")
+                     if self.plan.owner(n, f) == src
+                     for field, shape, sym in ((f, _factor_shape(e, f), len(_factor_shape(e, f)) == 2),
+                                               *fields(e, f))]
+            sent = [(n, getattr(self.entries[n], field) is not None, getattr(self.entries[n], field), shape, sym)
+                    for n, field, shape, sym in slots]
+            received = self._broadcast_flagged(sent, src=src, category="state")
+            for (n, field, _, _), (present, t) in zip(slots, received):
                 tensors = state["entries"][n]["tensors"]
-                if float(received[2 * k]) > 0.5:
-                    tensors[field] = _unwire(received[2 * k + 1], fshape, sym)
+                if present:
+                    tensors[field] = t
                 else:
                     tensors.pop(field, None)
         return state
@@ -281,15 +236,43 @@ class Executor:
                         setattr(e, field, None)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _dtype(self, e: FactorEntry) -> torch.dtype:
-        return self._factor_dtype
+    def _broadcast_flagged(self, items: Sequence[tuple[str, bool, Tensor | None, tuple[int, ...], bool]], *,
+                           src: int, category: str, group: object | None = None, group_size: int | None = None,
+                           ) -> list[tuple[bool, Tensor]]:
+        """Broadcast ``src``'s ``(layer, flag, tensor, shape, symmetric)`` items (one bucket; symmetric tensors
+        packed; flags counted as control bytes); every rank gets ``(flag, tensor)`` per item. Other ranks' tensors
+        and flags are ignored (placeholders)."""
+        if not items:
+            return []
+        mine = src == self.rank
+        like: list[Tensor] = []
+        for n, flag, t, shape, sym in items:
+            device = self.devices[n]
+            like += [torch.tensor([1.0 if mine and flag else 0.0], dtype=self.factor_dtype, device=device),
+                     _wire(t if mine and flag else None, shape, sym, self.factor_dtype, device)]
+        out = self.comm.broadcast(like, src=src, category=category, group=group, group_size=group_size,
+                                  control=len(items))
+        return [(float(out[2 * k]) > 0.5, _unwire(out[2 * k + 1], shape, sym))
+                for k, (_, _, _, shape, sym) in enumerate(items)]
 
-    def _device(self, e: FactorEntry) -> torch.device:
-        return self._devices[e.name]
+    def _any_device(self) -> torch.device:
+        return next(iter(self.devices.values()), torch.device("cpu"))
 
-    def bind(self, *, factor_dtype: torch.dtype, devices: Mapping[str, torch.device]) -> None:
-        self._factor_dtype = factor_dtype
-        self._devices = dict(devices)
+
+def _factor_shape(e: FactorEntry, factor: str) -> tuple[int, ...]:
+    if factor == "A":
+        return (e.a_dim,) if e.a_diagonal else (e.a_dim, e.a_dim)
+    return (e.g_dim, e.g_dim)
+
+
+def _batch_mean(total: Tensor | None, norm: float, diagonal: bool) -> Tensor | None:
+    """``total / norm``, symmetrised (``(M + M^T) / 2``) unless ``diagonal``; one allocation. ``None`` (this rank
+    did not see the layer) stays ``None`` and travels as zeros."""
+    if total is None:
+        return None
+    if diagonal:
+        return total / norm
+    return torch.add(total, total.T).mul_(0.5 / norm)
 
 
 def _wire(t: Tensor | None, shape: tuple[int, ...], symmetric: bool, dtype: torch.dtype,

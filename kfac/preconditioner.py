@@ -10,9 +10,9 @@ are scaled by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <P(g), g>|))``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -28,6 +28,7 @@ from .comm import Communicator
 from .distributed import Executor, PendingStats
 from .methods import DecompositionError, make_method
 from .modules import ModuleAdapter, adapter_for
+from .planner import CostModel
 from .store import FactorEntry, FactorStore
 
 __all__ = ["KFACPreconditioner"]
@@ -145,9 +146,6 @@ class KFACPreconditioner:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
             raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
         if cost_model is None:  # default constants, with the element sizes this run actually stores and sends
-            import dataclasses
-
-            from .planner import CostModel
             wire = comm_dtype or factor_dtype
             cost_model = dataclasses.replace(CostModel.default(), bytes_per_element=factor_dtype.itemsize,
                                              comm_bytes_per_element=wire.itemsize)
@@ -156,11 +154,10 @@ class KFACPreconditioner:
             value = getattr(self, key)
             plan_kwargs[key] = value if isinstance(value, int) and not isinstance(value, bool) else 1
         self._comm = Communicator(group=process_group, comm_dtype=comm_dtype)
-        self._exec = Executor(comm=self._comm, entries=[layer.entry for layer in self._layers], strategy=strategy,
-                              grad_worker_fraction=grad_worker_fraction, factor_reduction=factor_reduction,
-                              plan_kwargs=plan_kwargs)
-        self._exec.bind(factor_dtype=factor_dtype,
-                        devices={layer.name: layer.module.weight.device for layer in self._layers})
+        self._exec = Executor(comm=self._comm, entries=[layer.entry for layer in self._layers],
+                              devices={layer.name: layer.module.weight.device for layer in self._layers},
+                              factor_dtype=factor_dtype, strategy=strategy, grad_worker_fraction=grad_worker_fraction,
+                              factor_reduction=factor_reduction, plan_kwargs=plan_kwargs)
 
     @property
     def plan(self):
@@ -237,10 +234,8 @@ class KFACPreconditioner:
     # -- hyperparameters -----------------------------------------------------------------------------------
     def _hparams(self, step: int) -> dict[str, Any]:
         hp = {
-            "factor_update_steps": check_step_count(resolve(self.factor_update_steps, step, name="factor_update_steps"),
-                                                    name="factor_update_steps"),
-            "inv_update_steps": check_step_count(resolve(self.inv_update_steps, step, name="inv_update_steps"),
-                                                 name="inv_update_steps"),
+            "factor_update_steps": self._interval("factor_update_steps", step),
+            "inv_update_steps": self._interval("inv_update_steps", step),
             "damping": resolve(self.damping, step, name="damping"),
             "factor_decay": resolve(self.factor_decay, step, name="factor_decay"),
             "kl_clip": resolve(self.kl_clip, step, name="kl_clip"),
@@ -252,11 +247,13 @@ class KFACPreconditioner:
             raise ValueError(f"factor_decay must be in [0, 1), got {hp['factor_decay']!r}")
         return hp
 
+    def _interval(self, name: str, step: int) -> int:
+        return check_step_count(resolve(getattr(self, name), step, name=name), name=name)
+
     def _capturing(self) -> bool:
         """Whether this step updates factors (statistics are only collected then)."""
         if self._capture_step != self.steps:
-            fus = check_step_count(resolve(self.factor_update_steps, self.steps, name="factor_update_steps"),
-                                   name="factor_update_steps")
+            fus = self._interval("factor_update_steps", self.steps)
             self._capture_step, self._capture_flag = self.steps, self.steps % fus == 0
         return self._capture_flag
 
@@ -368,8 +365,9 @@ class KFACPreconditioner:
         ``lr`` overrides the ``lr`` hyperparameter for ``kl_clip`` (a float, or a mapping layer name -> lr).
         Returns ``False`` (and changes nothing but the ``skipped_steps`` counter) when a tracked gradient is
         non-finite on any rank, or ``grads_finite`` is ``False`` on any rank (the wrapper's check of the other
-        parameters); every rank then skips together. Non-finite factor statistics with finite gradients (e.g. an overflow in ``a^T a``) are
-        dropped with a warning: that step preconditions with the current factors but does not update them.
+        parameters); every rank then skips together. Non-finite factor statistics with finite gradients (e.g. an
+        overflow in ``a^T a``) are dropped with a warning: that step preconditions with the current factors but
+        does not update them.
         """
         grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
         if all(g is None for g in grads.values()):
@@ -421,9 +419,10 @@ class KFACPreconditioner:
             self._warned_accumulation = True
             logger.warning("kfac: saw %d backward pass(es) before step() but accumulation_steps=%d",
                            min(calls), self.accumulation_steps)
-        pending = {layer.name: PendingStats(layer.a_sum if layer in used else None, layer.a_count if layer in used else 0,
-                                            layer.g_sum if layer in used else None, layer.g_count if layer in used else 0)
-                   for layer in self._layers}
+        unused = PendingStats(None, 0, None, 0)
+        pending = {layer.name: unused for layer in self._layers}
+        pending.update((layer.name, PendingStats(layer.a_sum, layer.a_count, layer.g_sum, layer.g_count))
+                       for layer in used)
         batches = self._exec.reduce_statistics(pending, self.factor_dtype)
         held = [t for a, g, _ in batches.values() for t in (a, g) if t is not None]
         if not _all_finite(held):
@@ -476,7 +475,7 @@ class KFACPreconditioner:
         nu = None if vg_sum is None else torch.clamp(torch.sqrt(kl_clip / vg_sum.abs()), max=1.0)
         for layer, v, grad in updates:
             if nu is not None:
-                v = v.mul_(nu) if v is not grad else v * nu
+                v = v.mul_(nu)  # v is a fresh preconditioned tensor (or a received buffer), never the gradient
             layer.adapter.set_grad_matrix(v.to(grad.dtype))
 
     # -- state ---------------------------------------------------------------------------------------------

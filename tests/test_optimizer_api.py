@@ -13,28 +13,9 @@ from torch import nn
 
 import kfac
 
+from _helpers import batch as _batch, mlp as _mlp, single_thread  # noqa: F401  (autouse fixture)
+
 FLOAT64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and are very slow on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _mlp(dtype=torch.float32, seed=0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
-
-
-def _batch(i: int, dtype=torch.float32, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + i)
-    x = torch.randn(n, 4, generator=g, dtype=dtype)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return x, y
 
 
 def _loss(model, i, dtype=torch.float32):

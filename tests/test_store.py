@@ -278,19 +278,23 @@ def test_load_our_format_with_broken_index_raises_with_path(tmp_path):
     path2 = tmp_path / "missing_tensor.safetensors"
     index = [{"name": "fc", "fields": ["A", "G"], "a_dim": 2, "g_dim": 2, "a_diagonal": False,
               "owner": None, "num_updates": 1}]
-    safetensors.torch.save_file({"0/A": torch.zeros(2, 2)}, str(path2),
-                                metadata={"format": "kfac.FactorStore", "version": "1", "index": json.dumps(index)})
+    _write_raw(path2, {"0/A": torch.zeros(2, 2)}, index)
     with pytest.raises(FactorFileError) as info:
         FactorStore.load(path2)
     assert str(path2) in str(info.value)
+
+
+def _write_raw(path, tensors, index) -> None:
+    """A file in our format written behind the store's back (to plant inconsistencies)."""
+    safetensors.torch.save_file(tensors, str(path),
+                                metadata={"format": "kfac.FactorStore", "version": "1", "index": json.dumps(index)})
 
 
 def test_load_file_with_inconsistent_shapes_names_path(tmp_path):
     path = tmp_path / "inconsistent.safetensors"
     index = [{"name": "fc", "fields": ["A"], "a_dim": 2, "g_dim": 2, "a_diagonal": False,
               "owner": None, "num_updates": 1}]
-    safetensors.torch.save_file({"0/A": torch.zeros(3, 3)}, str(path),
-                                metadata={"format": "kfac.FactorStore", "version": "1", "index": json.dumps(index)})
+    _write_raw(path, {"0/A": torch.zeros(3, 3)}, index)
     with pytest.raises(FactorFileError) as info:
         FactorStore.load(path)
     assert str(path) in str(info.value)

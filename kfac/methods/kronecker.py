@@ -143,7 +143,19 @@ def _require(entry: FactorEntry) -> None:
         raise DecompositionError(f"layer {entry.name!r} has no factors yet")
 
 
-class EigenKFAC:
+class _KroneckerMethod:
+    """What the Kronecker methods share: a full refresh is one refresh per factor."""
+
+    def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def refresh(self, entry: FactorEntry, *, damping: float) -> None:
+        _require(entry)
+        for factor in ("A", "G"):
+            self.refresh_factor(entry, factor, damping=damping)
+
+
+class EigenKFAC(_KroneckerMethod):
     """Eigendecomposition method (default; KAISA ``compute_method='eigen'``)."""
 
     name = "eigen"
@@ -172,11 +184,6 @@ class EigenKFAC:
         else:
             entry.QG, entry.dG = q, d
 
-    def refresh(self, entry: FactorEntry, *, damping: float) -> None:
-        _require(entry)
-        for factor in ("A", "G"):
-            self.refresh_factor(entry, factor, damping=damping)
-
     def ready(self, entry: FactorEntry) -> bool:
         return entry.dA is not None and entry.QG is not None and entry.dG is not None and (
             entry.a_diagonal or entry.QA is not None)
@@ -193,7 +200,7 @@ class EigenKFAC:
         return v
 
 
-class InverseKFAC:
+class InverseKFAC(_KroneckerMethod):
     """Explicit damped inverses (KAISA ``compute_method='inverse'``): half the preconditioning flops of eigen."""
 
     name = "inverse"
@@ -215,11 +222,6 @@ class InverseKFAC:
             setattr(entry, f"{factor}_inv", None)
             raise
         setattr(entry, f"{factor}_inv", inv)
-
-    def refresh(self, entry: FactorEntry, *, damping: float) -> None:
-        _require(entry)
-        for factor in ("A", "G"):
-            self.refresh_factor(entry, factor, damping=damping)
 
     def ready(self, entry: FactorEntry) -> bool:
         return entry.A_inv is not None and entry.G_inv is not None
