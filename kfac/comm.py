@@ -8,7 +8,10 @@ optionally in a lower-precision communication dtype. Every call adds its share o
 is the traffic of the step: a ring all-reduce moves ``2 (N - 1)`` payloads, a reduce ``N - 1``, a broadcast one
 per receiver (each rank counts ``1/N`` of a collective's volume; a broadcast is counted by its source).
 
-A communicator over a single process (or with ``torch.distributed`` not initialised) performs no communication.
+K-FAC's collectives run on a private duplicate of the process group, so that reductions launched asynchronously
+during the backward pass can never interleave with DDP's gradient all-reduces (whose launch order may differ
+between ranks) on the same group. A communicator over a single process (or with ``torch.distributed`` not
+initialised) performs no communication.
 """
 
 from __future__ import annotations
@@ -16,14 +19,36 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+import datetime
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Communicator", "pack_symmetric", "unpack_symmetric"]
+__all__ = ["Communicator", "Pending", "pack_symmetric", "unpack_symmetric"]
+
+
+class Pending:
+    """An asynchronous collective in flight; :meth:`wait` blocks until it completes and returns its result."""
+
+    def __init__(self, works: Sequence[Any], finish: Callable[[], Any]) -> None:
+        self._works, self._finish = list(works), finish
+        self._done, self._result = False, None
+
+    def wait(self) -> Any:
+        if not self._done:
+            for w in self._works:
+                w.wait()
+            self._done, self._result = True, self._finish()
+            self._works = []
+        return self._result
+
+
+class _Done(Pending):
+    def __init__(self, result: Any) -> None:
+        super().__init__((), lambda: result)
 
 
 def pack_symmetric(m: Tensor) -> Tensor:
@@ -46,18 +71,23 @@ class Communicator:
     """Bucketed collectives over ``group`` (the default process group when ``None``).
 
     Args:
-        group: a ``torch.distributed`` process group, or ``None`` for the default one.
+        group: a ``torch.distributed`` process group, or ``None`` for the default one. Every member must build
+            its communicator at the same point (the private duplicate is created collectively by the members).
         comm_dtype: dtype for payloads on the wire (e.g. ``torch.bfloat16``); ``None`` keeps each tensor's dtype.
     """
 
     def __init__(self, *, group: Any | None = None, comm_dtype: torch.dtype | None = None) -> None:
-        self.group = group
         self.comm_dtype = comm_dtype
         self.enabled = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.world_size = dist.get_world_size(group) if self.enabled else 1
         self.enabled = self.enabled and self.world_size > 1
         self.bytes_sent: Counter[str] = Counter()  # float byte counts (fractions of collectives)
+        self._parent = group
+        self._ranks = ([dist.get_global_rank(group, r) for r in range(self.world_size)] if group is not None
+                       else list(range(self.world_size)))
+        self._timeout = _group_timeout(group) if self.enabled else None
+        self.group = self._new_group(self._ranks) if self.enabled else group
 
     # -- buckets -------------------------------------------------------------------------------------------
     def _flatten(self, tensors: Sequence[Tensor], *, exact: bool = False) -> Tensor:
@@ -81,26 +111,52 @@ class Communicator:
             self.bytes_sent["control"] += control * size * factor
 
     # -- collectives ---------------------------------------------------------------------------------------
-    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False) -> list[Tensor]:
+    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False,
+                       async_op: bool = False) -> list[Tensor] | Pending:
         """Element-wise sums over ranks of ``tensors`` (new tensors; inputs are not modified). ``exact`` keeps
-        the tensors' own dtype on the wire (for counts and other bookkeeping that ``comm_dtype`` must not round)."""
+        the tensors' own dtype on the wire (for counts and other bookkeeping that ``comm_dtype`` must not round).
+        ``async_op``: return a :class:`Pending` whose ``wait()`` gives the sums."""
         if not self.enabled or not tensors:
-            return list(tensors)
+            return _Done(list(tensors)) if async_op else list(tensors)
         buffer = self._flatten(tensors, exact=exact)
         self._count(category, buffer, 2 * (self.world_size - 1) / self.world_size)
-        dist.all_reduce(buffer, group=self.group)
-        return self._unflatten(buffer, tensors)
+        work = dist.all_reduce(buffer, group=self.group, async_op=async_op)
+        pending = Pending([work] if async_op else [], lambda: self._unflatten(buffer, tensors))
+        return pending if async_op else pending.wait()
 
-    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str) -> list[Tensor] | None:
-        """Sums over ranks, delivered to rank ``dst`` only (other ranks get ``None``)."""
+    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str,
+                   async_op: bool = False) -> list[Tensor] | None | Pending:
+        """Sums over ranks, delivered to rank ``dst`` only (other ranks get ``None``); ``async_op`` as above."""
         if not self.enabled:
-            return list(tensors)
+            return _Done(list(tensors)) if async_op else list(tensors)
         if not tensors:
-            return [] if self.rank == dst else None
+            out = [] if self.rank == dst else None
+            return _Done(out) if async_op else out
         buffer = self._flatten(tensors)
         self._count(category, buffer, (self.world_size - 1) / self.world_size)
-        dist.reduce(buffer, dst=self._global(dst), group=self.group)
-        return self._unflatten(buffer, tensors) if self.rank == dst else None
+        work = dist.reduce(buffer, dst=self._global(dst), group=self.group, async_op=async_op)
+        pending = Pending([work] if async_op else [],
+                          lambda: self._unflatten(buffer, tensors) if self.rank == dst else None)
+        return pending if async_op else pending.wait()
+
+    def send_recv(self, sends: Mapping[int, Sequence[Tensor]], recv_like: Mapping[int, Sequence[Tensor]], *,
+                  category: str, control: Mapping[int, int] | None = None) -> dict[int, list[Tensor]]:
+        """Point-to-point exchange: one bucket to each ``dst`` in ``sends``, one from each ``src`` in
+        ``recv_like`` (shaped like the given placeholders). Both sides must agree on the pairs and shapes.
+        ``control[dst]`` elements of a bucket are status flags (accounted separately)."""
+        if not self.enabled or not (sends or recv_like):
+            return {}
+        ops, inbox = [], {}
+        for dst, tensors in sorted(sends.items()):
+            buffer = self._flatten(tensors)
+            self._count(category, buffer, 1.0, (control or {}).get(dst, 0))
+            ops.append(dist.P2POp(dist.isend, buffer, self._global(dst), group=self.group))
+        for src, like in sorted(recv_like.items()):
+            inbox[src] = (self._flatten(like), like)
+            ops.append(dist.P2POp(dist.irecv, inbox[src][0], self._global(src), group=self.group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return {src: self._unflatten(buffer, like) for src, (buffer, like) in inbox.items()}
 
     def broadcast(self, tensors: Sequence[Tensor], *, src: int, category: str, group: Any | None = None,
                   group_size: int | None = None, control: int = 0) -> list[Tensor]:
@@ -142,16 +198,30 @@ class Communicator:
                                f"{sorted(groups.values())}); every rank must build the same model and options")
 
     def new_group(self, ranks: Sequence[int]) -> Any:
-        """A subgroup (must be called by every rank, in the same order)."""
-        return dist.new_group(ranks=[self._global(r) for r in ranks]) if self.enabled else None
+        """A subgroup of this communicator's ranks; called by its members only (in the same order on each)."""
+        return self._new_group([self._ranks[r] for r in ranks]) if self.enabled else None
+
+    def _new_group(self, global_ranks: Sequence[int]) -> Any:
+        return dist.new_group(ranks=list(global_ranks), timeout=self._timeout, use_local_synchronization=True)
 
     def _global(self, rank: int) -> int:
-        if self.group is None:
-            return rank
-        return dist.get_global_rank(self.group, rank)
+        return self._ranks[rank]
 
     def _device(self) -> torch.device:
         backend = dist.get_backend(self.group)
         if backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+def _group_timeout(group: Any | None) -> datetime.timedelta | None:
+    """The collective timeout of ``group`` (so private duplicates time out like the user's group), or ``None``
+    (torch's default) where this torch version does not expose it."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        backend = dist.get_backend(pg)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        timeout = pg._get_backend(device).options._timeout
+        return timeout if isinstance(timeout, datetime.timedelta) else None
+    except Exception:  # private API: fall back to torch's default timeout
+        return None

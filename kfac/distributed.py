@@ -8,9 +8,12 @@ Per step, in order (all collectives are issued in the same order on every rank o
    and uses the owner's local batch). Convention: gradients are averaged over ranks (DDP), so the local output
    gradients of a per-rank mean loss are ``world_size`` times those of the global mean loss, and
    ``G = sum_ranks g^T g / (world_size^2 N_total)``, which makes distributed factors equal single-process ones on
-   the same global batch.
+   the same global batch. Reductions are bucketed and launched during the backward pass
+   (:mod:`kfac.reduction`).
 2. decompositions (refresh steps): each factor's owner decomposes it and broadcasts the result to the layer's
-   other grad workers (everyone for ``comm-opt``, the grad-worker column for ``hybrid``, nobody otherwise).
+   other grad workers (everyone for ``comm-opt``, the grad-worker column for ``hybrid``; with one grad worker
+   per layer, only the decomposition of a factor owned apart from the layer's grad worker travels, point to
+   point).
 3. preconditioning: each layer's grad workers precondition it; every other rank receives the result from the
    grad worker of its receiver row (``mem-opt``, ``dp-kfac``: one worker, broadcast to all).
 """
@@ -18,29 +21,19 @@ Per step, in order (all collectives are issued in the same order on every rank o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .comm import Communicator, pack_symmetric, unpack_symmetric
+from .comm import Communicator
 from .methods import DecompositionError
 from .planner import LayerSpec, Plan, make_plan
+from .reduction import FactorReduction, PendingStats, Reduced, factor_shape, unwire, wire
 from .store import FactorEntry
 
-__all__ = ["Executor", "PendingStats", "FACTOR_REDUCTIONS"]
+__all__ = ["Executor", "FACTOR_REDUCTIONS"]
 
 FACTOR_REDUCTIONS = ("global", "local")
-
-
-@dataclass
-class PendingStats:
-    """One layer's local statistics since the last step (sums of row outer products and row counts)."""
-
-    a_sum: Tensor | None
-    a_count: int
-    g_sum: Tensor | None
-    g_count: int
 
 
 class Executor:
@@ -48,7 +41,8 @@ class Executor:
 
     def __init__(self, *, comm: Communicator, entries: Sequence[FactorEntry], devices: Mapping[str, torch.device],
                  factor_dtype: torch.dtype, strategy: str | None, grad_worker_fraction: float | None,
-                 factor_reduction: str, plan_kwargs: Mapping) -> None:
+                 factor_reduction: str, plan_kwargs: Mapping, stats: Callable[[str], PendingStats],
+                 bucket_cap_bytes: int = 25 * 2**20) -> None:
         if factor_reduction not in FACTOR_REDUCTIONS:
             raise ValueError(f"factor_reduction must be one of {FACTOR_REDUCTIONS}, got {factor_reduction!r}")
         self.comm = comm
@@ -58,14 +52,18 @@ class Executor:
         self.strategy_request, self.grad_worker_fraction = strategy, grad_worker_fraction
         self.factor_reduction = factor_reduction
         self.plan_kwargs = dict(plan_kwargs)
+        self._stats, self.bucket_cap_bytes = stats, bucket_cap_bytes
+        self.reduction: FactorReduction | None = None
         self.replan(entries)
 
     # -- plan ----------------------------------------------------------------------------------------------
     def replan(self, entries: Sequence[FactorEntry]) -> None:
         """(Re)compute the plan for ``entries``, check every rank agrees, and record ownership in the store."""
+        if self.reduction is not None:
+            self.reduction.drain()
         specs = [LayerSpec(e.name, e.a_dim, e.g_dim, e.a_diagonal) for e in entries]
         plan = make_plan(specs, self.world_size, self.strategy_request, grad_worker_fraction=self.grad_worker_fraction,
-                         split=False, **self.plan_kwargs)
+                         **self.plan_kwargs)
         if self.factor_reduction == "local" and plan.factor_communication != "reduce":
             raise ValueError("factor_reduction='local' only applies to strategy='dp-kfac'")
         self.comm.check_identical({"layers": [s.to_dict() for s in specs], "plan": plan.digest(),
@@ -73,15 +71,20 @@ class Executor:
         self.plan: Plan = plan
         self.entries = {e.name: e for e in entries}
         for e in entries:
-            e.owner = plan.owner(e.name, "A")
+            e.owner = plan.layer(e.name).grad_workers[0]
         self._columns = self._groups(plan.grad_worker_columns())
         self._rows = self._groups(plan.grad_receiver_rows())
+        self.reduction = FactorReduction(comm=self.comm, plan=plan, entries=entries, devices=self.devices,
+                                         dtype=self.factor_dtype, local=self.factor_reduction == "local",
+                                         stats=self._stats, bucket_cap_bytes=self.bucket_cap_bytes)
 
     def _groups(self, partition: tuple[tuple[int, ...], ...]) -> dict[int, tuple[tuple[int, ...], object]]:
-        """rank -> (members, process group) of the partition block containing it (world group when it is all)."""
+        """rank -> (members, process group) of the partition block containing it (world group when it is all);
+        only this rank's own block gets a process group (created by its members)."""
         out = {}
         for block in partition:
-            group = None if len(block) == self.world_size else self.comm.new_group(block)
+            mine = self.rank in block and 1 < len(block) < self.world_size
+            group = self.comm.new_group(block) if mine else None
             for r in block:
                 out[r] = (block, group)
         return out
@@ -98,59 +101,29 @@ class Executor:
         return self.plan.is_grad_worker(name, self.rank)
 
     # -- 1. statistics -------------------------------------------------------------------------------------
-    def reduce_statistics(self, pending: Mapping[str, PendingStats], dtype: torch.dtype,
-                          ) -> dict[str, tuple[Tensor | None, Tensor | None, bool]]:
-        """``(A_batch, G_batch, seen)`` per layer: the batch factors this rank holds (``None`` where not held or
-        where no rank saw the layer this step) and whether any rank saw it."""
-        names = list(self.entries)
-        counts = torch.tensor([[pending[n].a_count, pending[n].g_count] for n in names], dtype=torch.float64)
-        local = self.factor_reduction == "local"
-        if self.comm.enabled and not local:  # counts first, exactly (never in a low-precision comm dtype)
-            counts = self.comm.all_reduce_sum([counts.to(self._any_device())], category="factor_counts",
-                                              exact=True)[0].cpu()
-        seen = [bool(a_n > 0 and g_n > 0) for a_n, g_n in counts.tolist()]
-        # each rank's sum divided by the *global* count: reductions yield the mean directly, and values stay at the
-        # scale of a factor (no overflow in float16 on the wire)
-        g_scale = float(self.world_size) ** 2
-        means: dict[tuple[str, str], Tensor | None] = {}
-        for i, n in enumerate(names):
-            e, p = self.entries[n], pending[n]
-            a_n, g_n = counts[i].tolist()
-            means[(n, "A")] = _batch_mean(p.a_sum, a_n, e.a_diagonal) if seen[i] else None
-            means[(n, "G")] = _batch_mean(p.g_sum, g_n * g_scale, False) if seen[i] else None
-        if not self.comm.enabled:
-            return {n: (means[(n, "A")], means[(n, "G")], seen[i]) for i, n in enumerate(names)}
-        payload = {(n, f): _wire(means[(n, f)], _factor_shape(self.entries[n], f),
-                                 len(_factor_shape(self.entries[n], f)) == 2, dtype, self.devices[n])
-                   for n in names for f in ("A", "G")}
-        reduced: dict[tuple[str, str], Tensor] = {}
-        keys = list(payload)
-        if local:
-            reduced = {k: v for k, v in payload.items() if self.holds(*k)}
-        elif self.plan.factor_communication == "allreduce":
-            reduced = dict(zip(keys, self.comm.all_reduce_sum([payload[k] for k in keys], category="factors")))
-        else:
-            for dst in range(self.world_size):
-                mine = [k for k in keys if self.plan.owner(*k) == dst]
-                if not mine:
-                    continue
-                out = self.comm.reduce_sum([payload[k] for k in mine], dst=dst, category="factors")
-                if out is not None:
-                    reduced.update(zip(mine, out))
-        def received(n: str, f: str, i: int) -> Tensor | None:
-            if (n, f) not in reduced or not seen[i]:
-                return None
-            shape = _factor_shape(self.entries[n], f)
-            return _unwire(reduced[(n, f)], shape, len(shape) == 2).to(dtype)
+    def mark_final(self, name: str) -> None:
+        """Layer ``name`` has its final statistics of this step (may launch its bucket's reduction)."""
+        self.reduction.mark_final(name)
 
-        return {n: (received(n, "A", i), received(n, "G", i), seen[i]) for i, n in enumerate(names)}
+    def launch_statistics(self) -> None:
+        """Launch the factor reductions the backward pass did not (call before any other collective of a step)."""
+        self.reduction.launch_remaining()
+
+    def reduce_statistics(self) -> dict[str, Reduced]:
+        """``(A_batch, G_batch, seen)`` per layer (see :class:`kfac.reduction.FactorReduction`)."""
+        return self.reduction.collect()
+
+    def discard_statistics(self) -> None:
+        self.reduction.drain()
 
     # -- 2. decompositions ---------------------------------------------------------------------------------
     def refresh(self, refresh_factor: Callable[[FactorEntry, str], None],
                 fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...], bool], ...]],
                 on_failure: Callable[[FactorEntry, str, DecompositionError], None]) -> None:
         """Owners decompose their factors; results go to the layer's other grad workers (with a status flag so
-        a failed decomposition falls back to the plain gradient on every grad worker)."""
+        a failed decomposition falls back to the plain gradient on every grad worker): broadcast within the
+        grad-worker column, or point-to-point to the single grad worker of a layer whose ``A`` and ``G`` are
+        owned apart."""
         ok: dict[tuple[str, str], bool] = {}
         for n, e in self.entries.items():
             for f in ("A", "G"):
@@ -167,6 +140,7 @@ class Executor:
                     ok[(n, f)] = False
         members, group = self._columns[self.rank]
         if len(members) == 1:
+            self._send_decompositions(ok, fields)
             return
         for src in members:
             slots = [(n, f, field, shape, sym) for n, e in self.entries.items() for f in ("A", "G")
@@ -178,6 +152,35 @@ class Executor:
             if src != self.rank:
                 for (n, _, field, _, _), (good, t) in zip(slots, received):
                     setattr(self.entries[n], field, t if good else None)
+
+    def _send_decompositions(self, ok: Mapping[tuple[str, str], bool],
+                             fields: Callable[[FactorEntry, str], tuple[tuple[str, tuple[int, ...], bool], ...]],
+                             ) -> None:
+        """One grad worker per layer: each decomposition whose owner is not the grad worker goes point to point
+        (one bucket per pair of ranks)."""
+        outgoing: dict[int, list] = {}
+        incoming: dict[int, list] = {}
+        for n, e in self.entries.items():
+            for f in ("A", "G"):
+                owner = self.plan.owner(n, f)
+                for r in self.plan.decomposition_receivers(n, f):
+                    if self.rank == owner:
+                        outgoing.setdefault(r, []).extend(
+                            (n, ok.get((n, f), False), getattr(e, field), shape, sym)
+                            for field, shape, sym in fields(e, f))
+                    elif self.rank == r:
+                        incoming.setdefault(owner, []).extend(
+                            (n, field, shape, sym) for field, shape, sym in fields(e, f))
+        if not (outgoing or incoming):
+            return
+        sends = {dst: self._flagged(items, mine=True) for dst, items in outgoing.items()}
+        like = {src: self._flagged([(n, False, None, shape, sym) for n, _, shape, sym in items], mine=False)
+                for src, items in incoming.items()}
+        got = self.comm.send_recv(sends, like, category="decompositions",
+                                  control={dst: len(items) for dst, items in outgoing.items()})
+        for src, items in incoming.items():
+            for (n, field, shape, sym), (good, t) in zip(items, _unflag(got[src], [(s, y) for _, _, s, y in items])):
+                setattr(self.entries[n], field, t if good else None)
 
     # -- 3. preconditioned gradients -----------------------------------------------------------------------
     def exchange_gradients(self, local: Mapping[str, tuple[Tensor, bool]], grads: Mapping[str, Tensor | None],
@@ -211,7 +214,7 @@ class Executor:
         for src in range(self.world_size):
             slots = [(n, field, shape, sym) for n, e in self.entries.items() for f in ("A", "G")
                      if self.plan.owner(n, f) == src
-                     for field, shape, sym in ((f, _factor_shape(e, f), len(_factor_shape(e, f)) == 2),
+                     for field, shape, sym in ((f, factor_shape(e, f), len(factor_shape(e, f)) == 2),
                                                *fields(e, f))]
             sent = [(n, getattr(self.entries[n], field) is not None, getattr(self.entries[n], field), shape, sym)
                     for n, field, shape, sym in slots]
@@ -236,6 +239,16 @@ class Executor:
                         setattr(e, field, None)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _flagged(self, items: Sequence[tuple[str, bool, Tensor | None, tuple[int, ...], bool]], *,
+                 mine: bool) -> list[Tensor]:
+        """``(flag, tensor)`` pairs as they travel (symmetric tensors packed); placeholders unless ``mine``."""
+        out: list[Tensor] = []
+        for n, flag, t, shape, sym in items:
+            device = self.devices[n]
+            out += [torch.tensor([1.0 if mine and flag else 0.0], dtype=self.factor_dtype, device=device),
+                    wire(t if mine and flag else None, shape, sym, self.factor_dtype, device)]
+        return out
+
     def _broadcast_flagged(self, items: Sequence[tuple[str, bool, Tensor | None, tuple[int, ...], bool]], *,
                            src: int, category: str, group: object | None = None, group_size: int | None = None,
                            ) -> list[tuple[bool, Tensor]]:
@@ -244,45 +257,11 @@ class Executor:
         and flags are ignored (placeholders)."""
         if not items:
             return []
-        mine = src == self.rank
-        like: list[Tensor] = []
-        for n, flag, t, shape, sym in items:
-            device = self.devices[n]
-            like += [torch.tensor([1.0 if mine and flag else 0.0], dtype=self.factor_dtype, device=device),
-                     _wire(t if mine and flag else None, shape, sym, self.factor_dtype, device)]
+        like = self._flagged(items, mine=src == self.rank)
         out = self.comm.broadcast(like, src=src, category=category, group=group, group_size=group_size,
                                   control=len(items))
-        return [(float(out[2 * k]) > 0.5, _unwire(out[2 * k + 1], shape, sym))
-                for k, (_, _, _, shape, sym) in enumerate(items)]
-
-    def _any_device(self) -> torch.device:
-        return next(iter(self.devices.values()), torch.device("cpu"))
+        return _unflag(out, [(shape, sym) for _, _, _, shape, sym in items])
 
 
-def _factor_shape(e: FactorEntry, factor: str) -> tuple[int, ...]:
-    if factor == "A":
-        return (e.a_dim,) if e.a_diagonal else (e.a_dim, e.a_dim)
-    return (e.g_dim, e.g_dim)
-
-
-def _batch_mean(total: Tensor | None, norm: float, diagonal: bool) -> Tensor | None:
-    """``total / norm``, symmetrised (``(M + M^T) / 2``) unless ``diagonal``; one allocation. ``None`` (this rank
-    did not see the layer) stays ``None`` and travels as zeros."""
-    if total is None:
-        return None
-    if diagonal:
-        return total / norm
-    return torch.add(total, total.T).mul_(0.5 / norm)
-
-
-def _wire(t: Tensor | None, shape: tuple[int, ...], symmetric: bool, dtype: torch.dtype,
-          device: torch.device) -> Tensor:
-    """What travels for a tensor of ``shape``: packed upper triangle when symmetric; zeros as a placeholder."""
-    if t is None:
-        n = shape[0] * (shape[0] + 1) // 2 if symmetric else int(torch.Size(shape).numel())
-        return torch.zeros(n, dtype=dtype, device=device)
-    return pack_symmetric(t) if symmetric else t
-
-
-def _unwire(t: Tensor, shape: tuple[int, ...], symmetric: bool) -> Tensor:
-    return unpack_symmetric(t, shape[0]) if symmetric else t.reshape(shape)
+def _unflag(out: Sequence[Tensor], layout: Sequence[tuple[tuple[int, ...], bool]]) -> list[tuple[bool, Tensor]]:
+    return [(float(out[2 * k]) > 0.5, unwire(out[2 * k + 1], shape, sym)) for k, (shape, sym) in enumerate(layout)]

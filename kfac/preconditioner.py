@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from . import fisher as _fisher
 from .hparams import Hyper, check_positive, check_step_count, resolve
 from .comm import Communicator
-from .distributed import Executor, PendingStats
+from .distributed import Executor
 from .methods import DecompositionError, make_method
 from .modules import ModuleAdapter, adapter_for
 from .planner import CostModel
+from .reduction import PendingStats
 from .store import FactorEntry, FactorStore
 
 __all__ = ["KFACPreconditioner"]
@@ -109,6 +110,8 @@ class KFACPreconditioner:
         process_group: Any | None = None,
         cost_model: Any | None = None,
         memory_cap: int | None = None,
+        split_factors: bool | None = None,
+        bucket_cap_mb: float = 25.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -136,6 +139,7 @@ class KFACPreconditioner:
         self.skipped: list[tuple[str, str]] = []
         self.not_executed: list[str] = []
         self._layers: list[_Layer] = []
+        self._by_name: dict[str, _Layer] = {}
         self._checked_execution = False
         self._capture_step: int | None = None
         self._capture_flag = False
@@ -149,7 +153,10 @@ class KFACPreconditioner:
             wire = comm_dtype or factor_dtype
             cost_model = dataclasses.replace(CostModel.default(), bytes_per_element=factor_dtype.itemsize,
                                              comm_bytes_per_element=wire.itemsize)
-        plan_kwargs: dict[str, Any] = {"method": self.method.name, "cost_model": cost_model, "memory_cap": memory_cap}
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
+        plan_kwargs: dict[str, Any] = {"method": self.method.name, "cost_model": cost_model, "memory_cap": memory_cap,
+                                       "split": split_factors}
         for key in ("factor_update_steps", "inv_update_steps"):  # the plan amortises by constant schedules only
             value = getattr(self, key)
             plan_kwargs[key] = value if isinstance(value, int) and not isinstance(value, bool) else 1
@@ -157,7 +164,8 @@ class KFACPreconditioner:
         self._exec = Executor(comm=self._comm, entries=[layer.entry for layer in self._layers],
                               devices={layer.name: layer.module.weight.device for layer in self._layers},
                               factor_dtype=factor_dtype, strategy=strategy, grad_worker_fraction=grad_worker_fraction,
-                              factor_reduction=factor_reduction, plan_kwargs=plan_kwargs)
+                              factor_reduction=factor_reduction, plan_kwargs=plan_kwargs, stats=self._pending_stats,
+                              bucket_cap_bytes=int(bucket_cap_mb * 2**20))
 
     @property
     def plan(self):
@@ -215,6 +223,7 @@ class KFACPreconditioner:
             layer = _Layer(name=name, module=module, adapter=adapter, entry=entry)
             layer.handles.append(module.register_forward_hook(functools.partial(self._forward_hook, layer)))
             self._layers.append(layer)
+            self._by_name[name] = layer
         for name, reason in self.skipped:
             logger.info("kfac: not preconditioning %r: %s", name, reason)
 
@@ -277,6 +286,8 @@ class KFACPreconditioner:
             stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
         layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
         layer.g_calls += 1
+        if layer.g_calls == self.accumulation_steps and layer.a_count:
+            self._exec.mark_final(layer.name)  # last micro-batch: its reduction may start during this backward
 
     def _grad_scale(self) -> Tensor | float | None:
         """The loss scale of the backward pass in flight (the scaler's live tensor: no host sync, never stale)."""
@@ -311,9 +322,18 @@ class KFACPreconditioner:
             self._in_mc_backward = False
 
     def discard_pending_statistics(self) -> None:
-        """Drop statistics collected since the last step (e.g. those of a step that was skipped)."""
+        """Drop statistics collected since the last step (e.g. those of a step that was skipped), finishing any
+        reduction of them already in flight."""
+        if hasattr(self, "_exec"):
+            self._exec.discard_statistics()
         for layer in self._layers:
             layer.discard_pending()
+
+    def _pending_stats(self, name: str) -> PendingStats:
+        layer = self._by_name[name]
+        if not (layer.a_count and layer.g_count):
+            return PendingStats(None, 0, None, 0)
+        return PendingStats(layer.a_sum, layer.a_count, layer.g_sum, layer.g_count)
 
     def _discard_stale_statistics(self) -> None:
         """Drop statistics only if a backward pass already ran (a step that never reached ``step()``); the
@@ -351,6 +371,7 @@ class KFACPreconditioner:
                 h.remove()
             layer.handles.clear()
             self._layers.remove(layer)
+            del self._by_name[layer.name]
             self.store.remove(layer.name)
             self.skipped.append((layer.name, reason))
             dropped.append(layer.name)
@@ -377,6 +398,8 @@ class KFACPreconditioner:
         grads = {layer.name: grads[layer.name] for layer in self._layers}
         hp = self._hparams(self.steps)
         lrs = self._layer_lrs(hp, lr)
+        if self.steps % hp["factor_update_steps"] == 0:
+            self._exec.launch_statistics()  # before any other collective of this step, on every rank
         finite = grads_finite and _all_finite(g for g in grads.values() if g is not None)
         if not self._comm.all_true(finite):
             self.skip_step("non-finite gradients" if not finite else "non-finite gradients on another rank")
@@ -419,11 +442,7 @@ class KFACPreconditioner:
             self._warned_accumulation = True
             logger.warning("kfac: saw %d backward pass(es) before step() but accumulation_steps=%d",
                            min(calls), self.accumulation_steps)
-        unused = PendingStats(None, 0, None, 0)
-        pending = {layer.name: unused for layer in self._layers}
-        pending.update((layer.name, PendingStats(layer.a_sum, layer.a_count, layer.g_sum, layer.g_count))
-                       for layer in used)
-        batches = self._exec.reduce_statistics(pending, self.factor_dtype)
+        batches = self._exec.reduce_statistics()
         held = [t for a, g, _ in batches.values() for t in (a, g) if t is not None]
         if not _all_finite(held):
             logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "

@@ -110,6 +110,8 @@ def equivalence(rank: int, world: int, out: Path, configs: list[dict]) -> dict:
         report[str(i)] = {"strategy": opt.preconditioner.plan.strategy,
                           "bytes": {k: float(v) for k, v in opt.preconditioner._comm.bytes_sent.items()},
                           "plan_comm": opt.preconditioner.plan.comm.to_dict(),
+                          "split": opt.preconditioner.plan.split,
+                          "launched_early": opt.preconditioner._exec.reduction.launched_early,
                           "memory": opt.preconditioner.memory_usage()}
     return report
 
@@ -192,3 +194,25 @@ def half_precision_wire(rank: int, world: int, out: Path, rows: int) -> dict:
         p.grad /= world
     pre.step()
     return {"A": pre.store[""].A.tolist(), "G": pre.store[""].G.tolist()}
+
+
+UNEVEN = [(5, 7), (4, 6), (5, 2), (1, 11)]  # per-rank rows at each step (world 2): the global count changes too
+
+
+def uneven_batches(rank: int, world: int, out: Path, strategy: str) -> dict:
+    """Ranks see different numbers of rows, and the global count changes between steps; save each step's batch
+    factors (factor_decay=0) for the layers this rank holds."""
+    model = make_model()
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.0), strategy=strategy,
+                    **{**KFAC_KW, "factor_decay": 0.0, "kl_clip": None}, bucket_cap_mb=1e-4)
+    held = []
+    for step, sizes in enumerate(UNEVEN):
+        x, y = batch(step)
+        lo = sum(sizes[:rank])
+        opt.zero_grad()
+        F.cross_entropy(model(x[lo:lo + sizes[rank]]), y[lo:lo + sizes[rank]]).backward()
+        opt.step()
+        held.append({n: (e.A, e.G) for n, e in opt.store.items()})
+    torch.save(held, out / f"uneven_rank{rank}.pt")
+    return {"launched_early": opt.preconditioner._exec.reduction.launched_early,
+            "buckets": len(opt.preconditioner._exec.reduction.buckets)}

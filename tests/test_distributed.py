@@ -17,18 +17,21 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 CONFIGS = {
     2: [dict(strategy="comm-opt"), dict(strategy="mem-opt"), dict(strategy="dp-kfac"),
         dict(strategy="dp-kfac", method="inverse"), dict(strategy="hybrid", grad_worker_fraction=0.5),
-        dict(strategy="dp-kfac", comm_dtype=torch.float32)],
+        dict(strategy="dp-kfac", comm_dtype=torch.float32), dict(strategy="dp-kfac", split_factors=True),
+        dict(strategy="comm-opt", split_factors=True)],
     3: [dict(strategy="comm-opt"), dict(strategy="mem-opt", method="inverse"), dict(strategy="dp-kfac"),
-        dict(strategy="hybrid", grad_worker_fraction=1 / 3)],
+        dict(strategy="hybrid", grad_worker_fraction=1 / 3), dict(strategy="mem-opt", split_factors=True),
+        dict(strategy="dp-kfac", method="inverse", split_factors=True)],
     4: [dict(strategy="comm-opt", method="inverse"), dict(strategy="dp-kfac"),
-        dict(strategy="hybrid", grad_worker_fraction=0.5)],
+        dict(strategy="hybrid", grad_worker_fraction=0.5), dict(strategy="hybrid", grad_worker_fraction=0.5,
+                                                                 split_factors=True)],
 }
+DISTRIBUTED_OPTIONS = ("strategy", "grad_worker_fraction", "factor_reduction", "comm_dtype", "split_factors")
 
 
 def reference(steps: int = W.STEPS, **cfg) -> list[torch.Tensor]:
     model = W.make_model()
-    cfg = {k: v for k, v in cfg.items()
-           if k not in ("strategy", "grad_worker_fraction", "factor_reduction", "comm_dtype")}
+    cfg = {k: v for k, v in cfg.items() if k not in DISTRIBUTED_OPTIONS}
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **W.KFAC_KW, **cfg)
     W.train(model, opt, range(steps))
     return [p.detach() for p in model.parameters()]
@@ -46,6 +49,10 @@ def test_strategies_equal_single_process(world, tmp_path):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{cfg} at world {world}: {m}")
         assert reports[0][str(i)]["strategy"] == cfg["strategy"]
+        if cfg.get("split_factors"):
+            assert reports[0][str(i)]["split"], cfg
+        # from the second factor update on, reductions start during the backward pass
+        assert all(r[str(i)]["launched_early"] >= W.STEPS - 1 for r in reports), cfg
     # measured traffic (summed over ranks) equals the plan's prediction: STEPS factor updates and gradient
     # exchanges, and refreshes at steps 0, 2, 4 (inv_update_steps=2)
     refreshes = len(range(0, W.STEPS, W.KFAC_KW["inv_update_steps"]))
@@ -57,10 +64,11 @@ def test_strategies_equal_single_process(world, tmp_path):
         assert total["gradients"] == pytest.approx(plan["gradient_broadcast"] * W.STEPS, rel=1e-9), cfg
         assert total["decompositions"] == pytest.approx(
             plan["decomposition_broadcast"] * W.KFAC_KW["inv_update_steps"] * refreshes, rel=1e-9), cfg
-    # communication: dp-kfac reduces factors to owners instead of all-reducing them and never broadcasts
-    # decompositions, comm-opt broadcasts decompositions and never gradients
+    # communication: dp-kfac reduces factors to owners instead of all-reducing them and (A, G colocated) never
+    # sends decompositions, comm-opt broadcasts decompositions and never gradients; a split dp-kfac plan sends
+    # exactly the decompositions of factors owned apart from their layer's grad worker
     by_strategy = {cfg["strategy"]: reports[0][str(i)]["bytes"] for i, cfg in enumerate(configs)
-                   if cfg.get("method", "eigen") == "eigen" and "comm_dtype" not in cfg}
+                   if cfg.get("method", "eigen") == "eigen" and "comm_dtype" not in cfg and not reports[0][str(i)]["split"]}
     halved = [i for i, cfg in enumerate(configs) if "comm_dtype" in cfg]
     for i in halved:  # float32 on the wire: half the bytes of the float64 dp-kfac run
         full = next(j for j, c in enumerate(configs) if c == {"strategy": "dp-kfac"})
@@ -129,3 +137,36 @@ def test_float16_wire_keeps_counts_exact_and_factors_in_range(tmp_path):
     torch.testing.assert_close(A, torch.full((4, 4), 0.25, dtype=torch.float64))  # inputs are all 0.5
     # output gradient of sum() per row is 1 on each rank = 1/world_size in global-mean units (x1/N^2 convention)
     torch.testing.assert_close(G, torch.full((2, 2), 1.0 / 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("strategy", ["comm-opt", "dp-kfac"])
+def test_overlapped_reduction_with_uneven_and_changing_batches(strategy, tmp_path):
+    """Each rank's rows differ, and the global row count changes between steps (so the agreed scale of an
+    overlapped reduction is not this step's count): A is still the mean over the global batch, and G follows the
+    distributed convention G = sum_r g_r^T g_r / (world^2 N)."""
+    world = 2
+    results = W.launch(W.uneven_batches, world, tmp_path, strategy)
+    assert all(r["launched_early"] > 0 and r["buckets"] > 1 for r in results)
+    held = [torch.load(tmp_path / f"uneven_rank{r}.pt") for r in range(world)]
+    for step, sizes in enumerate(W.UNEVEN):
+        x, y = W.batch(step)
+        pres, lo = [], 0
+        for n in sizes:  # each rank's local statistics, from a single-process run on its rows
+            model = W.make_model()
+            pre = kfac.KFACPreconditioner(model, **{**W.KFAC_KW, "factor_decay": 0.0, "kl_clip": None})
+            torch.nn.functional.cross_entropy(model(x[lo:lo + n]), y[lo:lo + n]).backward()
+            pre.step()
+            pres.append(pre)
+            lo += n
+        total = sum(sizes)
+        for name in pres[0].layers:
+            entries = [pre.store[name] for pre in pres]
+            # A_r = a_r^T a_r / rows_r, and every layer has a fixed number of rows per example: weight by examples
+            want_a = sum(e.A * n for e, n in zip(entries, sizes)) / total
+            want_g = sum(e.G * n for e, n in zip(entries, sizes)) / (world**2 * total)
+            for rank in range(world):
+                A, G = held[rank][step][name]
+                if A is not None:
+                    torch.testing.assert_close(A, want_a, msg=lambda m: f"A of {name} at step {step}: {m}")
+                if G is not None:
+                    torch.testing.assert_close(G, want_g, msg=lambda m: f"G of {name} at step {step}: {m}")
