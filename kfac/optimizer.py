@@ -1,7 +1,8 @@
-"""``kfac.KFAC``: a ``torch.optim.Optimizer`` that preconditions gradients with K-FAC, then runs a base optimizer.
+"""Optimizer wrappers: precondition the gradients (K-FAC, EK-FAC or M-FAC), then run a base optimizer.
 
+One mechanism, :class:`PreconditionedOptimizer`, for all of them: it drives any :class:`kfac.curvature.Preconditioner`.
 ``param_groups`` and ``state`` *are* the base optimizer's, so LR schedulers, gradient clipping utilities and
-``GradScaler.step`` work on the wrapper directly; K-FAC's ``kl_clip`` reads each layer's current group ``lr``.
+``GradScaler.step`` work on the wrapper directly; ``kl_clip`` reads each layer's current group ``lr``.
 """
 
 from __future__ import annotations
@@ -11,33 +12,25 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .curvature import Preconditioner
 from .preconditioner import KFACPreconditioner, _all_finite
 
-__all__ = ["KFAC"]
+__all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC"]
 
 
-class KFAC(torch.optim.Optimizer):
-    """K-FAC-preconditioned wrapper around ``optimizer``.
+class PreconditionedOptimizer(torch.optim.Optimizer):
+    """Runs ``preconditioner.step()`` on the gradients, then ``optimizer.step()`` (skipping both together when a
+    gradient is non-finite on any rank; ``opt.preconditioner.skipped_steps`` counts such steps).
 
-    Example::
-
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        opt = kfac.KFAC(model, base, factor_update_steps=10, inv_update_steps=100, damping=1e-3)
-        for x, y in loader:
-            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
-
-    All keyword arguments are those of :class:`kfac.KFACPreconditioner` (except ``lr``, which comes from the
-    base optimizer's param groups). If a step's gradients are non-finite the whole step, base optimizer
-    included, is skipped (``opt.preconditioner.skipped_steps`` counts them).
+    ``preconditioner`` must implement :class:`kfac.curvature.Preconditioner`. Blocks whose parameters are not all
+    in ``optimizer``'s param groups are untracked (their gradients are left as they are).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+    def __init__(self, preconditioner: Preconditioner, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if "lr" in kwargs:
-            raise TypeError("KFAC reads the learning rate from the base optimizer's param groups; do not pass lr=")
         self.optimizer = optimizer
-        self.preconditioner = KFACPreconditioner(model, lr=None, **kwargs)
+        self.preconditioner = preconditioner
         # Initialise torch.optim.Optimizer's bookkeeping (hooks, step patching) on the base's groups, then share
         # the very same containers so schedulers and the base optimizer see one state.
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -45,14 +38,14 @@ class KFAC(torch.optim.Optimizer):
         self.state = optimizer.state
         self._kfac_ready = True
         stepped = {id(p) for group in self.param_groups for p in group["params"]}
-        self.preconditioner._untrack(
-            [layer.name for layer in self.preconditioner._layers
-             if not all(id(p) in stepped for p in layer.adapter.parameters())],
+        self.preconditioner.untrack(
+            [name for name, params in self.preconditioner.parameters_of().items()
+             if not all(id(p) in stepped for p in params)],
             "parameters are not (all) in the optimizer's param groups")
         if not self.preconditioner.layers:
             raise ValueError("none of the supported layers has its parameters in the optimizer")
-        self._param_to_layer = {id(p): layer.name for layer in self.preconditioner._layers
-                                for p in layer.adapter.parameters()}
+        self._param_to_layer = {id(p): name for name, params in self.preconditioner.parameters_of().items()
+                                for p in params}
 
     @property
     def store(self):
@@ -86,7 +79,7 @@ class KFAC(torch.optim.Optimizer):
         """Zero the base optimizer's gradients and drop statistics of a step that never reached ``step()``
         (e.g. one skipped by ``GradScaler``); statistics of a forward pass awaiting its backward are kept."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self.preconditioner._discard_stale_statistics()
+        self.preconditioner.discard_stale_statistics()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_kfac_ready", False):  # called by Optimizer.__init__ on the base's groups
@@ -102,7 +95,8 @@ class KFAC(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         state = dict(state_dict)
         if "kfac" not in state:
-            raise ValueError("state dict has no 'kfac' entry: it was not saved by kfac.KFAC.state_dict()")
+            raise ValueError(f"state dict has no 'kfac' entry: it was not saved by kfac.{type(self).__name__}"
+                             ".state_dict()")
         kfac_state = state.pop("kfac")
         self.preconditioner.validate_state_dict(kfac_state)
         self.optimizer.load_state_dict(state)
@@ -111,4 +105,44 @@ class KFAC(torch.optim.Optimizer):
         self.state = self.optimizer.state
 
     def __repr__(self) -> str:
-        return f"KFAC(\n  optimizer={self.optimizer!r},\n  preconditioner={self.preconditioner!r}\n)"
+        return (f"{type(self).__name__}(\n  optimizer={self.optimizer!r},\n  preconditioner={self.preconditioner!r}"
+                "\n)")
+
+
+def _no_lr(kwargs: dict[str, Any], cls: str) -> None:
+    if "lr" in kwargs:
+        raise TypeError(f"{cls} reads the learning rate from the base optimizer's param groups; do not pass lr=")
+
+
+class KFAC(PreconditionedOptimizer):
+    """K-FAC-preconditioned wrapper around ``optimizer``.
+
+    Example::
+
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        opt = kfac.KFAC(model, base, factor_update_steps=10, inv_update_steps=100, damping=1e-3)
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    All keyword arguments are those of :class:`kfac.KFACPreconditioner` (except ``lr``, which comes from the
+    base optimizer's param groups).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        _no_lr(kwargs, type(self).__name__)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(KFACPreconditioner(model, lr=None, **kwargs), optimizer)
+
+
+class EKFAC(KFAC):
+    """EK-FAC (George et al., 2018): K-FAC's eigenbases with eigenvalues re-estimated from per-example gradients.
+
+    ``kfac.KFAC(model, optimizer, method="ekfac", **kwargs)``; see :class:`kfac.methods.EigenCorrectedKFAC` for
+    the math and ``correction_update_steps`` / ``correction_decay`` in :class:`kfac.KFACPreconditioner`.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        if kwargs.setdefault("method", "ekfac") != "ekfac":
+            raise ValueError(f"EKFAC uses method='ekfac', got method={kwargs['method']!r}")
+        super().__init__(model, optimizer, **kwargs)

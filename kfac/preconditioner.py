@@ -29,6 +29,7 @@ from .distributed import Executor
 from .methods import DecompositionError, make_method
 from .modules import ModuleAdapter, adapter_for
 from .planner import CostModel
+from .curvature import flatten_blocks, unflatten_blocks
 from .reduction import PendingStats
 from .store import FactorEntry, FactorStore
 
@@ -50,10 +51,14 @@ class _Layer:
     g_count: int = 0
     g_calls: int = 0
     forward_calls: int = 0
+    ex_inputs: list[Tensor] = field(default_factory=list)  # per-example data for EK-FAC corrections
+    ex_grads: list[Tensor] = field(default_factory=list)
 
     def discard_pending(self) -> None:
         self.a_sum = self.g_sum = None
         self.a_count = self.g_count = self.g_calls = 0
+        self.ex_inputs.clear()
+        self.ex_grads.clear()
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
@@ -75,7 +80,10 @@ class KFACPreconditioner:
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
-        method: ``"eigen"`` or ``"inverse"``.
+        method: ``"eigen"``, ``"inverse"`` or ``"ekfac"`` (eigen K-FAC with eigenvalues re-estimated from
+            per-example gradients; see :mod:`kfac.methods.ekfac`).
+        correction_update_steps: steps between EK-FAC eigenvalue corrections (default: ``factor_update_steps``).
+        correction_decay: running-average decay of the EK-FAC corrections (default: ``factor_decay``).
         fisher: ``"empirical"`` (``G`` from the training loss) or ``"mc"`` (``G`` from a loss on labels sampled
             from the model, produced by :meth:`mc_backward` each factor-update step).
         skip_layers: module names, class names or regular expressions (full match on the name); a skipped
@@ -112,6 +120,8 @@ class KFACPreconditioner:
         memory_cap: int | None = None,
         split_factors: bool | None = None,
         bucket_cap_mb: float = 25.0,
+        correction_update_steps: Hyper | None = None,
+        correction_decay: Hyper | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -124,6 +134,8 @@ class KFACPreconditioner:
         self.inv_update_steps = inv_update_steps
         self.damping = damping
         self.factor_decay = factor_decay
+        self.correction_update_steps = factor_update_steps if correction_update_steps is None else correction_update_steps
+        self.correction_decay = factor_decay if correction_decay is None else correction_decay
         self.kl_clip = kl_clip
         self.lr = lr
         self.fisher = fisher
@@ -143,6 +155,8 @@ class KFACPreconditioner:
         self._checked_execution = False
         self._capture_step: int | None = None
         self._capture_flag = False
+        self._correct_flag = False
+        self._refreshed_damping: float | None = None
         self._in_mc_backward = False
         self._warned_accumulation = False
         self._register(model, [skip_layers] if isinstance(skip_layers, str) else list(skip_layers))
@@ -166,6 +180,13 @@ class KFACPreconditioner:
                               factor_dtype=factor_dtype, strategy=strategy, grad_worker_fraction=grad_worker_fraction,
                               factor_reduction=factor_reduction, plan_kwargs=plan_kwargs, stats=self._pending_stats,
                               bucket_cap_bytes=int(bucket_cap_mb * 2**20))
+        if self._corrects and self.world_size > 1 and self.plan.grad_workers_per_layer != self.world_size:
+            raise ValueError(f"method={method!r} in a distributed run needs strategy='comm-opt': every rank projects "
+                             "its per-example gradients onto the eigenbases, so every rank must hold them")
+
+    @property
+    def _corrects(self) -> bool:
+        return bool(getattr(self.method, "corrects", False))
 
     @property
     def plan(self):
@@ -247,13 +268,16 @@ class KFACPreconditioner:
             "inv_update_steps": self._interval("inv_update_steps", step),
             "damping": resolve(self.damping, step, name="damping"),
             "factor_decay": resolve(self.factor_decay, step, name="factor_decay"),
+            "correction_update_steps": self._interval("correction_update_steps", step),
+            "correction_decay": resolve(self.correction_decay, step, name="correction_decay"),
             "kl_clip": resolve(self.kl_clip, step, name="kl_clip"),
             "lr": resolve(self.lr, step, name="lr"),
         }
         check_positive(hp["damping"], name="damping")
         check_positive(hp["kl_clip"], name="kl_clip", allow_none=True)
-        if not 0 <= hp["factor_decay"] < 1:
-            raise ValueError(f"factor_decay must be in [0, 1), got {hp['factor_decay']!r}")
+        for key in ("factor_decay", "correction_decay"):
+            if not 0 <= hp[key] < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {hp[key]!r}")
         return hp
 
     def _interval(self, name: str, step: int) -> int:
@@ -261,26 +285,46 @@ class KFACPreconditioner:
 
     def _capturing(self) -> bool:
         """Whether this step updates factors (statistics are only collected then)."""
+        self._schedule()
+        return self._capture_flag
+
+    def _correcting(self) -> bool:
+        """Whether this step updates EK-FAC corrections (per-example data is only kept then)."""
+        self._schedule()
+        return self._correct_flag
+
+    def _schedule(self) -> None:
         if self._capture_step != self.steps:
             fus = self._interval("factor_update_steps", self.steps)
-            self._capture_step, self._capture_flag = self.steps, self.steps % fus == 0
-        return self._capture_flag
+            cus = self._interval("correction_update_steps", self.steps)
+            self._capture_step = self.steps
+            self._capture_flag = self.steps % fus == 0
+            self._correct_flag = self._corrects and self.steps % cus == 0
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _forward_hook(self, layer: _Layer, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
         layer.forward_calls += 1
-        if not self._capturing() or not inputs:
+        capture, correct = self._capturing(), self._correcting()
+        if not (capture or correct) or not inputs:
             return
-        with torch.no_grad():
-            stat, n = layer.adapter.a_stat(inputs[0].detach(), self.factor_dtype)
-        layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
+        if capture:
+            with torch.no_grad():
+                stat, n = layer.adapter.a_stat(inputs[0].detach(), self.factor_dtype)
+            layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
+        if correct:
+            layer.ex_inputs.append(inputs[0].detach())
         if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(functools.partial(self._grad_hook, layer))
+            output.register_hook(functools.partial(self._grad_hook, layer, capture, correct))
 
-    def _grad_hook(self, layer: _Layer, grad: Tensor) -> None:
-        if not layer.handles or (self.fisher == "mc") != self._in_mc_backward:
+    def _grad_hook(self, layer: _Layer, capture: bool, correct: bool, grad: Tensor) -> None:
+        if not layer.handles:
+            return
+        if correct and not self._in_mc_backward:  # corrections use the data's own labels
+            scale = self._grad_scale()
+            layer.ex_grads.append(grad.detach() if scale is None else grad.detach() / scale)
+        if not capture or (self.fisher == "mc") != self._in_mc_backward:
             return
         with torch.no_grad():
             stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
@@ -335,7 +379,7 @@ class KFACPreconditioner:
             return PendingStats(None, 0, None, 0)
         return PendingStats(layer.a_sum, layer.a_count, layer.g_sum, layer.g_count)
 
-    def _discard_stale_statistics(self) -> None:
+    def discard_stale_statistics(self) -> None:
         """Drop statistics only if a backward pass already ran (a step that never reached ``step()``); the
         statistics of a forward pass whose backward is still to come are kept."""
         if any(layer.g_calls for layer in self._layers):
@@ -406,12 +450,90 @@ class KFACPreconditioner:
             return False
         if self.steps % hp["factor_update_steps"] == 0:
             self._update_factors(hp["factor_decay"])
-        self.discard_pending_statistics()
         if self.steps % hp["inv_update_steps"] == 0:
             self._refresh(hp["damping"])
+        if self._correcting():
+            self._update_corrections(hp["correction_decay"])
+        self.discard_pending_statistics()
         self._precondition(grads, hp, lrs)
         self.steps += 1
         return True
+
+    # -- the curvature interface (kfac.curvature.Preconditioner) -------------------------------------------
+    def block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{layer: (g_dim, a_dim)}``: the gradient-matrix layout of each tracked layer (bias as last column)."""
+        return {layer.name: (layer.entry.g_dim, layer.entry.a_dim) for layer in self._layers}
+
+    def parameters_of(self) -> dict[str, list[nn.Parameter]]:
+        """``{layer: its parameters}`` for the tracked layers."""
+        return {layer.name: layer.adapter.parameters() for layer in self._layers}
+
+    def untrack(self, names: Iterable[str], reason: str) -> list[str]:
+        """Stop preconditioning ``names`` (hooks removed, store entries deleted, listed in ``skipped``)."""
+        return self._untrack(names, reason)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Absorb the statistics collected since the last call (factors, and EK-FAC corrections on their
+        schedule) and advance the step counter, without touching gradients (e.g. to fit factors for influence)."""
+        self._check_execution()
+        hp = self._hparams(self.steps)
+        if self._capturing():
+            self._exec.launch_statistics()
+            self._update_factors(hp["factor_decay"])
+        if self._correcting():
+            self._update_corrections(hp["correction_decay"])
+        self.discard_pending_statistics()
+        self.steps += 1
+
+    @torch.no_grad()
+    def refresh(self, *, damping: float | None = None) -> None:
+        """Recompute the decompositions from the current factors (``damping``: default the current one)."""
+        self._refresh(self._hparams(self.steps)["damping"] if damping is None else check_positive(
+            damping, name="damping"))
+
+    @torch.no_grad()
+    def ihvp(self, grads: Mapping[str, Tensor] | Tensor, *, damping: float | None = None,
+             ) -> dict[str, Tensor] | Tensor:
+        """``(C + damping I)^-1 g`` per layer, for ``{layer: (g_dim, a_dim) matrix}`` or a flat vector (see
+        :mod:`kfac.curvature`). Needs every layer's decompositions on this rank (a single process, or
+        ``strategy="comm-opt"``)."""
+        damping = self._query_damping(damping)
+        shapes = self.block_shapes()
+        flat = isinstance(grads, Tensor)
+        named = unflatten_blocks(grads, shapes) if flat else dict(grads)
+        unknown = [n for n in named if n not in shapes]
+        if unknown:
+            raise ValueError(f"ihvp: unknown layers {unknown}; tracked layers are {list(shapes)}")
+        out = {}
+        for name, g in named.items():
+            if tuple(g.shape) != shapes[name]:
+                raise ValueError(f"ihvp: gradient of {name!r} has shape {tuple(g.shape)}, expected {shapes[name]}")
+            out[name] = self.method.precondition(self._ready_entry(name), g, damping=damping).to(g.dtype)
+        return flatten_blocks(out, shapes) if flat else out
+
+    @torch.no_grad()
+    def diag(self, *, damping: float | None = None) -> dict[str, Tensor]:
+        """The diagonal of ``(C + damping I)^-1`` per layer, as ``(g_dim, a_dim)`` matrices."""
+        damping = self._query_damping(damping)
+        return {layer.name: self.method.diag(self._ready_entry(layer.name), damping=damping)
+                for layer in self._layers}
+
+    def _query_damping(self, damping: float | None) -> float:
+        value = self._hparams(self.steps)["damping"] if damping is None else check_positive(damping, name="damping")
+        if self.method.name == "inverse" and self._refreshed_damping is not None and value != self._refreshed_damping:
+            raise ValueError(f"method='inverse' bakes the damping into its inverses at refresh time "
+                             f"({self._refreshed_damping}); call refresh(damping={value}) first")
+        return value
+
+    def _ready_entry(self, name: str) -> FactorEntry:
+        entry = self.store[name]
+        if not self.method.ready(entry):
+            where = (f"; rank {self.rank} of {self.world_size} only holds the decompositions the "
+                     f"{self.plan.strategy!r} plan assigns it (use strategy='comm-opt' to hold them all)"
+                     if self.world_size > 1 else "")
+            raise RuntimeError(f"layer {name!r} has no decompositions: call update() and refresh() first{where}")
+        return entry
 
     def skip_step(self, reason: str) -> None:
         """Record a skipped step: statistics since the last step are dropped, nothing else changes."""
@@ -470,6 +592,42 @@ class KFACPreconditioner:
                           stacklevel=5)
 
         self._exec.refresh(lambda e, f: self.method.refresh_factor(e, f, damping=damping), self.method.fields, failed)
+        self._refreshed_damping = damping
+        if self._corrects:  # new eigenbases: the corrections restart from the K-FAC eigenvalues
+            for layer in self._layers:
+                if self._exec.is_grad_worker(layer.name):
+                    self.method.reset_corrections(layer.entry)
+
+    def _update_corrections(self, decay: float) -> None:
+        """EK-FAC: ``Lambda_batch = sum over ranks and examples of (QG^T V_n QA)^2 / T`` divided by the global
+        example count (and by ``world_size^2``, the gradient-averaging convention of :mod:`kfac.distributed`)."""
+        names, sums, counts = [], [], []
+        for layer in self._layers:
+            entry = layer.entry
+            if not (self._exec.is_grad_worker(layer.name) and self.method.ready(entry)) or entry.a_diagonal:
+                continue
+            pairs = list(zip(layer.ex_inputs, layer.ex_grads))
+            total = torch.zeros(entry.g_dim, entry.a_dim, dtype=entry.QG.dtype, device=entry.QG.device)
+            n = 0
+            for x, g in pairs:
+                a_rows, g_rows = layer.adapter.example_rows(x, g, self.factor_dtype)
+                part = self.method.correction_sum(entry, a_rows, g_rows)
+                if part is not None:
+                    total += part
+                    n += a_rows.shape[0]
+            names.append(layer.name)
+            sums.append(total)
+            counts.append(float(n))
+        if not names:
+            return
+        count = torch.tensor(counts, dtype=torch.float64, device=sums[0].device)
+        if self._comm.enabled:
+            count = self._comm.all_reduce_sum([count], category="correction_counts", exact=True)[0]
+            sums = self._comm.all_reduce_sum(sums, category="corrections")
+        scale = float(self.world_size) ** 2
+        for name, total, n in zip(names, sums, count.tolist()):
+            if n > 0:
+                self.method.update_corrections(self.store[name], total / (n * scale), decay)
 
     def _precondition(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
                       lrs: Mapping[str, float] | None) -> None:

@@ -38,6 +38,9 @@ class CurvatureMethod(Protocol):
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
         """Apply the damped inverse curvature of this layer to a ``(g_dim, a_dim)`` gradient matrix."""
 
+    def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
+        """The diagonal of the damped inverse curvature, as a ``(g_dim, a_dim)`` matrix."""
+
 
 def with_float64_retry(fn, matrix: Tensor, what: str):
     """Run ``fn(matrix)``; on failure or non-finite output retry in float64, then raise DecompositionError."""

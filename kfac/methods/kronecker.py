@@ -188,16 +188,26 @@ class EigenKFAC(_KroneckerMethod):
         return entry.dA is not None and entry.QG is not None and entry.dG is not None and (
             entry.a_diagonal or entry.QA is not None)
 
+    def eigenvalues(self, entry: FactorEntry) -> Tensor:
+        """The curvature's eigenvalues in the Kronecker eigenbasis ``QA (x) QG``, as a ``g_dim x a_dim`` matrix."""
+        return torch.outer(entry.dG, entry.dA)
+
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
-        QG, dG, dA, cache = entry.QG, entry.dG, entry.dA, entry.cache
+        QG, cache = entry.QG, entry.cache
         v = _left(QG, grad.to(QG.dtype), cache, "QG", transpose=True)
         if entry.QA is not None:
             v = _right(v, entry.QA, cache, "QA")
-        v = v / (torch.outer(dG, dA) + damping)
+        v = v / (self.eigenvalues(entry) + damping)
         v = _left(QG, v, cache, "QG")
         if entry.QA is not None:
             v = _right(v, entry.QA, cache, "QA", transpose=True)
         return v
+
+    def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
+        """Diagonal of the damped inverse, ``diag(P)[i, j] = sum_kl QG[i,k]^2 QA[j,l]^2 / (eig[k,l] + damping)``."""
+        inv = 1.0 / (self.eigenvalues(entry) + damping)
+        out = entry.QG.square() @ inv
+        return out if entry.QA is None else out @ entry.QA.square().T
 
 
 class InverseKFAC(_KroneckerMethod):
@@ -230,13 +240,20 @@ class InverseKFAC(_KroneckerMethod):
         v = _left(entry.G_inv, grad.to(entry.G_inv.dtype), entry.cache, "G_inv")
         return v * entry.A_inv if entry.a_diagonal else _right(v, entry.A_inv, entry.cache, "A_inv")
 
+    def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
+        """Diagonal of ``G_inv (x) A_inv`` (the damping baked in at the last refresh)."""
+        a = entry.A_inv if entry.a_diagonal else entry.A_inv.diagonal()
+        return torch.outer(entry.G_inv.diagonal(), a)
+
 
 def _symmetrise(m: Tensor) -> Tensor:
     return (m + m.T) / 2
 
 
 def make_method(name: str) -> EigenKFAC | InverseKFAC:
-    methods = {"eigen": EigenKFAC, "inverse": InverseKFAC}
+    from .ekfac import EigenCorrectedKFAC
+
+    methods = {"eigen": EigenKFAC, "inverse": InverseKFAC, "ekfac": EigenCorrectedKFAC}
     if name not in methods:
         raise ValueError(f"method must be one of {sorted(methods)}, got {name!r}")
     return methods[name]()

@@ -66,6 +66,18 @@ class ModuleAdapter(ABC):
             rows = rows / scale
         return rows.T @ rows, rows.shape[0]
 
+    def num_examples(self, x: Tensor) -> int:
+        """Examples in a layer input: its leading dimension (1 for an unbatched input)."""
+        return x.shape[0] if x.dim() > 1 else 1
+
+    def example_rows(self, x: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Per-example rows ``a`` (``N x T x a_dim``) and ``g`` (``N x T x g_dim``) of an input ``x`` and the
+        gradient ``g`` w.r.t. the matching output: example ``n``'s gradient matrix is ``sum_t g[n,t] a[n,t]^T``
+        (in the adapter's row scaling)."""
+        n = self.num_examples(x)
+        a, rows = self.a_rows(x).to(dtype), self.g_rows(g).to(dtype)
+        return a.reshape(n, -1, a.shape[-1]), rows.reshape(n, -1, rows.shape[-1])
+
     def parameters(self) -> list[nn.Parameter]:
         params = [self.module.weight]
         if self.has_bias:

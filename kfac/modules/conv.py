@@ -62,6 +62,9 @@ class Conv2dAdapter(ModuleAdapter):
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows / spatial
 
+    def num_examples(self, x: Tensor) -> int:
+        return x.shape[0] if x.dim() == 4 else 1
+
     def g_rows(self, g: Tensor) -> Tensor:
         if g.dim() == 3:
             g = g.unsqueeze(0)
