@@ -1,13 +1,15 @@
-"""kfac: distributed second-order optimization for PyTorch (K-FAC and friends)."""
+"""kfac: distributed second-order optimization for PyTorch (K-FAC, EK-FAC, M-FAC and influence functions)."""
 
-from .methods import CurvatureMethod, DecompositionError, EigenKFAC, InverseKFAC
-from .optimizer import KFAC
+from .curvature import Preconditioner
+from .methods import CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC
+from .optimizer import EKFAC, KFAC, PreconditionedOptimizer
 from .preconditioner import KFACPreconditioner
 from .store import FactorEntry, FactorFileError, FactorStore
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KFAC", "KFACPreconditioner", "FactorStore", "FactorEntry", "FactorFileError",
-    "CurvatureMethod", "DecompositionError", "EigenKFAC", "InverseKFAC", "__version__",
+    "KFAC", "EKFAC", "PreconditionedOptimizer", "KFACPreconditioner", "Preconditioner",
+    "FactorStore", "FactorEntry", "FactorFileError",
+    "CurvatureMethod", "DecompositionError", "EigenKFAC", "InverseKFAC", "EigenCorrectedKFAC", "__version__",
 ]
