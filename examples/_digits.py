@@ -28,7 +28,7 @@ __all__ = [
     "evaluate", "train",
 ]
 
-OPTIMIZERS = ("sgd", "kfac-eigen", "kfac-inverse")
+OPTIMIZERS = ("sgd", "kfac-eigen", "kfac-inverse", "ekfac")
 """Names accepted by :func:`make_optimizer`."""
 
 KFAC_DEFAULTS: dict[str, Any] = {
@@ -122,13 +122,16 @@ def make_model(seed: int) -> nn.Sequential:
 
 def make_optimizer(name: str, model: nn.Module, *, lr: float, momentum: float = 0.9,
                    **kfac_kwargs: Any) -> torch.optim.Optimizer:
-    """Plain SGD (``"sgd"``) or K-FAC wrapping the same SGD (``"kfac-eigen"``, ``"kfac-inverse"``)."""
+    """Plain SGD (``"sgd"``), or K-FAC (``"kfac-eigen"``, ``"kfac-inverse"``) / EK-FAC (``"ekfac"``) wrapping the
+    same SGD."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     if name == "sgd":
         return base
     options = {**KFAC_DEFAULTS, **kfac_kwargs}
+    if name == "ekfac":
+        return kfac.EKFAC(model, base, **options)
     return kfac.KFAC(model, base, method=name.split("-", 1)[1], **options)
 
 

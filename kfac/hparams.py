@@ -19,11 +19,13 @@ def resolve(value: Hyper | None, step: int, *, name: str) -> float | int | None:
     return out
 
 
-def check_positive(value: float | None, *, name: str, allow_none: bool = False) -> None:
+def check_positive(value: float | None, *, name: str, allow_none: bool = False) -> float | None:
+    """``value`` as a float if it is a finite positive number (or ``None`` when allowed); ``ValueError`` otherwise."""
     if value is None and allow_none:
-        return
-    if value is None or not value > 0 or value != value or value == float("inf"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
 
 
 def check_step_count(value: int, *, name: str) -> int:

@@ -169,7 +169,7 @@ class KFACPreconditioner:
                                              comm_bytes_per_element=wire.itemsize)
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
-        plan_kwargs: dict[str, Any] = {"method": self.method.name, "cost_model": cost_model, "memory_cap": memory_cap,
+        plan_kwargs: dict[str, Any] = {"method": self.method.decomposition, "cost_model": cost_model, "memory_cap": memory_cap,
                                        "split": split_factors}
         for key in ("factor_update_steps", "inv_update_steps"):  # the plan amortises by constant schedules only
             value = getattr(self, key)

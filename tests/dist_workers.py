@@ -103,7 +103,7 @@ def equivalence(rank: int, world: int, out: Path, configs: list[dict]) -> dict:
     for i, cfg in enumerate(configs):
         model = make_model()
         ddp = DDP(model)
-        opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), **KFAC_KW, **cfg)
+        opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), **{**KFAC_KW, **cfg})
         train(ddp, opt, range(STEPS), rank, world)
         if rank == 0:
             torch.save([p.detach() for p in model.parameters()], out / f"params{i}.pt")
@@ -138,6 +138,15 @@ def mismatched_models(rank: int, world: int, out: Path) -> dict:
     except RuntimeError as exc:
         return {"error_message": str(exc)}
     return {"error_message": None}
+
+
+def ekfac_dp_kfac(rank: int, world: int, out: Path) -> dict:
+    model = make_model()
+    try:
+        kfac.EKFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac")
+    except ValueError as exc:
+        return {"error_message": str(exc)}
+    return {"error_message": ""}
 
 
 def checkpoint(rank: int, world: int, out: Path, phase: str, steps: int, strategy: str) -> dict:

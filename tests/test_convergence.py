@@ -1,4 +1,4 @@
-"""Real-data convergence: K-FAC trains faster than the SGD it wraps on scikit-learn's digits.
+"""Real-data convergence: K-FAC and EK-FAC train faster than the SGD they wrap on scikit-learn's digits.
 
 For each seed, a small CNN (two Conv2d, two Linear layers) is trained for ``STEPS`` mini-batch steps with
 ``SGD(lr=LR, momentum=0.9)`` and with ``kfac.KFAC`` wrapping that same SGD, from the same initial weights on the same
@@ -62,10 +62,10 @@ def _run(name: str, seed: int) -> RunResult:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("method", ["eigen", "inverse"])
+@pytest.mark.parametrize("method", ["eigen", "inverse", "ekfac"])
 def test_kfac_beats_sgd_on_digits(method: str, seed: int) -> None:
     sgd = _run("sgd", seed)
-    kf = _run(f"kfac-{method}", seed)
+    kf = _run(method if method == "ekfac" else f"kfac-{method}", seed)
 
     # Same initial weights and batches: the first mini-batch loss (before any step) is identical.
     assert kf.step_losses[0] == pytest.approx(sgd.step_losses[0], abs=1e-6)

@@ -159,6 +159,7 @@ class EigenKFAC(_KroneckerMethod):
     """Eigendecomposition method (default; KAISA ``compute_method='eigen'``)."""
 
     name = "eigen"
+    decomposition = "eigen"  # what the planner's cost model prices
 
     def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
         """``(name, shape, symmetric)`` of the decomposition tensors of ``factor`` (what a refresh produces)."""
@@ -214,6 +215,7 @@ class InverseKFAC(_KroneckerMethod):
     """Explicit damped inverses (KAISA ``compute_method='inverse'``): half the preconditioning flops of eigen."""
 
     name = "inverse"
+    decomposition = "inverse"
 
     def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
         if factor == "A":
