@@ -2,14 +2,15 @@
 
 from .curvature import Preconditioner
 from .methods import CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC
-from .optimizer import EKFAC, KFAC, PreconditionedOptimizer
+from .mfac import MFACPreconditioner
+from .optimizer import EKFAC, KFAC, MFAC, PreconditionedOptimizer
 from .preconditioner import KFACPreconditioner
 from .store import FactorEntry, FactorFileError, FactorStore
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KFAC", "EKFAC", "PreconditionedOptimizer", "KFACPreconditioner", "Preconditioner",
+    "KFAC", "EKFAC", "MFAC", "PreconditionedOptimizer", "KFACPreconditioner", "MFACPreconditioner", "Preconditioner",
     "FactorStore", "FactorEntry", "FactorFileError",
     "CurvatureMethod", "DecompositionError", "EigenKFAC", "InverseKFAC", "EigenCorrectedKFAC", "__version__",
 ]

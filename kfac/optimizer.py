@@ -15,7 +15,7 @@ from torch import nn
 from .curvature import Preconditioner
 from .preconditioner import KFACPreconditioner, _all_finite
 
-__all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC"]
+__all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC", "MFAC"]
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -138,11 +138,36 @@ class KFAC(PreconditionedOptimizer):
 class EKFAC(KFAC):
     """EK-FAC (George et al., 2018): K-FAC's eigenbases with eigenvalues re-estimated from per-example gradients.
 
-    ``kfac.KFAC(model, optimizer, method="ekfac", **kwargs)``; see :class:`kfac.methods.EigenCorrectedKFAC` for
-    the math and ``correction_update_steps`` / ``correction_decay`` in :class:`kfac.KFACPreconditioner`.
+    ``kfac.KFAC(model, optimizer, method="ekfac", inv_update_steps=10, **kwargs)``: the eigenbases are refreshed
+    every ``inv_update_steps`` (default 10 here) and the eigenvalues corrected every ``correction_update_steps``
+    (default ``factor_update_steps``) in between. See :mod:`kfac.methods.ekfac` for the math and
+    :class:`kfac.KFACPreconditioner` for the options.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        kwargs.setdefault("inv_update_steps", 10)
         if kwargs.setdefault("method", "ekfac") != "ekfac":
             raise ValueError(f"EKFAC uses method='ekfac', got method={kwargs['method']!r}")
         super().__init__(model, optimizer, **kwargs)
+
+
+class MFAC(PreconditionedOptimizer):
+    """M-FAC-preconditioned wrapper around ``optimizer`` (Frantar et al., NeurIPS 2021): each step adds the gradient
+    to a window of the last ``num_grads`` gradients and replaces it by ``(λ I + (1/k) Σ g_i g_i^T)^{-1} g``.
+
+    Example::
+
+        opt = kfac.MFAC(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), num_grads=32,
+                        damping=1e-4, kl_clip=1e-3)
+
+    ``model_or_params``: an ``nn.Module`` or an iterable of parameters / param groups. All keyword arguments are
+    those of :class:`kfac.MFACPreconditioner` (except ``lr``, which comes from the base optimizer's param groups).
+    """
+
+    def __init__(self, model_or_params: Any, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        from .mfac import MFACPreconditioner
+
+        _no_lr(kwargs, type(self).__name__)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(MFACPreconditioner(model_or_params, lr=None, **kwargs), optimizer)

@@ -51,14 +51,14 @@ class _Layer:
     g_count: int = 0
     g_calls: int = 0
     forward_calls: int = 0
-    ex_inputs: list[Tensor] = field(default_factory=list)  # per-example data for EK-FAC corrections
-    ex_grads: list[Tensor] = field(default_factory=list)
+    corr_sum: Tensor | None = None  # EK-FAC: sum over examples of (QG^T V_n QA)^2 / T_n, and the example count
+    corr_count: int = 0
 
     def discard_pending(self) -> None:
         self.a_sum = self.g_sum = None
         self.a_count = self.g_count = self.g_calls = 0
-        self.ex_inputs.clear()
-        self.ex_grads.clear()
+        self.corr_sum = None
+        self.corr_count = 0
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
@@ -83,6 +83,8 @@ class KFACPreconditioner:
         method: ``"eigen"``, ``"inverse"`` or ``"ekfac"`` (eigen K-FAC with eigenvalues re-estimated from
             per-example gradients; see :mod:`kfac.methods.ekfac`).
         correction_update_steps: steps between EK-FAC eigenvalue corrections (default: ``factor_update_steps``).
+            Corrections are computed during the backward pass in the eigenbases of the last refresh (no per-example
+            data is kept), so they are not applied on refresh steps: use ``inv_update_steps > 1``.
         correction_decay: running-average decay of the EK-FAC corrections (default: ``factor_decay``).
         fisher: ``"empirical"`` (``G`` from the training loss) or ``"mc"`` (``G`` from a loss on labels sampled
             from the model, produced by :meth:`mc_backward` each factor-update step).
@@ -180,6 +182,10 @@ class KFACPreconditioner:
                               factor_dtype=factor_dtype, strategy=strategy, grad_worker_fraction=grad_worker_fraction,
                               factor_reduction=factor_reduction, plan_kwargs=plan_kwargs, stats=self._pending_stats,
                               bucket_cap_bytes=int(bucket_cap_mb * 2**20))
+        iu, cu = self.inv_update_steps, self.correction_update_steps
+        if self._corrects and isinstance(iu, int) and isinstance(cu, int) and cu % iu == 0:
+            logger.warning("kfac: method=%r with correction_update_steps=%d and inv_update_steps=%d never applies a "
+                           "correction (corrections are skipped on refresh steps)", method, cu, iu)
         if self._corrects and self.world_size > 1 and self.plan.grad_workers_per_layer != self.world_size:
             raise ValueError(f"method={method!r} in a distributed run needs strategy='comm-opt': every rank projects "
                              "its per-example gradients onto the eigenbases, so every rank must hold them")
@@ -289,7 +295,7 @@ class KFACPreconditioner:
         return self._capture_flag
 
     def _correcting(self) -> bool:
-        """Whether this step updates EK-FAC corrections (per-example data is only kept then)."""
+        """Whether this step updates EK-FAC corrections (per-example projections are only computed then)."""
         self._schedule()
         return self._correct_flag
 
@@ -303,7 +309,7 @@ class KFACPreconditioner:
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _forward_hook(self, layer: _Layer, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+        if not (module.training and torch.is_grad_enabled()) or _functorch_active():
             return
         layer.forward_calls += 1
         capture, correct = self._capturing(), self._correcting()
@@ -313,17 +319,15 @@ class KFACPreconditioner:
             with torch.no_grad():
                 stat, n = layer.adapter.a_stat(inputs[0].detach(), self.factor_dtype)
             layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
-        if correct:
-            layer.ex_inputs.append(inputs[0].detach())
+        x = inputs[0].detach() if correct and self.method.ready(layer.entry) else None
         if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(functools.partial(self._grad_hook, layer, capture, correct))
+            output.register_hook(functools.partial(self._grad_hook, layer, capture, x))
 
-    def _grad_hook(self, layer: _Layer, capture: bool, correct: bool, grad: Tensor) -> None:
+    def _grad_hook(self, layer: _Layer, capture: bool, x: Tensor | None, grad: Tensor) -> None:
         if not layer.handles:
             return
-        if correct and not self._in_mc_backward:  # corrections use the data's own labels
-            scale = self._grad_scale()
-            layer.ex_grads.append(grad.detach() if scale is None else grad.detach() / scale)
+        if x is not None and not self._in_mc_backward:  # EK-FAC corrections use the data's own labels
+            self._add_correction(layer, x, grad)
         if not capture or (self.fisher == "mc") != self._in_mc_backward:
             return
         with torch.no_grad():
@@ -451,8 +455,8 @@ class KFACPreconditioner:
         if self.steps % hp["factor_update_steps"] == 0:
             self._update_factors(hp["factor_decay"])
         if self.steps % hp["inv_update_steps"] == 0:
-            self._refresh(hp["damping"])
-        if self._correcting():
+            self._refresh(hp["damping"])  # new eigenbases: this step's corrections (in the old ones) are dropped
+        elif self._correcting():
             self._update_corrections(hp["correction_decay"])
         self.discard_pending_statistics()
         self._precondition(grads, hp, lrs)
@@ -598,26 +602,32 @@ class KFACPreconditioner:
                 if self._exec.is_grad_worker(layer.name):
                     self.method.reset_corrections(layer.entry)
 
+    @torch.no_grad()
+    def _add_correction(self, layer: _Layer, x: Tensor, grad: Tensor) -> None:
+        """Project this backward pass's per-example gradients onto the current eigenbases (EK-FAC)."""
+        scale = self._grad_scale()
+        g = grad.detach() if scale is None else grad.detach() / scale
+        a_rows, g_rows = layer.adapter.example_rows(x, g, self.factor_dtype)
+        part = self.method.correction_sum(layer.entry, a_rows, g_rows)
+        if part is not None:
+            part = part / a_rows.shape[1]  # per-row units (see kfac.methods.ekfac)
+            layer.corr_sum = part if layer.corr_sum is None else layer.corr_sum.add_(part)
+            layer.corr_count += a_rows.shape[0]
+
     def _update_corrections(self, decay: float) -> None:
-        """EK-FAC: ``Lambda_batch = sum over ranks and examples of (QG^T V_n QA)^2 / T`` divided by the global
+        """EK-FAC: ``Lambda_batch = sum over ranks and examples of (QG^T V_n QA)^2 / T_n`` divided by the global
         example count (and by ``world_size^2``, the gradient-averaging convention of :mod:`kfac.distributed`)."""
         names, sums, counts = [], [], []
         for layer in self._layers:
             entry = layer.entry
             if not (self._exec.is_grad_worker(layer.name) and self.method.ready(entry)) or entry.a_diagonal:
                 continue
-            pairs = list(zip(layer.ex_inputs, layer.ex_grads))
-            total = torch.zeros(entry.g_dim, entry.a_dim, dtype=entry.QG.dtype, device=entry.QG.device)
-            n = 0
-            for x, g in pairs:
-                a_rows, g_rows = layer.adapter.example_rows(x, g, self.factor_dtype)
-                part = self.method.correction_sum(entry, a_rows, g_rows)
-                if part is not None:
-                    total += part
-                    n += a_rows.shape[0]
+            total = layer.corr_sum
+            if total is None:
+                total = torch.zeros(entry.g_dim, entry.a_dim, dtype=entry.QG.dtype, device=entry.QG.device)
             names.append(layer.name)
             sums.append(total)
-            counts.append(float(n))
+            counts.append(float(layer.corr_count))
         if not names:
             return
         count = torch.tensor(counts, dtype=torch.float64, device=sums[0].device)
@@ -711,3 +721,9 @@ def _all_finite(tensors: Iterable[Tensor]) -> bool:
     norms = [torch.linalg.vector_norm(t.detach().float() if not t.is_floating_point() else t.detach(), float("inf"))
              .to(torch.float32) for t in tensors if t.numel()]
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+
+
+def _functorch_active() -> bool:
+    """Inside a ``torch.func`` transform (``vmap``/``grad``): tensors are not per-batch data, so no statistics."""
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False

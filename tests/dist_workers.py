@@ -20,10 +20,14 @@ GLOBAL_BATCH = 12
 STEPS = 5
 
 
-def make_model(hidden: int = 8) -> nn.Module:
+def make_model(hidden: int = 8, pooled: bool = False) -> nn.Module:
+    """Conv -> Linear -> Linear; ``pooled`` averages the conv output to 2x2 first, so that every factor has
+    (nearly) full rank after one batch (EK-FAC's corrections are only unique up to rotations inside degenerate
+    eigenspaces, such as the never-seen null space of a 76-dimensional A after 12 examples)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, hidden),
-                         nn.Tanh(), nn.Linear(hidden, 4)).double()
+    body = [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(3 * 4, hidden)] if pooled else [
+        nn.Flatten(), nn.Linear(3 * 5 * 5, hidden)]
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), *body, nn.Tanh(), nn.Linear(hidden, 4)).double()
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +105,8 @@ def equivalence(rank: int, world: int, out: Path, configs: list[dict]) -> dict:
 
     report = {}
     for i, cfg in enumerate(configs):
-        model = make_model()
+        cfg = dict(cfg)
+        model = make_model(pooled=cfg.pop("pooled", False))
         ddp = DDP(model)
         opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), **{**KFAC_KW, **cfg})
         train(ddp, opt, range(STEPS), rank, world)

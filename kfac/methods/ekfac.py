@@ -1,21 +1,26 @@
 """EK-FAC (George et al., 2018, "Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis").
 
 K-FAC's curvature ``A (x) G = (QA (x) QG) diag(dA (x) dG) (QA (x) QG)^T`` keeps its eigenbasis but gets its
-eigenvalues re-estimated: with per-example gradient matrices ``V_n`` (``g_dim x a_dim``),
+eigenvalues re-estimated from per-example gradient matrices ``V_n`` (``g_dim x a_dim``)::
 
-    Lambda[i, j] = mean_n ( (QG^T V_n QA)[i, j]^2 ) / T,        P(V) = QG [(QG^T V QA) / (Lambda + damping)] QA^T
+    Lambda[i, j] = mean_n ( (QG^T V_n QA)[i, j]^2 ),        P(V) = QG [(QG^T V QA) / (Lambda + damping)] QA^T
 
-which is the best diagonal in that basis (Frobenius distance to the empirical Fisher). ``V_n = sum_t g_nt a_nt^T``
-sums the ``T`` rows (tokens, or convolution positions) of example ``n`` built by the layer's adapter (same rows and
-scaling as ``A`` and ``G``); dividing by ``T`` keeps ``Lambda`` in the per-row units of ``A`` and ``G`` (with
-independent rows ``Lambda ~ dG dA^T``), so a damping means the same for K-FAC and EK-FAC. For one row per example
-(MLPs) it is exactly George et al.'s estimate. ``V_n`` is never formed for ``T = 1``: ``Lambda = (gq^2)^T (aq^2)/N``
-with ``gq = g QG`` and ``aq = a QA``.
+the best diagonal in that basis (Frobenius distance to the empirical Fisher). ``V_n = sum_t g_nt a_nt^T`` sums the
+``T`` rows (tokens, or convolution positions) of example ``n`` built by the layer's adapter (same rows and scaling
+as ``A`` and ``G``). :meth:`EigenCorrectedKFAC.correction_sum` returns ``sum_n (QG^T V_n QA)^2``; for ``T = 1``
+``V_n`` is never formed (``(gq^2)^T (aq^2)`` with ``gq = g QG``, ``aq = a QA``).
 
-``Lambda`` lives in ``entry.extras["Lambda"]``. After each refresh of the eigenbases it restarts from the K-FAC
-eigenvalues ``outer(dG, dA)`` (so before any correction EK-FAC *is* eigen K-FAC); each correction update then
-blends in a batch estimate, ``Lambda <- decay Lambda + (1 - decay) Lambda_batch``. Layers with a diagonal ``A``
-(embeddings) keep the K-FAC eigenvalues (their per-example gradients are ``g_dim x vocabulary``).
+Conventions of the callers: influence queries use exactly ``mean_n`` above (per-example curvature). The optimizer
+(:class:`kfac.KFACPreconditioner`) divides each example's term by its ``T``, which keeps ``Lambda`` in the per-row
+units of ``A`` and ``G`` (with independent rows ``Lambda ~ dG dA^T``), so one damping means the same for K-FAC and
+EK-FAC; for one row per example (MLPs) both are George et al.'s estimate.
+
+``Lambda`` lives in ``entry.extras["Lambda"]``. In the optimizer it restarts from the K-FAC eigenvalues
+``outer(dG, dA)`` after each refresh of the eigenbases (so before any correction EK-FAC *is* eigen K-FAC), and each
+correction update blends in a batch estimate, ``Lambda <- decay Lambda + (1 - decay) Lambda_batch``, projected
+during the backward pass onto the current eigenbases (as in George et al.'s algorithm; nothing per-example is
+stored, and a step that refreshes the eigenbases applies no correction). Layers with a
+diagonal ``A`` (embeddings) keep the K-FAC eigenvalues (their per-example gradients are ``g_dim x vocabulary``).
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ class EigenCorrectedKFAC(EigenKFAC):
             entry.extras.pop("Lambda", None)
 
     def correction_sum(self, entry: FactorEntry, a: Tensor, g: Tensor) -> Tensor | None:
-        """``sum_n (QG^T V_n QA)^2 / T`` for per-example rows ``a`` (``N x T x a_dim``) and ``g`` (``N x T x
-        g_dim``); ``None`` where the layer keeps its K-FAC eigenvalues."""
+        """``sum_n (QG^T V_n QA)^2`` for per-example rows ``a`` (``N x T x a_dim``) and ``g`` (``N x T x g_dim``);
+        ``None`` where the layer keeps its K-FAC eigenvalues."""
         if entry.a_diagonal or not self.ready(entry):
             return None
         a = a.to(entry.QA.dtype)
@@ -66,7 +71,7 @@ class EigenCorrectedKFAC(EigenKFAC):
         for i in range(0, a.shape[0], chunk):
             v = gq[i:i + chunk].transpose(1, 2) @ aq[i:i + chunk]  # (n, g_dim, a_dim) projected V_n
             total += v.square_().sum(0)
-        return total / t
+        return total
 
     def update_corrections(self, entry: FactorEntry, batch: Tensor, decay: float) -> None:
         """Blend a batch estimate into ``Lambda``."""
