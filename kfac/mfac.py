@@ -1,0 +1,612 @@
+"""M-FAC gradient preconditioner (Frantar, Kurtic & Alistarh, NeurIPS 2021): the inverse of a sliding-window
+empirical Fisher applied to ``.grad``, without ever forming a ``d x d`` matrix.
+
+**Math.** With the last ``k <= m`` gradients ``g_1..g_k`` (``m = num_grads``) stacked as the rows of ``G``
+(``k x d``) and damping ``λ > 0``::
+
+    F = λ I + (1/k) Σ_i g_i g_i^T = λ I + (1/k) G^T G                     (no gradient yet: F = λ I)
+    F^{-1} v = (v - G^T (kλ I + G G^T)^{-1} G v) / λ                       (Woodbury, see kfac.methods.mfac)
+
+A step first adds the current gradient ``g`` to the window (evicting the oldest once ``m`` are held), then writes
+``P g = F^{-1} g`` back into ``.grad``. Cost per step: O(d m + m^2) for the Gram row and the IHVP, plus one
+O(m^3) factorisation of the ``m x m`` matrix ``kλ I + G G^T`` per added gradient. ``blocks="global"``: one ``F``
+over all blocks; ``blocks="per_layer"``: an independent ``F_b`` per block (block-diagonal ``F``).
+
+With ``kl_clip`` the preconditioned gradients of all blocks are scaled, as in K-FAC, by
+``nu = min(1, sqrt(kl_clip / |Σ_b lr_b^2 <P g_b, g_b>|))``.
+
+**Blocks.** For an ``nn.Module``, one block per module with direct trainable parameters, keyed by module name (the
+names of K-FAC's factor store). Modules K-FAC supports (Linear, Conv2d, Embedding) use the adapter's gradient
+matrix ``(g_dim, a_dim)`` (bias as last column); any other module (norm layers, ...) the concatenation of its
+direct parameters' flattened gradients, shape ``(d_b,)``. For an iterable of parameters (or param groups), one block
+per parameter, named ``"param{i}"``, in the parameter's shape. A parameter whose ``.grad`` is ``None`` counts as a
+zero gradient and is left ``None``.
+
+**Distributed** (``torch.distributed`` initialised, world size > 1, gradients already averaged over ranks, e.g. by
+DDP, so every rank sees the same ``g``). Blocks are assigned to ranks by LPT on their size ``d_b`` (verified
+identical on every rank); a rank's window holds only its blocks (``m x d_b`` each) and never leaves it, except
+in :meth:`~MFACPreconditioner.state_dict`. In global mode the two partial sums over blocks of a step, the new Gram
+row (``m`` numbers) and the projection ``G g`` (``k`` numbers), are summed over ranks in float64 (category
+``"mfac"`` of :attr:`MFACPreconditioner.bytes_communicated`): O(m) numbers per step whatever ``d``. Per-layer mode
+needs no curvature communication. Each owner then broadcasts its blocks' preconditioned gradients (one bucket per source rank,
+category ``"gradients"``), and ``kl_clip`` is computed identically on every rank from the complete result.
+:meth:`~MFACPreconditioner.ihvp`, :meth:`~MFACPreconditioner.diag` and :meth:`~MFACPreconditioner.state_dict` are
+collectives there (call them on every rank with the same arguments); they return complete results on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .comm import Communicator
+from .curvature import flatten_blocks, unflatten_blocks
+from .hparams import Hyper, check_positive, resolve
+from .methods.mfac import SlidingWindowFisher
+from .modules import ModuleAdapter, adapter_for
+from .planner.assign import lpt
+from .preconditioner import _all_finite
+
+__all__ = ["MFACPreconditioner"]
+
+logger = logging.getLogger("kfac")
+
+_MODES = {"global": "global", "per_layer": "per_block"}
+
+
+@dataclass(eq=False)
+class _Block:
+    """One named block: its parameters and the layout of its gradient (adapter matrix or flat concatenation)."""
+
+    name: str
+    params: list[nn.Parameter]
+    adapter: ModuleAdapter | None
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def grad(self) -> Tensor | None:
+        """The gradient in the block's layout (missing ``.grad`` counted as zero), or ``None`` if none has one."""
+        if all(p.grad is None for p in self.params):
+            return None
+        if self.adapter is not None:
+            mat = self.adapter.grad_matrix()
+            if mat is not None:
+                return mat
+            bias = self.params[-1]  # the weight has no gradient but the bias has
+            mat = torch.zeros(self.shape, dtype=bias.grad.dtype, device=bias.grad.device)
+            mat[:, -1] = bias.grad.reshape(-1)
+            return mat
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(self.shape)
+
+    def set_grad(self, value: Tensor) -> None:
+        """Write ``value`` (block layout) into the existing ``.grad`` tensors (in place, cast to their dtype)."""
+        if self.adapter is not None:
+            if self.params[0].grad is not None:
+                self.adapter.set_grad_matrix(value)
+            elif self.params[-1].grad is not None:
+                self.params[-1].grad.copy_(value[:, -1].reshape(self.params[-1].shape))
+            return
+        offset = 0
+        flat = value.reshape(-1)
+        for p in self.params:
+            n = p.numel()
+            if p.grad is not None:
+                p.grad.copy_(flat[offset:offset + n].view(p.shape))
+            offset += n
+
+
+class MFACPreconditioner:
+    """M-FAC preconditioner: ``.grad <- (λ I + (1/k) Σ_{last k <= m} g_i g_i^T)^{-1} .grad`` (see the module
+    docstring for the math, the blocks and the distributed protocol).
+
+    Usage (own training loop)::
+
+        pre = kfac.MFACPreconditioner(model, num_grads=32, damping=1e-4)
+        loss.backward(); pre.step(); optimizer.step()
+
+    Args (keyword-only; ``damping``, ``kl_clip`` and ``lr`` are constants or callables ``step -> value``):
+        num_grads: window length ``m >= 1``.
+        damping: ``λ > 0``.
+        blocks: ``"global"`` (one Fisher over all blocks) or ``"per_layer"`` (block-diagonal, one per block).
+        kl_clip: trust-region bound on ``Σ lr^2 <P g, g>``; ``None`` disables the scaling.
+        lr: learning rate used by ``kl_clip`` (overridden by ``step(lr=...)``; :class:`kfac.MFAC` passes the
+            optimizer's group lrs).
+        skip_layers: module names, class names or regular expressions (full match on the name; for a parameter
+            iterable, on ``"param{i}"``); a skipped module's children are skipped too.
+        dtype: dtype of the window (default: the promoted dtype of the tracked parameters); the ``m x m``
+            Gram matrices and their factorisations are always float64.
+        process_group: the ``torch.distributed`` group to shard over (default: the default group, if initialised).
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Any],
+        *,
+        num_grads: int = 32,
+        damping: Hyper = 1e-4,
+        blocks: str = "global",
+        kl_clip: Hyper | None = None,
+        lr: Hyper | None = None,
+        skip_layers: Iterable[str] | str = (),
+        dtype: torch.dtype | None = None,
+        process_group: Any | None = None,
+    ) -> None:
+        if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
+            raise ValueError(f"num_grads (window length m) must be an int >= 1, got {num_grads!r}")
+        if blocks not in _MODES:
+            raise ValueError(f"blocks must be 'global' or 'per_layer', got {blocks!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+        self.num_grads = num_grads
+        self.damping = damping
+        self.blocks = blocks
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self._hparams(0)  # validate constants early
+        self.steps = 0
+        self.skipped_steps = 0
+        self.skipped: list[tuple[str, str]] = []
+        skip = [skip_layers] if isinstance(skip_layers, str) else list(skip_layers)
+        if isinstance(model_or_params, nn.Module):
+            self._blocks = self._register_modules(model_or_params, skip)
+        else:
+            self._blocks = self._register_params(model_or_params, skip)
+        if not self._blocks:
+            reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "no trainable parameters"
+            raise ValueError(f"M-FAC found no parameters to precondition ({reasons})")
+        params = [p for b in self._blocks for p in b.params]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"M-FAC needs all tracked parameters on one device, got {sorted(map(str, devices))}")
+        self.device = params[0].device
+        if dtype is None:
+            dtype = params[0].dtype
+            for p in params[1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+            if not dtype.is_floating_point:
+                raise ValueError(f"parameters have non-floating dtype {dtype}; pass dtype=")
+        self.dtype = dtype
+        self._comm = Communicator(group=process_group)
+        self._build()
+        self._verify()
+        for name, reason in self.skipped:
+            logger.info("kfac: M-FAC not preconditioning %r: %s", name, reason)
+
+    # -- registration ---------------------------------------------------------------------------------------------
+    def _register_modules(self, model: nn.Module, skip: list[str]) -> list[_Block]:
+        patterns = [re.compile(s) for s in skip]
+        skipped_prefixes: list[str] = []
+        owners: dict[int, str] = {}
+        out: list[_Block] = []
+        for name, module in model.named_modules():
+            own = list(module.parameters(recurse=False))
+            parent = next((p for p in skipped_prefixes if p == "" or name.startswith(p + ".")), None)
+            if parent is not None:
+                if own:
+                    self.skipped.append((name, f"parent module {parent or '<root>'!r} is skipped"))
+                continue
+            if any(s in (name, type(module).__name__) for s in skip) or any(p.fullmatch(name) for p in patterns):
+                skipped_prefixes.append(name)
+                if own or name:
+                    self.skipped.append((name, "matched skip_layers"))
+                continue
+            if not own:
+                continue
+            trainable = [p for p in own if p.requires_grad]
+            if not trainable:
+                self.skipped.append((name, "parameters do not require grad (frozen)"))
+                continue
+            fresh = [p for p in trainable if id(p) not in owners]
+            if not fresh:
+                self.skipped.append((name, f"shares parameters with block {owners[id(trainable[0])]!r}"))
+                continue
+            for p in fresh:
+                owners[id(p)] = name
+            adapter, _ = adapter_for(module)
+            if adapter is not None and [id(p) for p in adapter.parameters()] == [id(p) for p in fresh] \
+                    and {id(p) for p in own} == {id(p) for p in fresh}:
+                out.append(_Block(name, fresh, adapter, (adapter.g_dim, adapter.a_dim)))
+            else:
+                out.append(_Block(name, fresh, None, (sum(p.numel() for p in fresh),)))
+        return out
+
+    def _register_params(self, params: Iterable[Any], skip: list[str]) -> list[_Block]:
+        if isinstance(params, Tensor):
+            raise TypeError("pass an nn.Module or an iterable of parameters, not a single tensor")
+        flat: list[Tensor] = []
+        for item in params:
+            if isinstance(item, Mapping):
+                group = item["params"]
+                flat.extend([group] if isinstance(group, Tensor) else list(group))
+            else:
+                flat.append(item)
+        patterns = [re.compile(s) for s in skip]
+        seen: set[int] = set()
+        out: list[_Block] = []
+        for i, p in enumerate(flat):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"parameter {i} is a {type(p).__name__}, not a tensor")
+            name = f"param{i}"
+            if name in skip or any(pat.fullmatch(name) for pat in patterns):
+                self.skipped.append((name, "matched skip_layers"))
+            elif not p.requires_grad:
+                self.skipped.append((name, "does not require grad (frozen)"))
+            elif id(p) in seen:
+                self.skipped.append((name, "repeated parameter"))
+            else:
+                seen.add(id(p))
+                out.append(_Block(name, [p], None, tuple(p.shape)))
+        return out
+
+    def _build(self) -> None:
+        """Assign blocks to ranks (LPT on ``d_b``, ties by name) and create this rank's (empty) window. The
+        cross-rank check runs at the next collective call (:meth:`_verify`)."""
+        names = [b.name for b in self._blocks]
+        sizes = [b.size for b in self._blocks]
+        world = self.world_size
+        self._owner = dict(zip(names, lpt(sizes, world, names=names))) if world > 1 else dict.fromkeys(names, 0)
+        self._owned = [b for b in self._blocks if self._owner[b.name] == self.rank]
+        self._fisher = SlidingWindowFisher(
+            block_shapes={b.name: b.shape for b in self._owned}, num_grads=self.num_grads,
+            damping=self._hparams(self.steps)["damping"], blocks=_MODES[self.blocks],
+            all_reduce=self._all_reduce if self._comm.enabled else None, dtype=self.dtype, device=self.device)
+        self._verified = False
+
+    def _verify(self) -> None:
+        """Every rank must have the same blocks, options and assignment (collective; clear error otherwise)."""
+        if self._verified:
+            return
+        if self._comm.enabled:
+            self._comm.check_identical(
+                {"blocks": [[b.name, list(b.shape)] for b in self._blocks], "owner": self._owner,
+                 "num_grads": self.num_grads, "mode": self.blocks, "dtype": str(self.dtype)},
+                what="M-FAC blocks, options or block-to-rank assignment")
+        self._verified = True
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        return self._comm.all_reduce_sum([t], category="mfac", exact=True)[0]
+
+    # -- properties -----------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        """Names of the tracked blocks, in order (the order of flat vectors)."""
+        return [b.name for b in self._blocks]
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def owners(self) -> dict[str, int]:
+        """``{block: rank holding its window}`` (all 0 in a single process)."""
+        return dict(self._owner)
+
+    @property
+    def count(self) -> int:
+        """Number ``k <= m`` of gradients in the window."""
+        return self._fisher.count
+
+    @property
+    def bytes_communicated(self) -> dict[str, int]:
+        """This rank's share of the bytes on the wire so far, by category (``"mfac"``: the m-sized Gram-row and
+        projection sums; ``"gradients"``: preconditioned gradients; ``"ihvp"``/``"diag"``/``"state"``: queries)."""
+        return {k: round(v) for k, v in self._comm.bytes_sent.items()}
+
+    def memory_usage(self) -> int:
+        """Bytes of this rank's window (``m x d_b`` per held block) and float64 Gram matrices (``m x m`` each)."""
+        m = self.num_grads
+        groups = 1 if self.blocks == "global" else len(self._owned)
+        return m * sum(b.size for b in self._owned) * self.dtype.itemsize + groups * m * m * 8
+
+    def _hparams(self, step: int) -> dict[str, Any]:
+        hp = {"damping": resolve(self.damping, step, name="damping"),
+              "kl_clip": resolve(self.kl_clip, step, name="kl_clip"),
+              "lr": resolve(self.lr, step, name="lr")}
+        check_positive(hp["damping"], name="damping")
+        check_positive(hp["kl_clip"], name="kl_clip", allow_none=True)
+        return hp
+
+    def _damping(self, damping: float | None) -> float:
+        if damping is None:
+            return float(self._hparams(self.steps)["damping"])
+        check_positive(damping, name="damping")
+        return float(damping)
+
+    # -- the curvature interface (kfac.curvature.Preconditioner) -------------------------------------------------
+    def block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{block: shape}``: ``(g_dim, a_dim)`` for adapter layers, ``(d_b,)`` for other modules, the parameter's
+        shape for a parameter iterable."""
+        return {b.name: b.shape for b in self._blocks}
+
+    def parameters_of(self) -> dict[str, list[nn.Parameter]]:
+        return {b.name: list(b.params) for b in self._blocks}
+
+    def untrack(self, names: Iterable[str], reason: str) -> list[str]:
+        """Stop preconditioning ``names`` (listed in ``skipped``); the window is rebuilt without them, so this is
+        only allowed while it is empty (before the first step or update). Call it on every rank alike."""
+        wanted = set(names)
+        dropped = [b.name for b in self._blocks if b.name in wanted]
+        if not dropped:
+            return []
+        if self._fisher.count or self.steps:
+            raise RuntimeError(f"M-FAC cannot untrack blocks {dropped} after gradients entered the window; "
+                               "untrack before the first step")
+        self._blocks = [b for b in self._blocks if b.name not in wanted]
+        self.skipped += [(name, reason) for name in dropped]
+        if self._blocks:
+            self._build()  # untrack may run on one rank before another reaches it: verified at the next collective
+        return dropped
+
+    def _check_ready(self) -> None:
+        if not self._blocks:
+            raise RuntimeError("M-FAC tracks no blocks (all were untracked)")
+        self._verify()
+
+    def _gradients(self, what: str) -> dict[str, Tensor]:
+        grads = {b.name: b.grad() for b in self._blocks}
+        if all(g is None for g in grads.values()):
+            raise RuntimeError(f"MFACPreconditioner.{what}() was called before loss.backward(): no tracked "
+                               "parameter has a gradient")
+        return {b.name: g if g is not None else torch.zeros(b.shape, dtype=self.dtype, device=self.device)
+                for b, g in zip(self._blocks, grads.values())}
+
+    def _absorb(self, grads: Mapping[str, Tensor], grads_finite: bool) -> str | None:
+        """Add ``grads`` to the window; returns ``None``, or why the step is skipped (the same on every rank)."""
+        owned = {b.name: grads[b.name] for b in self._owned}
+        finite = grads_finite and _all_finite(grads.values())
+        rows = self._fisher.partial_gram_row(owned) if finite else None
+        finite = finite and bool(torch.isfinite(rows).all())
+        if not self._comm.all_true(finite):
+            return "non-finite gradients" if not finite else "non-finite gradients on another rank"
+        if self.blocks == "global" and self._comm.enabled:
+            rows = self._all_reduce(rows[0]).reshape(rows.shape)
+        try:
+            self._fisher.commit(owned, rows)
+        except ValueError:  # the summed Gram row overflowed: identical on every rank, so every rank skips
+            return "overflow in the Gram row"
+        return None
+
+    def _skip(self, reason: str) -> None:
+        self.skipped_steps += 1
+        logger.warning("kfac: M-FAC %s at step %d; step skipped (%d skipped so far)", reason, self.steps,
+                       self.skipped_steps)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Add the current gradients to the window without preconditioning them, and advance the step counter
+        (like K-FAC's ``update``). Non-finite gradients are not added (logged and counted in ``skipped_steps``)."""
+        self._check_ready()
+        reason = self._absorb(self._gradients("update"), True)
+        if reason is not None:
+            self._skip(reason)
+            return
+        self.steps += 1
+
+    def refresh(self, *, damping: float | None = None) -> None:
+        """No-op: the ``m x m`` factorisation is recomputed lazily at the first solve after a change."""
+        if damping is not None:
+            check_positive(damping, name="damping")
+
+    def discard_stale_statistics(self) -> None:
+        """No-op: M-FAC collects nothing outside ``step()``/``update()``."""
+
+    @torch.no_grad()
+    def step(self, *, lr: float | Mapping[str, float] | None = None, grads_finite: bool = True) -> bool:
+        """Add the current gradients to the window, then replace them by ``F^{-1} g`` (scaled by ``kl_clip``).
+
+        ``lr``: for ``kl_clip``, a float or ``{block: lr}`` (default: the ``lr`` hyperparameter). Returns ``False``
+        and changes nothing but ``skipped_steps`` when a gradient is non-finite on any rank or ``grads_finite`` is
+        ``False`` on any rank (all ranks skip together).
+        """
+        self._check_ready()
+        grads = self._gradients("step")
+        hp = self._hparams(self.steps)
+        lrs = self._block_lrs(hp, lr)
+        reason = self._absorb(grads, grads_finite)
+        if reason is not None:
+            self._skip(reason)
+            return False
+        owned = {b.name: grads[b.name] for b in self._owned}
+        local = self._fisher.ihvp(owned, damping=float(hp["damping"]))  # global mode: one k-sized sum over ranks
+        precond = self._exchange(local, self.layers, "gradients")  # {block: F^{-1} g}, window dtype
+        if lrs is not None:
+            vg = torch.zeros((), dtype=torch.float64, device=self.device)
+            for b in self._blocks:
+                v = precond[b.name]
+                vg += torch.vdot(v.reshape(-1).to(torch.float64), grads[b.name].reshape(-1).to(torch.float64)) \
+                    * lrs[b.name] ** 2
+            nu = torch.clamp(torch.sqrt(hp["kl_clip"] / vg.abs()), max=1.0)
+            precond = {n: v * nu.to(v.dtype) for n, v in precond.items()}
+        for b in self._blocks:
+            b.set_grad(precond[b.name])
+        self.steps += 1
+        return True
+
+    def _block_lrs(self, hp: Mapping[str, Any], lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
+        if hp["kl_clip"] is None:
+            return None
+        lrs = {}
+        for b in self._blocks:
+            value = lr.get(b.name, hp["lr"]) if isinstance(lr, Mapping) else (hp["lr"] if lr is None else lr)
+            if value is None:
+                raise ValueError(f"kl_clip needs a learning rate for block {b.name!r}: pass lr= to the "
+                                 "preconditioner or to step()")
+            lrs[b.name] = float(value)
+        return lrs
+
+    @torch.no_grad()
+    def ihvp(self, grads: Mapping[str, Tensor] | Tensor, *, damping: float | None = None,
+             ) -> dict[str, Tensor] | Tensor:
+        """``F^{-1} g`` for ``{block: tensor in its block shape}`` or a flat vector (block order, see
+        :mod:`kfac.curvature`); returns the same form. Global mode needs every block (they are coupled);
+        per-layer mode accepts a subset. Results have the inputs' dtypes. In a distributed run this is a
+        collective (same arguments on every rank) and every rank gets the complete result."""
+        lam = self._damping(damping)
+        self._check_ready()
+        shapes = self.block_shapes()
+        flat = isinstance(grads, Tensor)
+        named = unflatten_blocks(grads, shapes) if flat else dict(grads)
+        unknown = [n for n in named if n not in shapes]
+        if unknown:
+            raise ValueError(f"ihvp: unknown blocks {unknown}; tracked blocks are {list(shapes)}")
+        for name, g in named.items():
+            if not isinstance(g, Tensor) or tuple(g.shape) != shapes[name]:
+                got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(f"ihvp: gradient of {name!r} has shape {got}, expected {shapes[name]}")
+        if self.blocks == "global":
+            missing = [n for n in shapes if n not in named]
+            if missing:
+                raise ValueError(f"ihvp: blocks='global' couples all blocks, gradients are missing for {missing}")
+            owned = {b.name: named[b.name] for b in self._owned}
+            local = self._fisher.ihvp(owned, damping=lam)
+        else:
+            local = self._per_block_ihvp({b.name: named[b.name] for b in self._owned if b.name in named}, lam)
+        out = self._exchange(local, [n for n in shapes if n in named], "ihvp")
+        out = {n: out[n].reshape(shapes[n]).to(named[n].dtype) for n in shapes if n in named}
+        return flatten_blocks(out, shapes) if flat else out
+
+    def _per_block_ihvp(self, named: Mapping[str, Tensor], lam: float) -> dict[str, Tensor]:
+        """Per-layer mode with a possibly partial dict: the missing held blocks get zeros (their result is
+        dropped; per-block Fishers are independent)."""
+        if not self._owned:
+            return {}
+        full = {b.name: named[b.name] if b.name in named else torch.zeros(b.shape, dtype=self.dtype,
+                                                                           device=self.device)
+                for b in self._owned}
+        out = self._fisher.ihvp(full, damping=lam)
+        return {n: out[n] for n in named}
+
+    def _exchange(self, local: Mapping[str, Tensor], names: list[str], category: str) -> dict[str, Tensor]:
+        """The tensors of blocks ``names`` on every rank: each owner broadcasts its blocks' tensors from ``local``
+        (one bucket per source rank)."""
+        if not self._comm.enabled:
+            return dict(local)
+        wanted = set(names)
+        out: dict[str, Tensor] = {}
+        for src in range(self.world_size):
+            mine = [b for b in self._blocks if self._owner[b.name] == src and b.name in wanted]
+            if not mine:
+                continue
+            tensors = ([local[b.name].reshape(b.shape).to(self.dtype) for b in mine] if src == self.rank else
+                       [torch.empty(b.shape, dtype=self.dtype, device=self.device) for b in mine])
+            for b, t in zip(mine, self._comm.broadcast(tensors, src=src, category=category)):
+                out[b.name] = t
+        return out
+
+    @torch.no_grad()
+    def diag(self, *, damping: float | None = None) -> dict[str, Tensor]:
+        """The diagonal of ``F^{-1}`` per block, in the block's shape: ``(1 - Σ_i (R G)_{i,·}^2) / λ`` with
+        ``R^T R = (kλ I + G G^T)^{-1}``; O(d m^2). Collective in a distributed run (owners compute, then
+        broadcast)."""
+        lam = self._damping(damping)
+        self._check_ready()
+        local = self._fisher.diag(damping=lam)
+        return self._exchange(local, self.layers, "diag")
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the window of every block (``m x d_b``, ``window[name]``) and the float64 Gram matrices
+        (``gram``: ``groups x m x m``, one group in global mode, one per block in order otherwise). Complete on every
+        rank and loadable at any world size; in a distributed run a collective (owners broadcast their windows,
+        category ``"state"``). Tensors are copies."""
+        self._check_ready()
+        local = self._fisher.state_dict()
+        per_block = self.blocks == "per_layer"
+        m = self.num_grads
+        windows = {b.name: local[f"window.{b.name}"] for b in self._owned}
+        grams = {b.name: local["gram"][i] for i, b in enumerate(self._owned)} if per_block else {}
+        if self._comm.enabled:
+            for src in range(self.world_size):
+                mine = [b for b in self._blocks if self._owner[b.name] == src]
+                if not mine:
+                    continue
+                mine_w = ([windows[b.name] for b in mine] if src == self.rank else
+                          [torch.empty(m, b.size, dtype=self.dtype, device=self.device) for b in mine])
+                for b, t in zip(mine, self._comm.broadcast(mine_w, src=src, category="state")):
+                    windows[b.name] = t.clone()
+                if per_block:  # a second bucket: the Gram matrices are float64 whatever the window dtype
+                    mine_g = ([grams[b.name] for b in mine] if src == self.rank else
+                              [torch.empty(m, m, dtype=torch.float64, device=self.device) for b in mine])
+                    for b, t in zip(mine, self._comm.broadcast(mine_g, src=src, category="state")):
+                        grams[b.name] = t.clone()
+        gram = torch.stack([grams[n] for n in self.layers]) if per_block else local["gram"]
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "method": "mfac", "blocks": self.layers,
+                "block_shapes": {n: list(s) for n, s in self.block_shapes().items()}, "mode": self.blocks,
+                "num_grads": m, "position": int(local["position"]), "count": int(local["count"]),
+                "window": {n: windows[n] for n in self.layers}, "gram": gram}
+
+    def validate_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"M-FAC state must be a mapping, got {type(state).__name__}")
+        if state.get("method") != "mfac":
+            raise ValueError(f"state was not saved by an MFACPreconditioner (method={state.get('method')!r})")
+        missing = {"steps", "skipped_steps", "blocks", "block_shapes", "mode", "num_grads", "position", "count",
+                   "window", "gram"} - set(state)
+        if missing:
+            raise ValueError(f"M-FAC state is missing keys {sorted(missing)}")
+        if list(state["blocks"]) != self.layers:
+            expected, got = set(self.layers), set(state["blocks"])
+            raise ValueError(f"M-FAC state was saved for different blocks: missing {sorted(expected - got)}, "
+                             f"unexpected {sorted(got - expected)}" + ("" if expected != got else " (order differs)"))
+        shapes = {n: tuple(s) for n, s in state["block_shapes"].items()}
+        bad = {n: (shapes.get(n), s) for n, s in self.block_shapes().items() if shapes.get(n) != s}
+        if bad:
+            raise ValueError(f"M-FAC state has different block shapes {{block: (saved, expected)}}: {bad}")
+        m = self.num_grads
+        if state["num_grads"] != m:
+            raise ValueError(f"M-FAC state has num_grads={state['num_grads']}, this preconditioner has {m}")
+        if state["mode"] != self.blocks:
+            raise ValueError(f"M-FAC state has blocks={state['mode']!r}, this preconditioner has {self.blocks!r}")
+        position, count = state["position"], state["count"]
+        if not isinstance(position, int) or not isinstance(count, int) or not (0 <= count <= m and 0 <= position < m) \
+                or (count < m and position != count):
+            raise ValueError(f"M-FAC state has invalid position={position!r} / count={count!r} for num_grads={m}")
+        groups = 1 if self.blocks == "global" else len(self._blocks)
+        tensors = {f"window[{b.name!r}]": (state["window"].get(b.name), (m, b.size)) for b in self._blocks}
+        tensors["gram"] = (state["gram"], (groups, m, m))
+        for key, (t, shape) in tensors.items():
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"M-FAC state {key} must be a tensor of shape {shape}, got {got}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"M-FAC state {key} has non-finite entries")
+
+    def _local_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """This rank's share of a complete state, in :class:`SlidingWindowFisher`'s ``state_dict`` format."""
+        gram = state["gram"].to(device=self.device, dtype=torch.float64)
+        if self.blocks == "per_layer":
+            index = {n: i for i, n in enumerate(self.layers)}
+            gram = gram[[index[b.name] for b in self._owned]]
+        local: dict[str, Any] = {"num_grads": int(state["num_grads"]), "position": int(state["position"]),
+                                 "count": int(state["count"]), "gram": gram}
+        for b in self._owned:
+            local[f"window.{b.name}"] = state["window"][b.name].to(device=self.device, dtype=self.dtype)
+        return local
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (from any world size); clear ``ValueError`` on a mismatch."""
+        self.validate_state_dict(state)
+        self._fisher.load_state_dict(self._local_state(state))
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def __repr__(self) -> str:
+        return (f"MFACPreconditioner(blocks={self.blocks!r}, num_grads={self.num_grads}, count={self.count}, "
+                f"world_size={self.world_size}, layers={len(self._blocks)}, skipped={len(self.skipped)}, "
+                f"steps={self.steps})")
