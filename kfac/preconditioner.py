@@ -468,6 +468,11 @@ class KFACPreconditioner:
         """``{layer: (g_dim, a_dim)}``: the gradient-matrix layout of each tracked layer (bias as last column)."""
         return {layer.name: (layer.entry.g_dim, layer.entry.a_dim) for layer in self._layers}
 
+    @property
+    def adapters(self) -> dict[str, ModuleAdapter]:
+        """``{layer: its module adapter}`` for the tracked layers."""
+        return {layer.name: layer.adapter for layer in self._layers}
+
     def parameters_of(self) -> dict[str, list[nn.Parameter]]:
         """``{layer: its parameters}`` for the tracked layers."""
         return {layer.name: layer.adapter.parameters() for layer in self._layers}

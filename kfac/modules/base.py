@@ -78,6 +78,11 @@ class ModuleAdapter(ABC):
         a, rows = self.a_rows(x).to(dtype), self.g_rows(g).to(dtype)
         return a.reshape(n, -1, a.shape[-1]), rows.reshape(n, -1, rows.shape[-1])
 
+    def example_scale(self, rows_per_example: int) -> float:
+        """Factor that turns this adapter's rows into true-gradient rows (``sum_t g_t a_t^T = dL/dW``): 1, except
+        where rows are rescaled by convention (Conv2d divides each by the number of positions)."""
+        return 1.0
+
     def parameters(self) -> list[nn.Parameter]:
         params = [self.module.weight]
         if self.has_bias:

@@ -65,6 +65,9 @@ class Conv2dAdapter(ModuleAdapter):
     def num_examples(self, x: Tensor) -> int:
         return x.shape[0] if x.dim() == 4 else 1
 
+    def example_scale(self, rows_per_example: int) -> float:
+        return float(rows_per_example)  # rows are patches / S and output gradients / S, with S positions
+
     def g_rows(self, g: Tensor) -> Tensor:
         if g.dim() == 3:
             g = g.unsqueeze(0)
