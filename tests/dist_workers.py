@@ -230,3 +230,28 @@ def uneven_batches(rank: int, world: int, out: Path, strategy: str) -> dict:
     torch.save(held, out / f"uneven_rank{rank}.pt")
     return {"launched_early": opt.preconditioner._exec.reduction.launched_early,
             "buckets": len(opt.preconditioner._exec.reduction.buckets)}
+
+
+def influence(rank: int, world: int, out: Path, method: str) -> dict:
+    """Fit and score on `world` ranks (batch i on rank i % world); rank 0 saves the scores."""
+    from kfac.influence import ClassificationTask, InfluenceAnalyzer
+
+    model, train, queries = influence_problem()
+    an = InfluenceAnalyzer(model, ClassificationTask(), method=method, factor_dtype=torch.float64,
+                           score_dtype=torch.float64, progress=False, num_grads=10)
+    an.fit(train)
+    scores = an.pairwise_scores(queries, train)
+    self_scores = an.self_scores(train)
+    if rank == 0:
+        torch.save({"scores": scores, "self": self_scores}, out / f"influence_{method}.pt")
+    return {"bytes": an._pre.bytes_communicated}
+
+
+def influence_problem():
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)  # initialised in float64 whatever the default dtype of the caller
+    model = nn.Sequential(nn.Linear(4, 6, **f64), nn.Tanh(), nn.Linear(6, 3, **f64))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(35, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (35,), generator=g)
+    train = [(x[i:i + 6], y[i:i + 6]) for i in range(0, 35, 6)]  # 6 batches, the last one short
+    return model, train, [(x[:5], y[:5])]

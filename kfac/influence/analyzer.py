@@ -194,7 +194,6 @@ class InfluenceAnalyzer:
     # -- fitting -------------------------------------------------------------------------------------------
     def fit(self, train_loader: Iterable[Any]) -> "InfluenceAnalyzer":
         """Fit the curvature (factors, eigenbases and ``Lambda``; or M-FAC's gradients) on ``train_loader``."""
-        self._generator = torch.Generator().manual_seed(self.args.seed + self._pre._comm.rank)
         with _eval(self.model):
             if self.args.method in ("ekfac", "kfac"):
                 self._fit_factors(train_loader)
@@ -209,14 +208,17 @@ class InfluenceAnalyzer:
         items = ((i, b) for i, b in enumerate(loader) if not shard or i % comm.world_size == comm.rank)
         return _progress(items, f"influence: {what}", total=_len(loader), enabled=self.progress and comm.rank == 0)
 
-    def _backward(self, batch: Any, *, sampled: bool, measurement: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per-example rows of one batch (``loss.sum()`` backward through the tracked layers only)."""
+    def _backward(self, batch: Any, *, sampled: bool, measurement: bool = False, index: int = 0,
+                  ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-example rows of one batch (``loss.sum()`` backward through the tracked layers only). Sampled labels
+        come from a generator seeded by ``(seed, batch index)``: the same on any rank that processes the batch."""
         dtype = getattr(torch, self.args.factor_dtype)
         with capture(self._pre.adapters, dtype) as cap:
             if measurement:
                 values = self.task.measurement(self.model, batch)
             elif sampled:
-                values = self.task.sampled_loss(self.model, batch, generator=self._generator)
+                generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + index)
+                values = self.task.sampled_loss(self.model, batch, generator=generator)
             else:
                 values = self.task.loss(self.model, batch)
             if not isinstance(values, Tensor) or values.dim() != 1:
@@ -236,8 +238,8 @@ class InfluenceAnalyzer:
         comm, store = self._pre._comm, self._pre.store
         sums: dict[str, list[Tensor]] = {}
         counts = torch.zeros(len(self.layers), 2, dtype=torch.float64)  # rows, examples
-        for _, batch in self._batches(loader, "fitting factors"):
-            rows = self._backward(batch, sampled=self.args.fisher == "mc")
+        for i, batch in self._batches(loader, "fitting factors"):
+            rows = self._backward(batch, sampled=self.args.fisher == "mc", index=i)
             for i, name in enumerate(self.layers):
                 a, g = rows[name]
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -297,8 +299,8 @@ class InfluenceAnalyzer:
         m = self.args.num_grads
         grads: dict[str, list[Tensor]] = {n: [] for n in self.layers}
         seen = 0
-        for _, batch in self._batches(loader, "collecting M-FAC gradients", shard=False):
-            rows = self._backward(batch, sampled=self.args.fisher == "mc")
+        for i, batch in self._batches(loader, "collecting M-FAC gradients", shard=False):
+            rows = self._backward(batch, sampled=self.args.fisher == "mc", index=i)
             take = min(m - seen, next(iter(rows.values()))[0].shape[0])
             for name in self.layers:
                 a, g = rows[name]
