@@ -73,6 +73,8 @@ class Communicator:
     Args:
         group: a ``torch.distributed`` process group, or ``None`` for the default one. Every member must build
             its communicator at the same point (the private duplicate is created collectively by the members).
+            With a subgroup, ranks outside it create no K-FAC groups, and torch names new groups with a per-rank
+            counter: create any world-wide groups you need before building K-FAC on a subgroup.
         comm_dtype: dtype for payloads on the wire (e.g. ``torch.bfloat16``); ``None`` keeps each tensor's dtype.
     """
 

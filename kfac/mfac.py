@@ -28,8 +28,9 @@ identical on every rank); a rank's window holds only its blocks (``m x d_b`` eac
 in :meth:`~MFACPreconditioner.state_dict`. In global mode the two partial sums over blocks of a step, the new Gram
 row (``m`` numbers) and the projection ``G g`` (``k`` numbers), are summed over ranks in float64 (category
 ``"mfac"`` of :attr:`MFACPreconditioner.bytes_communicated`): O(m) numbers per step whatever ``d``. Per-layer mode
-needs no curvature communication. Each owner then broadcasts its blocks' preconditioned gradients (one bucket per source rank,
-category ``"gradients"``), and ``kl_clip`` is computed identically on every rank from the complete result.
+needs no curvature communication. Each owner then broadcasts its blocks' preconditioned gradients (one bucket per
+source rank, category ``"gradients"``), and ``kl_clip`` is computed identically on every rank from the complete
+result.
 :meth:`~MFACPreconditioner.ihvp`, :meth:`~MFACPreconditioner.diag` and :meth:`~MFACPreconditioner.state_dict` are
 collectives there (call them on every rank with the same arguments); they return complete results on every rank.
 """
