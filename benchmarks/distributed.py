@@ -1,9 +1,23 @@
 """Distributed K-FAC strategies side by side: step time, bytes on the wire and factor memory, measured on gloo.
 
 Part (a), "real" -- what is measured
-    ``--world-size`` (default 4) gloo processes on THIS machine, spawned by this script (``torch.multiprocessing``,
-    one fresh FileStore per launch, a collective timeout and a join deadline, so a bug fails instead of hanging).
-    Each process runs ``torch.set_num_threads(1)``. Every configuration trains torchvision
+    ``--world-size`` (default 4) gloo processes on THIS machine. Launchers (``--launcher``; the JSON records which
+    one produced the numbers, under ``launcher``):
+
+    * ``torchrun`` (default): the script re-executes itself as ``python -m torch.distributed.run --standalone
+      --nproc-per-node=N --max-restarts=0 --monitor-interval=1 benchmarks/distributed.py <same args>`` (env
+      ``GLOO_SOCKET_IFNAME=lo``, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``; the whole launch is
+      killed ``--deadline`` + 120 s after it starts). Detecting torchrun (``TORCHELASTIC_RUN_ID``/``LOCAL_RANK``),
+      each rank does ``init_process_group("gloo", timeout=--collective-timeout)`` from ``env://``, runs the
+      benchmark, the reports are all-gathered (``all_gather_object``) and rank 0 summarises, prints and writes
+      JSON/PNG; the other ranks exit quietly. Each rank aborts itself (exit 124) after ``--deadline`` seconds, and
+      torchrun then stops the others, so a hang fails instead of blocking. The same path runs when a user starts
+      ``torchrun --standalone --nproc-per-node=4 benchmarks/distributed.py`` directly (then ``--world-size`` is
+      ignored: the world is torchrun's).
+    * ``spawn``: this process spawns the ranks itself (``torch.multiprocessing``, one fresh FileStore per launch,
+      a collective timeout and a join deadline), collects their reports from files and summarises.
+
+    Each process runs ``torch.set_num_threads(--threads)`` (default 1). Every configuration trains torchvision
     ``resnet18(num_classes=10)`` (``--quick``: a tiny CNN) wrapped in ``DistributedDataParallel`` on 32x32
     SYNTHETIC data (a fixed pool of random global batches, inputs ~ N(0, 1), labels uniform over 10 classes; each
     rank takes its slice: per-rank batch 8, global batch 32). Nothing is learned; only cost is measured.
@@ -29,9 +43,16 @@ Part (a), "real" -- what is measured
     per receiver counted by the source -- so the sum over ranks is the total traffic), differenced across each
     window and summed over ranks and windows, compared per category with the plan's prediction ``plan.comm``
     (bytes per step amortised over the schedule), converted to the timed steps: ``factor_reduction * F`` per
-    factor update, ``decomposition_broadcast * I`` per refresh, ``gradient_broadcast`` per step. Categories the
-    plan does not model (``factor_counts``: the per-layer row counts all-reduced with the factors; ``control``:
-    status flags) are shown as "other". The DDP gradient all-reduce, which every configuration pays, is measured
+    factor update, ``decomposition_broadcast * I`` per refresh, ``gradient_broadcast`` per step. The library
+    buckets the factor reductions and launches them asynchronously during the backward pass on a private process
+    group (``kfac/reduction.py``); bytes are counted when a bucket is launched, inside the timed step. With
+    ``split_factors=None`` (the default used here) the planner may put a layer's ``A`` and ``G`` on different
+    ranks; for single-grad-worker strategies (mem-opt, dp-kfac) the decomposition of the factor owned apart from
+    the layer's grad worker then goes point to point once per refresh -- counted under "decompositions", and
+    modelled by the plan's ``decomposition_broadcast`` (``|grad workers - {owner}|`` copies). Categories the plan
+    does not model (``factor_counts``: the per-bucket row counts all-reduced beside the factors; ``control``:
+    status flags riding with decompositions and gradients; ``corrections``/``correction_counts``: EK-FAC only,
+    not run here) are shown as "other". The DDP gradient all-reduce, which every configuration pays, is measured
     with a DDP communication hook (the stock ``allreduce_hook`` wrapped to count its buckets with the same ring
     convention).
 
@@ -49,6 +70,12 @@ Caveats
     * Not counted anywhere: DDP's per-step broadcast of BatchNorm buffers from rank 0 (``broadcast_buffers=True``;
       its size is computed and stored in the JSON), the 4-byte all-reduce of K-FAC's "gradients finite" flag, and
       DDP's construction-time parameter broadcast.
+    * ResNet-18 at N=4 with the default cost model: the planner splits A and G of three layer4 convolutions
+      (A: 4608x4608, G: 512x512) in comm-opt, mem-opt and dp-kfac. For mem-opt/dp-kfac the three A
+      eigendecompositions then travel point to point to the rank that owns the G factors and preconditions those
+      layers (about 243 MiB per refresh, 48.6 MiB/step at I=5), and that rank holds them: its memory is the
+      per-rank maximum. The plan predicts this (bytes and memory match it exactly); it is the planner's choice
+      (a 1.4% lower predicted makespan), not a counting artefact.
     * Decompositions in the warm-up use running factors close to their identity initialisation; ``eigh`` on the
       dense factors of a long run is somewhat slower.
     * Few timed steps (``repeats x window`` = 10 per configuration by default): enough for the relative picture on
@@ -58,14 +85,19 @@ Caveats
 Part (b), "at scale"
     A short summary of ``benchmarks/results/planner_scale.json`` (produced by ``benchmarks/planner_scale.py``,
     the planner's cost model, not measured): dp-kfac/comm-opt bytes per step and makespan / lower bound for
-    ResNet-50 at N = 8, 64, 256. Nothing is recomputed here.
+    ResNet-50 at N = 8, 64, 256, and the comm-opt/dp-kfac communication and computation ratios at N = 64 next to
+    the DP-KFAC paper's 2.79-3.15x and 1.55-1.65x. Nothing is recomputed here.
 
-Outputs: a table on stdout, ``<out-dir>/distributed.json`` (machine info, settings, raw per-step times per rank,
-bytes per rank and category, memory, plans) and ``<out-dir>/distributed.png``. ``--quick`` (tiny CNN, ``I=2``, a
-few seconds) writes ``distributed_quick.{json,png}`` instead, leaving the real results alone.
+Outputs: a table on stdout, ``<out-dir>/distributed.json`` (launcher, machine info and load, settings, raw per-step
+times per rank, bytes per rank and category, memory, plans) and ``<out-dir>/distributed.png``. ``--quick`` (tiny
+CNN, ``I=2``, a few seconds) writes ``distributed_quick.{json,png}`` instead, leaving the real results alone. The
+results in ``benchmarks/results/`` were produced by the default torchrun launcher (re-executed by this script; see
+``launcher`` in the JSON); earlier versions of this benchmark used the spawn launcher.
 
-    python benchmarks/distributed.py            # ResNet-18, ~5 minutes on an idle 2-core machine
-    python benchmarks/distributed.py --quick    # smoke test
+    python benchmarks/distributed.py                    # ResNet-18 via torchrun, ~5 minutes on an idle 2-core machine
+    python benchmarks/distributed.py --quick            # smoke test
+    python benchmarks/distributed.py --launcher spawn   # the same, ranks spawned by torch.multiprocessing
+    torchrun --standalone --nproc-per-node=4 benchmarks/distributed.py   # what the default launcher runs
 """
 
 from __future__ import annotations
@@ -75,9 +107,13 @@ import datetime as _dt
 import gc
 import json
 import os
+import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -94,9 +130,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-import kfac  # noqa: E402
+from _common import IMAGE, build_model, count_events, machine_info, make_batches
 
-from _common import IMAGE, build_model, count_events, machine_info, make_batches  # noqa: E402,E501
+import kfac
+
 SGD_KWARGS: dict[str, float] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 KFAC_KWARGS: dict[str, float] = {"damping": 1e-3}  # factor_decay, kl_clip: kfac defaults (0.95, 1e-3)
 # label -> KFAC keyword arguments (None: plain SGD baseline)
@@ -172,7 +209,7 @@ def _entry(rank: int, world: int, out_dir: str, store: str, settings: dict[str, 
                             timeout=_dt.timedelta(seconds=settings["collective_timeout"]))
     try:
         result: dict[str, Any] = worker(rank, world, settings)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- reported to the parent through the result file
         result = {"error": traceback.format_exc()}
     tmp = out / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
@@ -440,11 +477,11 @@ def ratio_dp_over_comm_opt(rows: list[dict[str, Any]]) -> dict[str, float] | Non
 def format_tables(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     mu, md = byte_unit(max([r["memory_bytes_max"] for r in rows if r["kfac"]], default=0))
     bu, bd = byte_unit(max(r["kfac_bytes_per_step_total"] + r["ddp_allreduce_bytes_per_step"] for r in rows))
-    lines = [f"Step time over {settings['repeats']} window(s) of {settings['window']} steps per config: median step, "
+    lines = [(f"Step time over {settings['repeats']} window(s) of {settings['window']} steps per config: median step, "
              f"mean step (= window time / steps, refreshes included), median refresh step; K-FAC memory per rank "
-             f"(max, plan's max, sum over ranks):",
-             f"{'config':<11s} {'median ms':>10s} {'mean ms':>9s} {'refresh ms':>11s} {'med/SGD':>8s} "
-             f"{'mean/SGD':>9s} {'mem max ' + mu:>12s} {'(plan)':>8s} {'mem sum ' + mu:>12s}",
+             f"(max, plan's max, sum over ranks):"),
+             (f"{'config':<11s} {'median ms':>10s} {'mean ms':>9s} {'refresh ms':>11s} {'med/SGD':>8s} "
+             f"{'mean/SGD':>9s} {'mem max ' + mu:>12s} {'(plan)':>8s} {'mem sum ' + mu:>12s}"),
              "-" * 98]
     for r in rows:
         ref = f"{r['refresh_step_ms']:11.0f}" if r.get("refresh_step_ms") is not None else f"{'-':>11s}"
@@ -455,10 +492,10 @@ def format_tables(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         lines.append(f"{r['config']:<11s} {r['ms_per_step_median']:10.0f} {r['ms_per_step_mean']:9.0f} {ref} {vs} "
                      f"{mem}")
     lines += ["",
-              f"Bytes per step, all ranks together, {bu}: measured (plan prediction) -- K-FAC traffic by category, "
-              "then the DDP gradient all-reduce every config pays:",
-              f"{'config':<11s} {'factors':>17s} {'decompositions':>17s} {'gradients':>17s} {'other':>7s} "
-              f"{'K-FAC total':>17s} {'DDP allred':>11s} {'all':>8s}",
+              (f"Bytes per step, all ranks together, {bu}: measured (plan prediction) -- K-FAC traffic by category, "
+              "then the DDP gradient all-reduce every config pays:"),
+              (f"{'config':<11s} {'factors':>17s} {'decompositions':>17s} {'gradients':>17s} {'other':>7s} "
+              f"{'K-FAC total':>17s} {'DDP allred':>11s} {'all':>8s}"),
               "-" * 113]
     for r in rows:
         m = r["kfac_bytes_per_step"]
@@ -474,6 +511,17 @@ def format_tables(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
                      f"{(ddp + r['kfac_bytes_per_step_total']) / bd:8.1f}")
     lines.append("('other' = categories the plan does not model: factor_counts (row counts all-reduced with the "
                  "factors) and control (status flags))")
+    split = []
+    for r in rows:
+        if r["kfac"] and r.get("plan_owners"):
+            apart = [n for n, o in r["plan_owners"].items() if o["A"] != o["G"]]
+            if apart:
+                p2p = r["grad_workers_per_layer"] == 1
+                split.append(f"{r['config']} {len(apart)} layer(s)"
+                             + (" (the far factor's decomposition goes point to point each refresh)" if p2p else
+                                " (within the grad-worker column: no extra traffic)"))
+    if split:
+        lines.append("A and G owned by different ranks (planner split): " + "; ".join(split))
     shares = {r["config"]: r["other_processes_share_of_machine"] for r in rows
               if r.get("other_processes_share_of_machine") is not None}
     if shares:
@@ -512,8 +560,8 @@ def at_scale_summary(path: Path, model: str = "resnet50", world_sizes: tuple[int
     ius = sorted({k for v in ratios.values() for k in v})
     shown = path.resolve().relative_to(REPO_ROOT) if path.resolve().is_relative_to(REPO_ROOT) else path
     lines = [f"Part (b), at scale: {model} from {shown} {pointer}",
-             f"  dp-kfac / comm-opt bytes per step (factor_update_steps=1) and makespan / lower bound of the LPT plans "
-             f"(fu={data.get('factor_update_steps')}, iu={data.get('inv_update_steps')}):",
+             (f"  dp-kfac / comm-opt bytes per step (factor_update_steps=1) and makespan / lower bound of the LPT plans "
+             f"(fu={data.get('factor_update_steps')}, iu={data.get('inv_update_steps')}):"),
              f"  {'N':>5s} " + " ".join(f"{'bytes iu=' + str(i):>13s}" for i in ius) + " "
              + " ".join(f"{s.split('/')[0] + ' mk/LB':>16s}" for s in strategies)]
     for n in world_sizes:
@@ -522,9 +570,30 @@ def at_scale_summary(path: Path, model: str = "resnet50", world_sizes: tuple[int
         lines.append(f"  {n:>5d} " + " ".join(f"{ratios.get(n, {}).get(i, float('nan')):13.3f}" for i in ius) + " "
                      + " ".join(f"{imb.get(n, {}).get(s, float('nan')):16.3f}" for s in strategies))
     summary = {"source": str(path), "model": model, "note": pointer,
+               "cost_model": (data.get("cost_model") or {}).get("source"),
                "fu_iu_of_rows": [data.get("factor_update_steps"), data.get("inv_update_steps")],
                "dp_over_comm_opt_bytes_fu1": {str(n): {str(i): v for i, v in d.items()} for n, d in ratios.items()},
                "makespan_over_lower_bound": {str(n): d for n, d in imb.items()}}
+    paper = data.get("vs_dp_kfac_paper")
+    if paper:
+        p = paper["paper"]
+        lines.append(f"  vs the DP-KFAC paper at N={p['world_size']} ({p['communication_reduction'][0]}-"
+                     f"{p['communication_reduction'][1]}x less communication, {p['computation_reduction'][0]}-"
+                     f"{p['computation_reduction'][1]}x less computation than D-KFAC = our comm-opt), fu=1, "
+                     f"cost model {summary['cost_model']}: comm-opt / dp-kfac")
+        vs: dict[str, Any] = {}
+        for m in dict.fromkeys(r["model"] for r in paper["rows"]):
+            for meth in dict.fromkeys(r["method"] for r in paper["rows"]):
+                rs = sorted((r for r in paper["rows"] if r["model"] == m and r["method"] == meth
+                             and r["world_size"] == p["world_size"]), key=lambda r: r["inv_update_steps"])
+                if not rs:
+                    continue
+                vs[f"{m}/{meth}"] = {str(r["inv_update_steps"]): {"communication": r["communication_ratio"],
+                                                                  "computation": r["computation_ratio"]} for r in rs}
+                lines.append(f"    {m + ' ' + meth:<19s} bytes " + " ".join(
+                    f"iu={r['inv_update_steps']}: {r['communication_ratio']:.2f}x" for r in rs) + " | makespan "
+                    + " ".join(f"iu={r['inv_update_steps']}: {r['computation_ratio']:.2f}x" for r in rs))
+        summary["vs_dp_kfac_paper_at_paper_n"] = vs
     return summary, "\n".join(lines)
 
 
@@ -612,7 +681,9 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
 def plot_title(result: dict[str, Any]) -> str:
     st, m = result["settings"], result["machine"]
     sub = "OVERSUBSCRIBED" if result["oversubscribed"] else "not oversubscribed"
-    return (f"{result['model']}: DDP + kfac.KFAC strategies, {st['world_size']} gloo ranks x {st['threads']} thread "
+    launcher = (result.get("launcher") or {}).get("name", "spawn")
+    return (f"{result['model']}: DDP + kfac.KFAC strategies, {st['world_size']} gloo ranks ({launcher}) x "
+            f"{st['threads']} thread "
             f"on {result['usable_cores']} cores ({sub}), per-rank batch {st['per_rank_batch']}, "
             f"F={st['factor_update_steps']}, I={st['inv_update_steps']}, "
             f"{st['repeats']} x {st['window']} timed steps, synthetic data\n{m['cpu_model']}, torch {m['torch']}, "
@@ -639,7 +710,12 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-size", type=int, default=4, help="gloo processes (default 4)")
+    p.add_argument("--launcher", choices=("torchrun", "spawn"), default="torchrun",
+                   help="torchrun (default): re-execute this script under python -m torch.distributed.run "
+                        "--standalone; spawn: torch.multiprocessing from this process. Ignored when already "
+                        "running under torchrun")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="gloo processes (default 4; under torchrun: its --nproc-per-node)")
     p.add_argument("--per-rank-batch", type=int, default=8, help="per-rank batch (default 8)")
     p.add_argument("--factor-update-steps", "-F", type=int, default=1, help="F (default 1)")
     p.add_argument("--inv-update-steps", "-I", type=int, default=None, help="I (default 5; 2 with --quick)")
@@ -671,63 +747,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.inv_update_steps = 2 if args.quick else 5
     if args.window is None:
         args.window = args.inv_update_steps
-    for name in ("world_size", "per_rank_batch", "factor_update_steps", "inv_update_steps", "window", "repeats",
+    for name in ("per_rank_batch", "factor_update_steps", "inv_update_steps", "window", "repeats",
                  "threads", "pool"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first K-FAC step does the initial factor update and refresh)")
-    if args.world_size < 2:
+    if args.world_size is not None and args.world_size < 2:
         p.error("--world-size must be >= 2 (this benchmark is about distributed strategies)")
     if args.scale_json is None:
         args.scale_json = args.out_dir / "planner_scale.json"
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.replot:
-        return replot(args)
-    suffix = "_quick" if args.quick else ""
+def under_torchrun() -> bool:
+    """Whether this process is a rank started by torchrun (``torch.distributed.run`` sets these variables)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def prepare(args: argparse.Namespace, world: int, launcher: dict[str, Any]
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings shared by every rank and machine information; prints the header and checks the machine is idle
+    (sleeps 1 s). Runs in the spawn parent, or on torchrun's rank 0 while the other ranks wait."""
     info = machine_info(gloo_available=dist.is_gloo_available())
     info["load_average_start"] = os.getloadavg()
     cores = info["usable_cores"] or info["logical_cores"] or 1
     model_desc = "tiny CNN (quick smoke test)" if args.quick else "torchvision resnet18(num_classes=10)"
     fu, iu, window = args.factor_update_steps, args.inv_update_steps, args.window
     settings = {
-        "quick": args.quick, "world_size": args.world_size, "per_rank_batch": args.per_rank_batch,
-        "global_batch": args.per_rank_batch * args.world_size, "factor_update_steps": fu, "inv_update_steps": iu,
+        "quick": args.quick, "world_size": world, "per_rank_batch": args.per_rank_batch,
+        "global_batch": args.per_rank_batch * world, "factor_update_steps": fu, "inv_update_steps": iu,
         "warmup": args.warmup, "window": window, "repeats": args.repeats, "configs": args.configs,
         "threads": args.threads, "pool": args.pool, "seed": args.seed, "collective_timeout": args.collective_timeout,
-        "usable_cores": cores,
+        "usable_cores": cores, "launcher": launcher["name"], "model_desc": model_desc,
     }
     windows = [(args.warmup + w * window, args.warmup + (w + 1) * window - 1) for w in range(args.repeats)]
     per_window = [(count_events(a, window, iu), count_events(a, window, fu)) for a, _ in windows]
-    log(f"{model_desc}, DDP + gloo, {args.world_size} processes x {args.threads} thread(s), per-rank batch "
-        f"{args.per_rank_batch} (global {settings['global_batch']}), {IMAGE}x{IMAGE}, float32, CPU, SYNTHETIC random "
-        f"data (timing/bytes only)")
+    log(f"{model_desc}, DDP + gloo, {world} processes x {args.threads} thread(s) launched by {launcher['name']}, "
+        f"per-rank batch {args.per_rank_batch} (global {settings['global_batch']}), {IMAGE}x{IMAGE}, float32, CPU, "
+        f"SYNTHETIC random data (timing/bytes only)")
     log(f"schedule F={fu}, I={iu}; per config: {args.warmup} warm-up step(s) (untimed), then {args.repeats} timed "
         f"window(s), interleaved across configs: "
         + ", ".join(f"steps {a}..{b} ({r} refresh(es), {f} factor update(s))"
                     for (a, b), (r, f) in zip(windows, per_window)))
     if any(r != 1 for r, _ in per_window):
         log("NOTE: not every timed window contains exactly one refresh (choose --window = I and --warmup 1)")
-    busy = args.world_size * args.threads
+    busy = world * args.threads
     if busy > cores:
         log(f"WARNING: OVERSUBSCRIBED: {busy} busy threads on {cores} usable core(s) ({info['cpu_model']}): absolute "
             f"ms/step are inflated and not representative of a cluster; compare bytes and relative costs only.")
     b0 = system_busy_seconds()
     time.sleep(1.0)
     b1 = system_busy_seconds()
-    info["busy_cores_before_start"] = None if b0 is None or b1 is None else b1 - b0  # over 1 s, this process idle
+    # over 1 s, this process idle (under torchrun the other ranks wait in a collective meanwhile)
+    info["busy_cores_before_start"] = None if b0 is None or b1 is None else b1 - b0
     if info["busy_cores_before_start"] is not None and info["busy_cores_before_start"] > 0.25:
         log(f"WARNING: {info['busy_cores_before_start']:.2f} cores busy just before starting (load average "
             f"{info['load_average_start'][0]:.2f}): other processes are using the CPU, timings will be noisier")
+    return settings, info
 
-    t0 = time.monotonic()
-    reports = launch(args.world_size, settings, args.deadline)
-    elapsed = time.monotonic() - t0
+
+def finish(args: argparse.Namespace, settings: dict[str, Any], info: dict[str, Any], launcher: dict[str, Any],
+           reports: list[dict[str, Any]], elapsed: float) -> int:
+    """Summarise every rank's report: tables on stdout, JSON and PNG (the spawn parent, or torchrun's rank 0)."""
+    suffix = "_quick" if args.quick else ""
     info["load_average_end"] = os.getloadavg()
+    fu, iu = settings["factor_update_steps"], settings["inv_update_steps"]
+    busy, cores = settings["world_size"] * settings["threads"], settings["usable_cores"]
     rows = summarise(reports, settings)
     ratio = ratio_dp_over_comm_opt(rows)
 
@@ -741,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = {r["config"]: r["skipped_steps"] for r in rows if r.get("skipped_steps")}
     if skipped:
         log(f"WARNING: K-FAC skipped steps (non-finite) in the window: {skipped}")
-    log(f"(part (a) took {elapsed:.0f} s wall)")
+    log(f"(part (a) took {elapsed:.0f} s wall, launcher: {launcher['name']}; load average at start "
+        f"{info['load_average_start'][0]:.2f}, at end {info['load_average_end'][0]:.2f})")
     scale, scale_text = at_scale_summary(args.scale_json)
     log("")
     log(scale_text)
@@ -750,9 +837,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "distributed K-FAC strategies on gloo: step time, bytes, memory",
         "description": __doc__,
         "data": "SYNTHETIC: random N(0,1) inputs, uniform random labels (timing/bytes only)",
-        "model": model_desc, "image_size": IMAGE, "dtype": "float32", "device": "cpu", "backend": "gloo",
+        "model": settings["model_desc"], "image_size": IMAGE, "dtype": "float32", "device": "cpu", "backend": "gloo",
+        "launcher": launcher,
         "sgd": SGD_KWARGS, "kfac": {**KFAC_KWARGS, "factor_update_steps": fu, "inv_update_steps": iu},
-        "configs": {k: CONFIGS[k] for k in args.configs},
+        "configs": {k: CONFIGS[k] for k in settings["configs"]},
         "settings": settings, "machine": info,
         "oversubscribed": busy > cores, "busy_threads": busy, "usable_cores": cores,
         "elapsed_seconds": elapsed,
@@ -772,6 +860,127 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, png_path, title=plot_title(result))
         log(f"wrote {png_path}")
     return 0
+
+
+def spawn_main(args: argparse.Namespace) -> int:
+    """``--launcher spawn``: this process spawns the ranks (torch.multiprocessing) and summarises."""
+    launcher = {"name": "spawn", "how": "torch.multiprocessing.start_processes(start_method='spawn'), FileStore "
+                "rendezvous, started by benchmarks/distributed.py"}
+    settings, info = prepare(args, args.world_size, launcher)
+    t0 = time.monotonic()
+    reports = launch(args.world_size, settings, args.deadline)
+    return finish(args, settings, info, launcher, reports, time.monotonic() - t0)
+
+
+def torchrun_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The command that re-executes this script under torchrun (``python -m torch.distributed.run``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world_size}",
+            "--max-restarts=0", "--monitor-interval=1", str(Path(__file__).resolve()), *argv]
+
+
+def relaunch_with_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--launcher torchrun`` (default) outside torchrun: run this script again under torchrun, wait for it
+    (killing the whole launch after ``--deadline`` plus a grace period) and return its exit status. The ranks do
+    all the work; rank 0 prints and writes the results."""
+    cmd = torchrun_command(args, argv)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               KFAC_BENCH_RELAUNCHED="1")
+    log("launching: " + shlex.join(cmd))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # own process group: killable as a whole
+    limit = args.deadline + 120.0  # the ranks' own watchdog fires at --deadline; this catches a stuck launcher
+    try:
+        rc = proc.wait(timeout=limit)
+    except BaseException as exc:  # timeout or Ctrl-C: take down torchrun and its ranks (our process group)
+        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise TimeoutError(f"torchrun launch did not finish within {limit:.0f} s") from None
+        raise
+    if rc != 0:
+        log(f"torchrun exited with status {rc}")
+    return rc
+
+
+def _start_watchdog(seconds: float, rank: int) -> threading.Timer:
+    """Abort this rank (exit status 124) after ``seconds``: torchrun then stops the others (max-restarts=0)."""
+    def fire() -> None:
+        sys.stderr.write(f"rank {rank}: benchmark did not finish within --deadline {seconds:.0f} s, aborting\n")
+        sys.stderr.flush()
+        os._exit(124)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def torchrun_rank_main(args: argparse.Namespace) -> int:
+    """One rank under torchrun: gloo from env://, :func:`worker`, reports all-gathered, rank 0 summarises."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    watchdog = _start_watchdog(args.deadline, rank)
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    if world < 2:
+        raise SystemExit("this benchmark is about distributed strategies: run it with --nproc-per-node >= 2")
+    dist.init_process_group("gloo", init_method="env://", timeout=_dt.timedelta(seconds=args.collective_timeout))
+    try:
+        launcher = {
+            "name": "torchrun",
+            "how": ("python -m torch.distributed.run --standalone (c10d rendezvous, env://), "
+                    + ("re-executed by benchmarks/distributed.py --launcher torchrun"
+                       if os.environ.get("KFAC_BENCH_RELAUNCHED") == "1" else "invoked directly by the user")),
+            "relaunched_by_script": os.environ.get("KFAC_BENCH_RELAUNCHED") == "1",
+            "run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "world_size": world,
+            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+            "max_restarts": os.environ.get("TORCHELASTIC_MAX_RESTARTS"),
+            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLOO_SOCKET_IFNAME",
+                                                   "MASTER_ADDR")},
+        }
+        box: list[Any] = [None]
+        if rank == 0:
+            if args.world_size is not None and args.world_size != world:
+                log(f"NOTE: --world-size {args.world_size} ignored: torchrun started {world} processes")
+            box[0] = prepare(args, world, launcher)
+        dist.broadcast_object_list(box, src=0)
+        settings, info = box[0]
+        t0 = time.monotonic()
+        report = worker(rank, world, settings)
+        reports: list[Any] = [None] * world
+        dist.all_gather_object(reports, report)
+        elapsed = time.monotonic() - t0
+        rc = finish(args, settings, info, launcher, reports, elapsed) if rank == 0 else 0
+        dist.barrier()  # orderly teardown: nobody leaves while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+        watchdog.cancel()
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.replot:
+        return replot(args)
+    if under_torchrun():
+        return torchrun_rank_main(args)
+    if args.world_size is None:
+        args.world_size = 4
+    if args.launcher == "torchrun":
+        return relaunch_with_torchrun(args, argv)
+    return spawn_main(args)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ separate jobs. With ``G > 1`` both stay inside the layer's grad-worker column (K
 traffic, the column receives both decompositions anyway). With ``G = 1`` the layer's single grad worker is the
 owner of its *primary* factor -- the one with the cheaper decomposition (``G`` on ties), so ``P`` rides on the
 smaller job -- and the other factor's decomposition is sent point-to-point to it once per refresh.
-``split=None`` (default) plans both ways and keeps the split plan only if it is strictly faster: a smaller
-makespan, where for ``G = 1`` each rank's load also counts the time to send or receive those point-to-point
-decompositions at ``CostModel.bandwidth`` (a split that saves 0.5% of compute but ships an 85 MB eigenbasis
-every refresh is rejected).
+``split=None`` (default) plans both ways and keeps the split plan only if it is faster: a smaller makespan, where
+for ``G = 1`` each rank's load also counts the time to send or receive those point-to-point decompositions at
+``CostModel.bandwidth``, and must be at least 5% smaller (the grad worker then also holds the other factor's
+decomposition: memory that DP-KFAC's sharding is meant to save and the makespan does not price).
 
 Communication (bytes per step, summed over all ranks; ``s = comm_bytes_per_element``; ``fu``/``iu`` the factor and
 decomposition update intervals; packed factor ``d(d+1)/2``, diagonal ``d``):
@@ -66,6 +66,8 @@ FACTORS = ("A", "G")
 _FORMAT = "kfac.planner.Plan"
 _VERSION = 1
 _SPLIT_GAIN = 1e-9  # split must beat colocated by this relative margin (a deterministic, not a numerical, tie rule)
+_SPLIT_GAIN_P2P = 0.05  # ... and by 5% when it ships decompositions point to point (G = 1): the grad worker then
+# also holds the other factor's decomposition, memory the makespan does not price
 
 
 def default_strategy(world_size: int) -> str:
@@ -531,7 +533,8 @@ def make_plan(
                              f"memory_cap={memory_cap} bytes: {errors[-1]}") from errors[-1]
     best = plans[0]
     for other in plans[1:]:
-        if _split_time(other) < best.makespan * (1 - _SPLIT_GAIN):
+        gain = _SPLIT_GAIN if other.grad_workers_per_layer > 1 or not other.split else _SPLIT_GAIN_P2P
+        if _split_time(other) < best.makespan * (1 - gain):
             best = other
     return best
 
