@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Callable, Union
+
+import torch
+from torch import Tensor
 
 Hyper = Union[float, int, Callable[[int], float]]
 
-__all__ = ["Hyper", "resolve", "check_positive", "check_step_count"]
+__all__ = ["Hyper", "resolve", "check_positive", "check_step_count", "block_lrs", "kl_clip_scale"]
 
 
 def resolve(value: Hyper | None, step: int, *, name: str) -> float | int | None:
@@ -34,3 +38,26 @@ def check_step_count(value: int, *, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def block_lrs(names: Iterable[str], default: float | None, lr: float | Mapping[str, float] | None,
+              ) -> dict[str, float]:
+    """Learning rate of each block for ``kl_clip``: ``lr`` (a float or ``{block: lr}``), else ``default``."""
+    out = {}
+    for name in names:
+        value = lr.get(name, default) if isinstance(lr, Mapping) else (default if lr is None else lr)
+        if value is None:
+            raise ValueError(f"kl_clip needs a learning rate for {name!r}: pass lr= to the preconditioner or to "
+                             "step()")
+        out[name] = float(value)
+    return out
+
+
+def kl_clip_scale(updates: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> Tensor | None:
+    """KAISA's trust region: ``nu = min(1, sqrt(kl_clip / |sum lr^2 <P(g), g>|))`` over ``(P(g), g, lr)`` triples,
+    as a 0-dim tensor (no host sync); ``None`` when there are no updates."""
+    total: Tensor | None = None
+    for v, g, lr in updates:
+        term = torch.vdot(v.reshape(-1), g.to(v.dtype).reshape(-1)) * lr ** 2
+        total = term if total is None else total + term
+    return None if total is None else torch.clamp(torch.sqrt(kl_clip / total.abs()), max=1.0)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .comm import Communicator
 from .curvature import flatten_blocks, unflatten_blocks
-from .hparams import Hyper, check_positive, resolve
+from .hparams import Hyper, block_lrs, check_positive, kl_clip_scale, resolve
 from .methods.mfac import SlidingWindowFisher
 from .modules import ModuleAdapter, adapter_for
 from .planner.assign import lpt
@@ -426,12 +426,7 @@ class MFACPreconditioner:
         local = self._fisher.ihvp(owned, damping=float(hp["damping"]))  # global mode: one k-sized sum over ranks
         precond = self._exchange(local, self.layers, "gradients")  # {block: F^{-1} g}, window dtype
         if lrs is not None:
-            vg = torch.zeros((), dtype=torch.float64, device=self.device)
-            for b in self._blocks:
-                v = precond[b.name]
-                vg += torch.vdot(v.reshape(-1).to(torch.float64), grads[b.name].reshape(-1).to(torch.float64)) \
-                    * lrs[b.name] ** 2
-            nu = torch.clamp(torch.sqrt(hp["kl_clip"] / vg.abs()), max=1.0)
+            nu = kl_clip_scale(((precond[b.name], grads[b.name], lrs[b.name]) for b in self._blocks), hp["kl_clip"])
             precond = {n: v * nu.to(v.dtype) for n, v in precond.items()}
         for b in self._blocks:
             b.set_grad(precond[b.name])
@@ -439,16 +434,7 @@ class MFACPreconditioner:
         return True
 
     def _block_lrs(self, hp: Mapping[str, Any], lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
-        if hp["kl_clip"] is None:
-            return None
-        lrs = {}
-        for b in self._blocks:
-            value = lr.get(b.name, hp["lr"]) if isinstance(lr, Mapping) else (hp["lr"] if lr is None else lr)
-            if value is None:
-                raise ValueError(f"kl_clip needs a learning rate for block {b.name!r}: pass lr= to the "
-                                 "preconditioner or to step()")
-            lrs[b.name] = float(value)
-        return lrs
+        return None if hp["kl_clip"] is None else block_lrs(self.layers, hp["lr"], lr)
 
     @torch.no_grad()
     def ihvp(self, grads: Mapping[str, Tensor] | Tensor, *, damping: float | None = None,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fisher as _fisher
-from .hparams import Hyper, check_positive, check_step_count, resolve
+from .hparams import Hyper, block_lrs, check_positive, check_step_count, kl_clip_scale, resolve
 from .comm import Communicator
 from .distributed import Executor
 from .methods import DecompositionError, make_method
@@ -552,16 +552,7 @@ class KFACPreconditioner:
                        self.skipped_steps)
 
     def _layer_lrs(self, hp: Mapping[str, Any], lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
-        if hp["kl_clip"] is None:
-            return None
-        lrs = {}
-        for layer in self._layers:
-            value = lr.get(layer.name, hp["lr"]) if isinstance(lr, Mapping) else (hp["lr"] if lr is None else lr)
-            if value is None:
-                raise ValueError(f"kl_clip needs a learning rate for layer {layer.name!r}: pass lr= to the "
-                                 "preconditioner or to step()")
-            lrs[layer.name] = float(value)
-        return lrs
+        return None if hp["kl_clip"] is None else block_lrs(self.layers, hp["lr"], lr)
 
     def _update_factors(self, decay: float) -> None:
         used = [layer for layer in self._layers if layer.a_count and layer.g_count]
@@ -659,12 +650,7 @@ class KFACPreconditioner:
         results = self._exec.exchange_gradients(local, grads)
         updates = [(layer, results[layer.name][0], grads[layer.name]) for layer in self._layers
                    if layer.name in results and results[layer.name][1]]
-        vg_sum: Tensor | None = None
-        if lrs is not None:
-            for layer, v, grad in updates:
-                term = torch.vdot(v.reshape(-1), grad.to(v.dtype).reshape(-1)) * lrs[layer.name] ** 2
-                vg_sum = term if vg_sum is None else vg_sum + term
-        nu = None if vg_sum is None else torch.clamp(torch.sqrt(kl_clip / vg_sum.abs()), max=1.0)
+        nu = None if lrs is None else kl_clip_scale(((v, g, lrs[layer.name]) for layer, v, g in updates), kl_clip)
         for layer, v, grad in updates:
             if nu is not None:
                 v = v.mul_(nu)  # v is a fresh preconditioned tensor (or a received buffer), never the gradient
