@@ -17,6 +17,16 @@ def single_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def float64_default():
+    """Float64 as the default dtype for the test (reference computations); import it with autouse in a module
+    via ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def mlp(dtype=torch.float32, seed=0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)

@@ -13,17 +13,12 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kfac
-from _helpers import single_thread  # noqa: F401
+from _helpers import float64_default, single_thread  # noqa: F401
 
 EXACT = dict(factor_decay=0.0, correction_decay=0.0, kl_clip=None, factor_dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def vec(m: torch.Tensor) -> torch.Tensor:

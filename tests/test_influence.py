@@ -13,18 +13,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kfac
-from _helpers import single_thread  # noqa: F401
+from _helpers import float64_default, single_thread  # noqa: F401
 from kfac.influence import ClassificationTask, InfluenceAnalyzer, Task
 
 F64 = dict(factor_dtype=torch.float64, score_dtype=torch.float64, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def mlp(seed: int = 0, hidden: int = 6) -> nn.Sequential:

@@ -11,16 +11,12 @@ from torch import nn
 from torch.func import functional_call, grad
 
 import kfac
+from _helpers import float64_default  # noqa: F401
 from kfac.modules import Conv2dAdapter
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 EXACT = dict(factor_decay=0.0, kl_clip=None, factor_dtype=torch.float64)
