@@ -430,8 +430,9 @@ class InfluenceAnalyzer:
         dims = [(self.store[n].g_dim, self.store[n].a_dim) for n in self.layers]
         r = self.args.query_rank
         per_query = sum(g * a if r is None else (g + a) * min(r, g, a) for g, a in dims) * size
-        return {"fitted": self.store.nbytes() + sum(t.numel() * t.element_size()
-                                                     for t in (self._mfac_grads or {}).values()),
+        mfac = 0 if self._mfac is None else self._mfac.nbytes + sum(
+            t.numel() * t.element_size() for t in self._mfac_grads.values())  # B^T, and the gradients for save()
+        return {"fitted": self.store.nbytes() + mfac,
                 "queries": num_queries * per_query,
                 "train_batch": batch_size * sum(g * a for g, a in dims) * size}
 

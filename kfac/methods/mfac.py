@@ -529,6 +529,11 @@ class StaticFisher(_BlockFisher):
     def count(self) -> int:
         return self._k
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the ``k x d`` whitened gradients ``B^T``)."""
+        return sum(t.numel() * t.element_size() for t in self._bt.values())
+
     def _check_damping_arg(self, damping: float | None) -> None:
         if damping is not None and _check_damping(damping) != self.damping:
             raise ValueError(f"StaticFisher is factorised for damping={self.damping}; build a new one for {damping}")
