@@ -14,12 +14,15 @@ setup(
     description="Distributed second-order optimization for PyTorch: K-FAC, EK-FAC, M-FAC and influence functions",
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["kfac", "kfac.*"]),
+    packages=find_packages(include=["kfac", "kfac.*"]) + ["kfac.ext.csrc"],
+    package_dir={"kfac.ext.csrc": "csrc"},  # the optional extension's sources ship inside the wheel: kfac/ext/csrc/
+    package_data={"kfac.ext.csrc": ["*.h", "*.cpp", "*.cu"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4"],
+    # safetensors: atomic, zero-copy factor files; tqdm: progress bars of influence fitting/scoring
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require={
         "examples": ["torchvision", "tensorboard", "tqdm", "matplotlib", "scikit-learn"],
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard"],
     },
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

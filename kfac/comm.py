@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import ext
+
 __all__ = ["Communicator", "Pending", "pack_symmetric", "unpack_symmetric"]
 
 
@@ -53,18 +55,12 @@ class _Done(Pending):
 
 def pack_symmetric(m: Tensor) -> Tensor:
     """The upper triangle (diagonal included) of a symmetric ``d x d`` matrix, row-major, as a vector."""
-    d = m.shape[0]
-    i, j = torch.triu_indices(d, d, device=m.device)
-    return m[i, j]
+    return ext.pack_symmetric_many([m])
 
 
 def unpack_symmetric(v: Tensor, d: int) -> Tensor:
     """Inverse of :func:`pack_symmetric`."""
-    i, j = torch.triu_indices(d, d, device=v.device)
-    m = torch.empty(d, d, dtype=v.dtype, device=v.device)
-    m[i, j] = v
-    m[j, i] = v
-    return m
+    return ext.unpack_symmetric_many(v, [d])[0]
 
 
 class Communicator:

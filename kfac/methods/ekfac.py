@@ -47,6 +47,9 @@ class EigenCorrectedKFAC(EigenKFAC):
         lam = entry.extras.get("Lambda")
         return lam if lam is not None else torch.outer(entry.dG, entry.dA)
 
+    def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
+        return v / (self.eigenvalues(entry) + damping)
+
     def reset_corrections(self, entry: FactorEntry) -> None:
         """Restart ``Lambda`` from the K-FAC eigenvalues (after the eigenbases changed)."""
         if self.ready(entry):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import ext
 from ..store import FactorEntry
 from .base import DecompositionError, with_float64_retry
 
@@ -193,12 +194,16 @@ class EigenKFAC(_KroneckerMethod):
         """The curvature's eigenvalues in the Kronecker eigenbasis ``QA (x) QG``, as a ``g_dim x a_dim`` matrix."""
         return torch.outer(entry.dG, entry.dA)
 
+    def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
+        """``v / (eigenvalues + damping)`` in the eigenbasis (fused by :func:`kfac.ext.eigen_scale`)."""
+        return ext.eigen_scale(v, entry.dG, entry.dA, damping)
+
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
         QG, cache = entry.QG, entry.cache
         v = _left(QG, grad.to(QG.dtype), cache, "QG", transpose=True)
         if entry.QA is not None:
             v = _right(v, entry.QA, cache, "QA")
-        v = v / (self.eigenvalues(entry) + damping)
+        v = self.scale(entry, v, damping)
         v = _left(QG, v, cache, "QG")
         if entry.QA is not None:
             v = _right(v, entry.QA, cache, "QA", transpose=True)

@@ -8,7 +8,8 @@ Conventions (shared by every adapter, and equal to KAISA / kfac-pytorch 0.4.2):
 * ``G_batch = g^T g / N`` with ``g`` the ``(N, d_out)`` rows built from the gradient w.r.t. the layer output as
   autograd delivers it.
 * Adapters return *sums* ``a^T a`` together with the row count ``N``, so statistics from several micro-batches
-  add up to those of the concatenated batch.
+  add up to those of the concatenated batch (computed by :func:`kfac.ext.sym_outer_update`: one triangle when the
+  C++ extension is loaded).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
+
+from .. import ext
 
 __all__ = ["ModuleAdapter", "Stat"]
 
@@ -57,14 +60,14 @@ class ModuleAdapter(ABC):
 
     def a_stat(self, x: Tensor, dtype: torch.dtype) -> Stat:
         a = self.a_rows(x).to(dtype)
-        return a.T @ a, a.shape[0]
+        return ext.sym_outer_update(a), a.shape[0]
 
     def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> Stat:
         """``(g^T g, N)`` of the rows of ``g / scale`` (``scale``: an AMP loss scale to undo)."""
         rows = self.g_rows(g).to(dtype)
         if scale is not None:
             rows = rows / scale
-        return rows.T @ rows, rows.shape[0]
+        return ext.sym_outer_update(rows), rows.shape[0]
 
     def num_examples(self, x: Tensor) -> int:
         """Examples in a layer input: its leading dimension (1 for an unbatched input)."""
