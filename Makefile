@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.kfac-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-digits test bench clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) examples/demo.py
+
+demo-digits: $(STAMP)
 	$(PY) examples/digits_demo.py
 
 test: $(STAMP)
