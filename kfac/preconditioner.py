@@ -10,12 +10,13 @@ are scaled by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <P(g), g>|))``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,7 +317,7 @@ class KFACPreconditioner:
         if not (capture or correct) or not inputs:
             return
         if capture:
-            with torch.no_grad():
+            with _statistics_mode(inputs[0]):
                 stat, n = layer.adapter.a_stat(inputs[0].detach(), self.factor_dtype)
             layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
         x = inputs[0].detach() if correct and self.method.ready(layer.entry) else None
@@ -327,10 +328,11 @@ class KFACPreconditioner:
         if not layer.handles:
             return
         if x is not None and not self._in_mc_backward:  # EK-FAC corrections use the data's own labels
-            self._add_correction(layer, x, grad)
+            with _statistics_mode(grad):
+                self._add_correction(layer, x, grad)
         if not capture or (self.fisher == "mc") != self._in_mc_backward:
             return
-        with torch.no_grad():
+        with _statistics_mode(grad):
             stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
         layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
         layer.g_calls += 1
@@ -730,6 +732,14 @@ def _all_finite(tensors: Iterable[Tensor]) -> bool:
     if len(devices) > 1:
         norms = [n.cpu() for n in norms]
     return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+@contextlib.contextmanager
+def _statistics_mode(t: Tensor) -> Iterator[None]:
+    """No autograd and no autocast: statistics are computed in ``factor_dtype`` even inside an autocast region
+    (hooks run in the forward pass, where autocast would turn ``a^T a`` into bfloat16/float16)."""
+    with torch.no_grad(), torch.autocast(device_type=t.device.type, enabled=False):
+        yield
 
 
 def _functorch_active() -> bool:

@@ -576,3 +576,26 @@ def test_in_memory_state_dict_is_a_consistent_snapshot():
     run(fresh, fresh_opt, data[3:])
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["eigen", "ekfac"])
+def test_autocast_forward_keeps_factors_in_factor_dtype(method):
+    """Under autocast (bfloat16 on CPU here; the same on CUDA) the hooks compute statistics in factor_dtype from
+    the low-precision activations, and the step works (it used to fail with a dtype mismatch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), method=method, inv_update_steps=2,
+                    factor_decay=0.0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        opt.step()
+    for name in opt.preconditioner.layers:
+        e = opt.store[name]
+        assert e.A.dtype == e.G.dtype == e.QA.dtype == torch.float32
+    a = torch.cat([x, torch.ones(16, 1)], 1)  # the first layer's input (autocast casts inside the layer)
+    torch.testing.assert_close(opt.store["0"].A, a.T @ a / 16, rtol=1e-5, atol=1e-6)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

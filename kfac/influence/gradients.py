@@ -59,7 +59,8 @@ class capture:  # noqa: N801 (a context manager used like a function)
             if name not in self.grads:
                 continue
             adapter = self.adapters[name]
-            a, g = adapter.example_rows(x, self.grads[name], self.dtype)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                a, g = adapter.example_rows(x, self.grads[name], self.dtype)
             scale = adapter.example_scale(a.shape[1])
             out[name] = (a * scale, g * scale) if scale != 1 else (a, g)
         return out
