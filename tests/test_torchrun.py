@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dist_workers as W
 from test_distributed import reference
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
