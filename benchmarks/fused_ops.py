@@ -42,19 +42,14 @@ GOAL = 0.6  # issue 6: "factor update + pack" on CPU at <= 0.6x the PyTorch time
 DAMPING = 1e-3
 
 
-# ---- the PyTorch path being replaced (kfac/comm.py, kfac/distributed.py) -------------------------------------------
+# ---- the PyTorch path (kfac.ext's fallbacks, as kfac/comm.py and kfac/reduction.py use them) ---------------------
 
 def pack_symmetric(m: Tensor) -> Tensor:
-    i, j = torch.triu_indices(m.shape[0], m.shape[0], device=m.device)
-    return m[i, j]
+    return ext.pack_symmetric_many_torch([m])
 
 
 def unpack_symmetric(v: Tensor, d: int) -> Tensor:
-    i, j = torch.triu_indices(d, d, device=v.device)
-    m = torch.empty(d, d, dtype=v.dtype, device=v.device)
-    m[i, j] = v
-    m[j, i] = v
-    return m
+    return ext.unpack_symmetric_many_torch(v, [d])[0]
 
 
 def torch_update_pack(a: Tensor) -> Tensor:

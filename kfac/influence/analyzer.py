@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
+from .. import __version__, ext
 from ..comm import Communicator
 from ..methods import EigenCorrectedKFAC, StaticFisher
 from ..preconditioner import KFACPreconditioner
@@ -245,8 +245,8 @@ class InfluenceAnalyzer:
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
                 s = sums.setdefault(name, [a.new_zeros(a.shape[-1], a.shape[-1]), g.new_zeros(g.shape[-1],
                                                                                                g.shape[-1])])
-                s[0] += a2.T @ a2
-                s[1] += g2.T @ g2
+                ext.sym_outer_update(a2, s[0])  # s += x^T x, the library's one factor-statistic op
+                ext.sym_outer_update(g2, s[1])
                 counts[i] += torch.tensor([a2.shape[0], a.shape[0]], dtype=torch.float64)
         dtype = getattr(torch, self.args.factor_dtype)
         flat = [sums.get(n, [torch.zeros(e.a_dim, e.a_dim, dtype=dtype), torch.zeros(e.g_dim, e.g_dim,
@@ -334,13 +334,8 @@ class InfluenceAnalyzer:
             n = next(iter(mats.values())).shape[0]
             outs = [self._mfac.ihvp({k: v[i] for k, v in mats.items()}) for i in range(n)]
             return {k: torch.stack([o[k] for o in outs]) for k in mats}
-        out = {}
-        for name, v in mats.items():
-            e = self.store[name]
-            w = e.QG.T @ v.to(e.QG.dtype) @ e.QA
-            w = w / (e.extras["Lambda"] + fit.damping[name])
-            out[name] = e.QG @ w @ e.QA.T
-        return out
+        return {name: self._method.precondition(self.store[name], v, damping=fit.damping[name])
+                for name, v in mats.items()}  # EK-FAC's map with this fit's Lambda (K-FAC's: T outer(dG, dA))
 
     def _query_gradients(self, query_loader: Iterable[Any]) -> dict[str, Any]:
         """Preconditioned query gradients per layer (full ``(nq, g, a)``, or ``(US, V)`` of rank ``query_rank``)."""

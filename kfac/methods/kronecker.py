@@ -92,17 +92,24 @@ class _Structure:
 
 
 def _right(v: Tensor, m: Tensor, cache: dict, key: str, transpose: bool = False) -> Tensor:
+    """``v @ M`` (or ``M^T``) for ``v`` of shape ``(rows, n)`` or a batch ``(b, rows, n)``."""
     s = _Structure.of(m, cache, key)
     if s is None:
         return v @ (m.T if transpose else m)
-    return s.right(v, transpose)
+    flat = v.reshape(-1, v.shape[-1])
+    return s.right(flat, transpose).reshape(v.shape)
 
 
 def _left(m: Tensor, v: Tensor, cache: dict, key: str, transpose: bool = False) -> Tensor:
+    """``M @ v`` (or ``M^T``) for ``v`` of shape ``(n, cols)`` or a batch ``(b, n, cols)``."""
     s = _Structure.of(m, cache, key)
     if s is None:
         return (m.T if transpose else m) @ v
-    return s.left(v, transpose)
+    if v.dim() == 2:
+        return s.left(v, transpose)
+    b, n, cols = v.shape  # M acts on dim 1: (n, b * cols)
+    out = s.left(v.transpose(0, 1).reshape(n, b * cols), transpose)
+    return out.reshape(n, b, cols).transpose(0, 1)
 
 
 def _damped_inverse(m: Tensor, damping: float, what: str = "factor") -> Tensor:
@@ -195,10 +202,15 @@ class EigenKFAC(_KroneckerMethod):
         return torch.outer(entry.dG, entry.dA)
 
     def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
-        """``v / (eigenvalues + damping)`` in the eigenbasis (fused by :func:`kfac.ext.eigen_scale`)."""
-        return ext.eigen_scale(v, entry.dG, entry.dA, damping)
+        """``v / (eigenvalues + damping)`` in the eigenbasis (fused by :func:`kfac.ext.eigen_scale`; a batch
+        ``(b, g_dim, a_dim)`` broadcasts)."""
+        if v.dim() == 2:
+            return ext.eigen_scale(v, entry.dG, entry.dA, damping)
+        return v / (self.eigenvalues(entry) + damping)
 
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
+        """The damped inverse applied to a ``(g_dim, a_dim)`` gradient matrix, or to a batch ``(b, g_dim,
+        a_dim)`` of them."""
         QG, cache = entry.QG, entry.cache
         v = _left(QG, grad.to(QG.dtype), cache, "QG", transpose=True)
         if entry.QA is not None:
