@@ -450,6 +450,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16",
                    help="autocast dtype; fp16 uses a GradScaler (passed to K-FAC as grad_scaler=)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--matmul-precision", choices=("highest", "high"), default="high",
+                   help="torch.set_float32_matmul_precision for every configuration (default high: TF32 float32 "
+                        "matmuls, PyTorch's recommended setting for training on Ampere/Hopper; cuDNN convolutions "
+                        "use TF32 by default either way)")
     p.add_argument("--ext", action="store_true",
                    help="if kfac.ext is available, also time every K-FAC config under kfac.ext.backend('torch')")
     p.add_argument("--repeats", type=int, default=None, help="timed windows per configuration (default 3; quick 2)")
@@ -487,6 +491,8 @@ def output_stem(args: argparse.Namespace) -> str:
     stem = "gpu_step"
     if args.amp:
         stem += "_amp" if args.amp_dtype == "bf16" else "_amp_fp16"
+    if args.matmul_precision == "highest":
+        stem += "_fp32mm"
     if args.channels_last:
         stem += "_cl"
     return stem
@@ -498,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision(args.matmul_precision)
     elif args.quick or args.allow_cpu:
         device = torch.device("cpu")
         log("NOTE: no CUDA device; running on CPU (timings say nothing about the GPU goal)")
@@ -529,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     log(gpu_line)
     log(f"{setup.model}, batch {setup.batch}, {setup.image}x{setup.image}, "
         f"{'autocast ' + amp if amp else 'float32'}{', channels_last' if args.channels_last else ''}, "
+        f"float32 matmul precision {torch.get_float32_matmul_precision()}, "
         f"schedule {setup.schedule}, SYNTHETIC data; configs: {', '.join(n for n, _, _ in names)}")
 
     batches = make_batches(setup, args.pool, args.seed, device, args.channels_last)
@@ -577,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": "SYNTHETIC: random N(0,1) inputs, uniform random labels, pool cycled on the device (timing only)",
         "model": setup.model, "batch_size": setup.batch, "image_size": setup.image, "num_classes": setup.num_classes,
         "device": str(device), "amp": amp, "channels_last": args.channels_last,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "schedule": {"factor_update_steps": setup.schedule[0], "inv_update_steps": setup.schedule[1]},
         "sgd": SGD_KWARGS, "kfac": {**KFAC_KWARGS, "skip_layers": list(setup.skip_layers)},
         "mfac": {**MFAC_KWARGS, "num_grads": setup.mfac_num_grads},

@@ -48,8 +48,15 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
               ref.device());
 }
 
+// "[a, b]", formatted here: streaming an IntArrayRef into TORCH_CHECK crashed one torch 2.11 + CUDA 13 build.
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
 void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", shape_of(t));
 }
 
 void check_writable(const at::Tensor& t, const char* op, const char* name) {
@@ -100,7 +107,7 @@ void sym_outer_update_(at::Tensor out, const at::Tensor& x_in, double alpha, dou
   check_like(out, x, op, "out", "x");
   const int64_t d = x.size(1);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == d && out.size(1) == d, op, ": out must be ", d, " x ", d,
-              " (x has ", d, " columns), got shape ", out.sizes());
+              " (x has ", d, " columns), got shape ", shape_of(out));
   check_writable(out, op, "out");
   if (d == 0) return;
   const Dev dev = device_of(x, op);
@@ -147,7 +154,7 @@ void pack_symmetric_many_(at::Tensor buffer, int64_t offset, at::TensorList mats
     const auto& m = mats[k];
     const std::string name = "matrix " + std::to_string(k);
     check_like(m, buffer, op, name.c_str(), "buffer");
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == m.size(1), op, ": ", name, " must be square, got shape ", m.sizes());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == m.size(1), op, ": ", name, " must be square, got shape ", shape_of(m));
     slots.push_back({m.size(0), offset + total, scales.empty() ? 1.0 : scales[k]});
     total += packed_size(m.size(0));
   }
@@ -185,12 +192,12 @@ at::Tensor eigen_scale_impl(const at::Tensor& v, const at::Tensor& d_g_in, const
   check_like(d_g_in, v, op, "d_g", "v");
   check_like(d_a_in, v, op, "d_a", "v");
   TORCH_CHECK(d_g_in.dim() == 1 && d_g_in.size(0) == v.size(0), op, ": d_g must have shape (", v.size(0),
-              ",) to match v of shape ", v.sizes(), ", got ", d_g_in.sizes());
+              ",) to match v of shape ", shape_of(v), ", got ", shape_of(d_g_in));
   TORCH_CHECK(d_a_in.dim() == 1 && d_a_in.size(0) == v.size(1), op, ": d_a must have shape (", v.size(1),
-              ",) to match v of shape ", v.sizes(), ", got ", d_a_in.sizes());
+              ",) to match v of shape ", shape_of(v), ", got ", shape_of(d_a_in));
   if (acc.defined()) {
     check_like(acc, v, op, "acc", "v");
-    TORCH_CHECK(acc.sizes() == v.sizes(), op, ": acc must have the shape of v ", v.sizes(), ", got ", acc.sizes());
+    TORCH_CHECK(acc.sizes() == v.sizes(), op, ": acc must have the shape of v ", shape_of(v), ", got ", shape_of(acc));
     check_writable(acc, op, "acc");
   }
   const Dev dev = device_of(v, op);

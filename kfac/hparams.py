@@ -56,8 +56,11 @@ def block_lrs(names: Iterable[str], default: float | None, lr: float | Mapping[s
 def kl_clip_scale(updates: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> Tensor | None:
     """KAISA's trust region: ``nu = min(1, sqrt(kl_clip / |sum lr^2 <P(g), g>|))`` over ``(P(g), g, lr)`` triples,
     as a 0-dim tensor (no host sync); ``None`` when there are no updates."""
-    total: Tensor | None = None
-    for v, g, lr in updates:
-        term = torch.vdot(v.reshape(-1), g.to(v.dtype).reshape(-1)) * lr ** 2
-        total = term if total is None else total + term
-    return None if total is None else torch.clamp(torch.sqrt(kl_clip / total.abs()), max=1.0)
+    dots: dict[tuple[float, torch.device, torch.dtype], list[Tensor]] = {}
+    for v, g, lr in updates:  # one dot per layer, summed per learning rate (a handful of kernels, not 3/layer)
+        dots.setdefault((lr, v.device, v.dtype), []).append(torch.vdot(v.reshape(-1), g.to(v.dtype).reshape(-1)))
+    if not dots:
+        return None
+    device = next(iter(dots))[1]
+    total = sum((torch.stack(ds).sum() * lr ** 2).to(device) for (lr, _, _), ds in dots.items())
+    return torch.clamp(torch.sqrt(kl_clip / total.abs()), max=1.0)

@@ -448,20 +448,27 @@ class KFACPreconditioner:
         grads = {layer.name: grads[layer.name] for layer in self._layers}
         hp = self._hparams(self.steps)
         lrs = self._layer_lrs(hp, lr)
-        if self.steps % hp["factor_update_steps"] == 0:
+        update = self.steps % hp["factor_update_steps"] == 0
+        refresh = self.steps % hp["inv_update_steps"] == 0
+        if update:
             self._exec.launch_statistics()  # before any other collective of this step, on every rank
+        staged = None
+        if not (update or refresh or self._correcting()):
+            # Nothing but preconditioning: queue it before the finiteness check's host sync, so that the device
+            # is kept busy while the host waits (the results are fresh tensors, dropped if the step is skipped).
+            staged = self._preconditioned(grads, hp, lrs)
         finite = grads_finite and _all_finite(g for g in grads.values() if g is not None)
         if not self._comm.all_true(finite):
             self.skip_step("non-finite gradients" if not finite else "non-finite gradients on another rank")
             return False
-        if self.steps % hp["factor_update_steps"] == 0:
+        if update:
             self._update_factors(hp["factor_decay"])
-        if self.steps % hp["inv_update_steps"] == 0:
+        if refresh:
             self._refresh(hp["damping"])  # new eigenbases: this step's corrections (in the old ones) are dropped
         elif self._correcting():
             self._update_corrections(hp["correction_decay"])
         self.discard_pending_statistics()
-        self._precondition(grads, hp, lrs)
+        _copy_all(staged if staged is not None else self._preconditioned(grads, hp, lrs))
         self.steps += 1
         return True
 
@@ -639,8 +646,10 @@ class KFACPreconditioner:
             if n > 0:
                 self.method.update_corrections(self.store[name], total / (n * scale), decay)
 
-    def _precondition(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
-                      lrs: Mapping[str, float] | None) -> None:
+    def _preconditioned(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
+                        lrs: Mapping[str, float] | None) -> list[tuple[Tensor, Tensor]]:
+        """Queue the preconditioning of every tracked gradient (exchanged between ranks, scaled by ``kl_clip``);
+        returns the ``(.grad, new value)`` pairs to copy, leaving the gradients untouched."""
         kl_clip, damping = hp["kl_clip"], hp["damping"]
         local: dict[str, tuple[Tensor, bool]] = {}
         for layer in self._layers:
@@ -655,10 +664,9 @@ class KFACPreconditioner:
         updates = [(layer, results[layer.name][0], grads[layer.name]) for layer in self._layers
                    if layer.name in results and results[layer.name][1]]
         nu = None if lrs is None else kl_clip_scale(((v, g, lrs[layer.name]) for layer, v, g in updates), kl_clip)
-        for layer, v, grad in updates:
-            if nu is not None:
-                v = v.mul_(nu)  # v is a fresh preconditioned tensor (or a received buffer), never the gradient
-            layer.adapter.set_grad_matrix(v.to(grad.dtype))
+        if nu is not None:  # each v is a fresh preconditioned tensor (or a received buffer), never the gradient
+            _foreach_mul_([v for _, v, _ in updates], nu)
+        return [pair for layer, v, _ in updates for pair in layer.adapter.grad_targets(v)]
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -709,6 +717,37 @@ class KFACPreconditioner:
         return (f"KFACPreconditioner(method={self.method.name!r}, strategy={self._exec.strategy!r}, "
                 f"world_size={self.world_size}, layers={len(self._layers)}, "
                 f"skipped={len(self.skipped)}, steps={self.steps}, store={self.store!r})")
+
+
+def _foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
+    """``t *= factor`` (a 0-dim tensor) for every tensor, batched into one kernel per device and dtype."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for (device, _), ts in groups.items():
+        f = factor.to(device)
+        try:
+            torch._foreach_mul_(ts, f)
+        except (AttributeError, RuntimeError, TypeError):  # pragma: no cover (torch without the Tensor overload)
+            for t in ts:
+                t.mul_(f)
+
+
+def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """``dst.copy_(src)`` for every pair (dtype conversion included), batched into one ``_foreach_copy_`` per
+    device and dtype pair."""
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for dst, src in pairs:
+        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.dtype), ([], []))
+        dsts.append(dst)
+        srcs.append(src)
+    copy = getattr(torch, "_foreach_copy_", None)
+    for dsts, srcs in groups.values():
+        if copy is not None and dsts[0].device == srcs[0].device:
+            copy(dsts, srcs)
+        else:  # pragma: no cover (old torch, or a source on another device)
+            for dst, src in zip(dsts, srcs):
+                dst.copy_(src)
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -237,7 +237,8 @@ class InfluenceAnalyzer:
     def _fit_factors(self, loader: Iterable[Any]) -> None:
         comm, store = self._pre._comm, self._pre.store
         sums: dict[str, list[Tensor]] = {}
-        counts = torch.zeros(len(self.layers), 2, dtype=torch.float64)  # rows, examples
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        counts = torch.zeros(len(self.layers), 2, dtype=torch.float64, device=device)  # rows, examples
         for i, batch in self._batches(loader, "fitting factors"):
             rows = self._backward(batch, sampled=self.args.fisher == "mc", index=i)
             for i, name in enumerate(self.layers):
@@ -247,10 +248,11 @@ class InfluenceAnalyzer:
                                                                                                g.shape[-1])])
                 ext.sym_outer_update(a2, s[0])  # s += x^T x, the library's one factor-statistic op
                 ext.sym_outer_update(g2, s[1])
-                counts[i] += torch.tensor([a2.shape[0], a.shape[0]], dtype=torch.float64)
+                counts[i, 0] += a2.shape[0]
+                counts[i, 1] += a.shape[0]
         dtype = getattr(torch, self.args.factor_dtype)
-        flat = [sums.get(n, [torch.zeros(e.a_dim, e.a_dim, dtype=dtype), torch.zeros(e.g_dim, e.g_dim,
-                                                                                        dtype=dtype)])[k]
+        flat = [sums.get(n, [torch.zeros(e.a_dim, e.a_dim, dtype=dtype, device=device),
+                             torch.zeros(e.g_dim, e.g_dim, dtype=dtype, device=device)])[k]
                 for n, e in ((n, store[n]) for n in self.layers) for k in (0, 1)]
         if comm.enabled:
             counts = comm.all_reduce_sum([counts], category="influence", exact=True)[0]
@@ -280,8 +282,9 @@ class InfluenceAnalyzer:
 
     def _fit_lambda(self, loader: Iterable[Any]) -> None:
         comm, store = self._pre._comm, self._pre.store
-        sums = {n: torch.zeros(store[n].g_dim, store[n].a_dim, dtype=store[n].QG.dtype) for n in self.layers}
-        count = torch.zeros(1, dtype=torch.float64)
+        sums = {n: torch.zeros(store[n].g_dim, store[n].a_dim, dtype=store[n].QG.dtype, device=store[n].QG.device)
+                for n in self.layers}
+        count = torch.zeros(1, dtype=torch.float64, device=next(iter(sums.values())).device if sums else None)
         for _, batch in self._batches(loader, "fitting eigenvalue corrections"):
             rows = self._backward(batch, sampled=False)
             for name in self.layers:

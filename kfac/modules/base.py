@@ -104,13 +104,18 @@ class ModuleAdapter(ABC):
             mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat
 
+    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter .grad, matching view of mat)`` pairs that :meth:`set_grad_matrix` copies (batched by the
+        preconditioner into one ``_foreach_copy_``)."""
+        w = self.module.weight
+        if not self.has_bias:
+            return [(w.grad, mat.reshape(w.shape))]
+        out = [(w.grad, mat[:, :-1].reshape(w.shape))]
+        if self.module.bias.grad is not None:
+            out.append((self.module.bias.grad, mat[:, -1].reshape(self.module.bias.shape)))
+        return out
+
     def set_grad_matrix(self, mat: Tensor) -> None:
         """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad`` (in place)."""
-        w = self.module.weight
-        if self.has_bias:
-            wmat, bvec = mat[:, :-1], mat[:, -1]
-            if self.module.bias.grad is not None:
-                self.module.bias.grad.copy_(bvec.reshape(self.module.bias.shape))
-        else:
-            wmat = mat
-        w.grad.copy_(wmat.reshape(w.shape))
+        for dst, src in self.grad_targets(mat):
+            dst.copy_(src)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ext
 from .base import ModuleAdapter
 
 __all__ = ["Conv2dAdapter"]
@@ -50,17 +51,41 @@ class Conv2dAdapter(ModuleAdapter):
             return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0, 0)
         return x, tuple(m.padding)  # type: ignore[return-value]
 
-    def a_rows(self, x: Tensor) -> Tensor:
+    def _patches(self, x: Tensor) -> tuple[Tensor, int]:
+        """The unscaled ``(N*S, a_dim)`` patch rows (ones column last with a bias) and ``S``."""
         m = self.module
         if x.dim() == 3:
             x = x.unsqueeze(0)
         x, padding = self._padded(x)
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        spatial = patches.shape[-1]
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        if tuple(m.kernel_size) == (1, 1) and tuple(padding) == (0, 0):  # a 1x1 patch is a pixel: no im2col
+            x = x[:, :, ::m.stride[0], ::m.stride[1]]
+            spatial = x.shape[2] * x.shape[3]
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        else:
+            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            spatial = patches.shape[-1]
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows, spatial
+
+    def a_rows(self, x: Tensor) -> Tensor:
+        rows, spatial = self._patches(x)
         return rows / spatial
+
+    def a_stat(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        rows, spatial = self._patches(x)  # the 1/S of the rows goes into the product's alpha: no scaled copy
+        rows = rows.to(dtype)
+        return ext.sym_outer_update(rows, alpha=1.0 / spatial ** 2), rows.shape[0]
+
+    def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> tuple[Tensor, int]:
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        spatial = g.shape[2] * g.shape[3]
+        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).to(dtype)
+        if scale is not None:
+            rows = rows / scale
+        return ext.sym_outer_update(rows, alpha=1.0 / spatial ** 2), rows.shape[0]
 
     def num_examples(self, x: Tensor) -> int:
         return x.shape[0] if x.dim() == 4 else 1

@@ -50,5 +50,5 @@ class EmbeddingAdapter(ModuleAdapter):
         w = self.module.weight
         return None if w.grad is None else w.grad.T
 
-    def set_grad_matrix(self, mat: Tensor) -> None:
-        self.module.weight.grad.copy_(mat.T)
+    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [(self.module.weight.grad, mat.T)]
