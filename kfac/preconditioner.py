@@ -710,7 +710,8 @@ class KFACPreconditioner:
         probe.load_state_dict(state["store"])
 
     def memory_usage(self) -> int:
-        """Bytes held by factors and decompositions."""
+        """Bytes held by factors and decompositions (not counting derived caches: eigen K-FAC on the PyTorch path
+        keeps ``1 / (eigenvalues + damping)``, one number per tracked weight, between refreshes)."""
         return self.store.nbytes()
 
     def __repr__(self) -> str:

@@ -64,6 +64,7 @@ class FactorEntry:
 
     def clear_decompositions(self) -> None:
         self.QA = self.dA = self.QG = self.dG = self.A_inv = self.G_inv = None
+        self.cache.clear()  # derived from the decompositions; holding it would keep them alive
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -75,6 +76,7 @@ class FactorEntry:
             if t is not None:
                 setattr(self, k, t.to(device))
         self.extras = {k: v.to(device) for k, v in self.extras.items()}
+        self.cache.clear()
 
 
 class FactorStore(Mapping[str, FactorEntry]):

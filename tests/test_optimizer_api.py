@@ -599,3 +599,29 @@ def test_autocast_forward_keeps_factors_in_factor_dtype(method):
     a = torch.cat([x, torch.ones(16, 1)], 1)  # the first layer's input (autocast casts inside the layer)
     torch.testing.assert_close(opt.store["0"].A, a.T @ a / 16, rtol=1e-5, atol=1e-6)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cached_eigen_scaling_follows_damping_and_refresh():
+    """The PyTorch path caches 1 / (eigenvalues + damping): it must follow damping changes and new decompositions
+    (each product equals the dense (A (x) G + damping I)^-1 solve)."""
+    model = _mlp(FLOAT64)
+    pre = kfac.KFACPreconditioner(model, damping=0.1, kl_clip=None, factor_decay=0.5, factor_dtype=FLOAT64)
+    g = torch.Generator().manual_seed(5)
+
+    def check(damping):
+        grads = {n: torch.randn(s, generator=g, dtype=FLOAT64) for n, s in pre.block_shapes().items()}
+        with kfac.ext.backend("torch"):
+            out = pre.ihvp(grads, damping=damping)
+        for name, v in grads.items():
+            e = pre.store[name]
+            dense = torch.kron(e.A, e.G) + damping * torch.eye(e.A.shape[0] * e.G.shape[0], dtype=FLOAT64)
+            want = torch.linalg.solve(dense, v.T.reshape(-1)).reshape(v.shape[1], v.shape[0]).T
+            torch.testing.assert_close(out[name], want, rtol=1e-9, atol=1e-12)
+
+    for step in range(2):
+        _loss(model, step, FLOAT64).backward()
+        pre.update()
+        pre.refresh()
+        for damping in (0.1, 0.01, 0.1):
+            check(damping)
+        model.zero_grad()

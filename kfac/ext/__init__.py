@@ -35,7 +35,7 @@ from torch import Tensor
 from . import _build
 
 __all__ = [  # noqa: RUF022 - grouped: control, fused ops, their PyTorch implementations
-    "PREFERRED", "available", "backend", "enable", "info", "load", "packed_size", "set_preferred",
+    "PREFERRED", "available", "backend", "enable", "info", "load", "packed_size", "set_preferred", "uses_extension",
     "sym_outer_update", "sym_outer_pack", "pack_symmetric_many", "unpack_symmetric_many", "eigen_scale",
     "sym_outer_update_torch", "sym_outer_pack_torch", "pack_symmetric_many_torch", "unpack_symmetric_many_torch",
     "eigen_scale_torch",
@@ -209,6 +209,12 @@ def set_preferred(op: str, device_type: str, use_extension: bool, *, min_size: i
         ops[op] = int(min_size)
     else:
         ops.pop(op, None)
+
+
+def uses_extension(op: str, t: Tensor, size: int) -> bool:
+    """Whether ``op`` on tensors like ``t`` with problem ``size`` (as the op measures it, see :data:`PREFERRED`)
+    would run in the extension under the current backend, rather than in its PyTorch fallback."""
+    return _ext_for(op, t, size) is not None
 
 
 def _ext_for(op: str, t: Tensor, size: int) -> Any | None:

@@ -204,9 +204,15 @@ class EigenKFAC(_KroneckerMethod):
     def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
         """``v / (eigenvalues + damping)`` in the eigenbasis (fused by :func:`kfac.ext.eigen_scale`; a batch
         ``(b, g_dim, a_dim)`` broadcasts)."""
-        if v.dim() == 2:
+        if v.dim() == 2 and ext.uses_extension("eigen_scale", v, v.numel()):
             return ext.eigen_scale(v, entry.dG, entry.dA, damping)
-        return v / (self.eigenvalues(entry) + damping)
+        # One multiply by 1 / (eigenvalues + damping), cached until the decomposition or the damping changes
+        # (instead of outer, add and divide at every step: fewer kernel launches on a GPU).
+        hit = entry.cache.get("inv_eigenvalues")
+        if hit is None or hit[0] is not entry.dG or hit[1] is not entry.dA or hit[2] != damping:
+            hit = (entry.dG, entry.dA, damping, (self.eigenvalues(entry) + damping).reciprocal_())
+            entry.cache["inv_eigenvalues"] = hit
+        return v * hit[3]
 
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
         """The damped inverse applied to a ``(g_dim, a_dim)`` gradient matrix, or to a batch ``(b, g_dim,
