@@ -36,6 +36,10 @@ optimizer at its chosen lr, with the target line). ``--quick``: a 2-point grid, 
 steps, target 0.9, writing ``convergence_quick.*``. The full run takes about 2.5 minutes on 2 CPU cores (quick: ~10 s).
 
     python benchmarks/convergence.py [--quick] [--threads 1] [--target 0.96] [--max-steps 400] [--seeds 3,4,5,6,7]
+    python benchmarks/convergence.py --batch-size 256 --kfac-kl-clip 1e-2   # the large-batch run of the README
+
+``--batch-size`` other than 64 writes ``convergence_b<size>.*`` and scales every lr grid by ``sqrt(size / 64)``;
+``--kfac-kl-clip`` / ``--kfac-damping`` replace the K-FAC family's kl_clip / damping.
 """
 
 from __future__ import annotations
@@ -102,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=list(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (tiny model: one thread is fastest and steadiest on a shared machine)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"training batch size (default {BATCH_SIZE}); other sizes write convergence_b<size>.*")
+    p.add_argument("--kfac-kl-clip", type=float, default=KFAC_SETTINGS["kl_clip"],
+                   help=f"kl_clip of the K-FAC family (default {KFAC_SETTINGS['kl_clip']})")
+    p.add_argument("--kfac-damping", type=float, default=KFAC_SETTINGS["damping"],
+                   help=f"damping of the K-FAC family (default {KFAC_SETTINGS['damping']})")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where convergence[_quick].{json,png} go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     a = p.parse_args(argv)
@@ -120,35 +130,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def lr_grid(name: str, points: int, factor: float) -> list[float]:
-    """``points`` lrs spaced by ``factor`` and centred (geometrically) on ``CENTRES[name]``."""
-    centre = CENTRES[name]
+def lr_grid(name: str, points: int, factor: float, batch_size: int = BATCH_SIZE) -> list[float]:
+    """``points`` lrs spaced by ``factor`` and centred (geometrically) on ``CENTRES[name]``, scaled by
+    ``sqrt(batch_size / 64)`` for other batch sizes."""
+    centre = CENTRES[name] * (batch_size / BATCH_SIZE) ** 0.5  # square-root lr scaling with the batch size
     return [float(f"{centre * factor ** (i - (points - 1) / 2):.4g}") for i in range(points)]
 
 
-def build_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: torch.nn.Module, lr: float,
+                    kfac_settings: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "mfac":
         return kfac.MFAC(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM), **MFAC_SETTINGS)
-    kwargs = KFAC_SETTINGS if name != "sgd" else {}
+    kwargs = (kfac_settings or KFAC_SETTINGS) if name != "sgd" else {}
     return make_digits_optimizer(name, model, lr=lr, momentum=MOMENTUM, **kwargs)
 
 
 def run(name: str, data: DigitsData, *, lr: float, seed: int, target: float, max_steps: int, eval_every: int,
-        stop_at_target: bool) -> dict[str, Any]:
+        stop_at_target: bool, batch_size: int = BATCH_SIZE, kfac_settings: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
     """One training run; test accuracy every ``eval_every`` steps; wall time counts training steps only."""
     model = make_model(seed)
-    opt = build_optimizer(name, model, lr)
+    opt = build_optimizer(name, model, lr, kfac_settings)
     model.train()
-    epochs = math.ceil(max_steps / (data.n_train // BATCH_SIZE))
+    epochs = math.ceil(max_steps / (data.n_train // batch_size))
     steps, wall, diverged = 0, 0.0, False
     curve_steps: list[int] = [0]
     curve_acc: list[float] = [evaluate(model, data.x_test, data.y_test)[1]]
     curve_time: list[float] = [0.0]
     hit_step: int | None = None
     hit_time: float | None = None
-    for idx in batch_indices(data.n_train, BATCH_SIZE, epochs=epochs, seed=seed):
+    for idx in batch_indices(data.n_train, batch_size, epochs=epochs, seed=seed):
         if steps >= max_steps:
             break
         x, y = data.x_train[idx], data.y_train[idx]
@@ -241,7 +254,7 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     axes[1].set_xscale("log")
     axes[0].legend(fontsize=8, loc="lower right")
     m = result["machine"]
-    fig.suptitle(f"digits CNN, batch {BATCH_SIZE}, {m['threads']} thread(s), {m['cpu_model']}; "
+    fig.suptitle(f"digits CNN, batch {result['config']['batch_size']}, {m['threads']} thread(s), {m['cpu_model']}; "
                  f"seeds {result['config']['seeds']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -254,13 +267,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     data = load_data()
-    common = {"target": args.target, "max_steps": args.max_steps, "eval_every": args.eval_every}
+    kfac_settings = {**KFAC_SETTINGS, "kl_clip": args.kfac_kl_clip, "damping": args.kfac_damping}
+    common = {"target": args.target, "max_steps": args.max_steps, "eval_every": args.eval_every,
+              "batch_size": args.batch_size, "kfac_settings": kfac_settings}
 
     # 1) lr sweep: same grid size and seeds for every optimizer; runs stop at the target.
     sweep: dict[str, Any] = {}
     chosen: dict[str, float] = {}
     for name in args.optimizers:
-        grid = lr_grid(name, args.grid_points, args.grid_factor)
+        grid = lr_grid(name, args.grid_points, args.grid_factor, args.batch_size)
         entries = []
         for lr in grid:
             runs = [run(name, data, lr=lr, seed=s, stop_at_target=True, **common) for s in args.sweep_seeds]
@@ -300,17 +315,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "convergence", "quick": args.quick,
         "machine": machine_info(threads=args.threads, loadavg_start=load_before, loadavg_end=load_after),
         "config": {"dataset": "sklearn digits (1347 train / 450 test, 8x8)", "model": "examples/_digits.make_model",
-                   "batch_size": BATCH_SIZE, "target": args.target, "max_steps": args.max_steps,
+                   "batch_size": args.batch_size, "target": args.target, "max_steps": args.max_steps,
                    "eval_every": args.eval_every, "grid_points": args.grid_points, "grid_factor": args.grid_factor,
                    "centres": {n: CENTRES[n] for n in args.optimizers}, "sweep_seeds": args.sweep_seeds,
-                   "seeds": args.seeds, "momentum": MOMENTUM, "kfac_settings": KFAC_SETTINGS,
+                   "seeds": args.seeds, "momentum": MOMENTUM, "kfac_settings": kfac_settings,
                    "mfac_settings": MFAC_SETTINGS, "selection": "min median steps-to-target over sweep seeds "
                    "(not reached = inf), ties by median wall time", "goal": GOAL,
                    "wall_time": "training steps only (zero_grad, forward, backward, step); evaluation excluded"},
         "sweep": sweep, "report": report, "runtime_s": runtime,
     }
 
-    print(f"\nTime to {args.target:.1%} test accuracy (digits CNN, batch {BATCH_SIZE}, {args.threads} thread(s), "
+    print(f"\nTime to {args.target:.1%} test accuracy (digits CNN, batch {args.batch_size}, {args.threads} thread(s), "
           f"max {args.max_steps} steps); medians over seeds {args.seeds} [min-max]")
     print(f"{'optimizer':20s} {'lr':>8s} {'reached':>8s} {'steps':>16s} {'wall (s)':>22s} {'ms/step':>8s} "
           f"{'steps/SGD':>9s} {'wall/SGD':>9s}")
@@ -327,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"runtime {runtime:.1f} s; load average start {load_before}, end {load_after}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "convergence" + ("_quick" if args.quick else "")
+    stem = ("convergence" + (f"_b{args.batch_size}" if args.batch_size != BATCH_SIZE else "")
+            + ("_quick" if args.quick else ""))
     json_path = args.out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=_json_default) + "\n")
     print(f"wrote {json_path}")
