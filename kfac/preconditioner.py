@@ -737,14 +737,14 @@ def _foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
 def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
     """``dst.copy_(src)`` for every pair (dtype conversion included), batched into one ``_foreach_copy_`` per
     device and dtype pair."""
-    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
     for dst, src in pairs:
-        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.dtype), ([], []))
+        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.device, src.dtype), ([], []))
         dsts.append(dst)
         srcs.append(src)
     copy = getattr(torch, "_foreach_copy_", None)
-    for dsts, srcs in groups.values():
-        if copy is not None and dsts[0].device == srcs[0].device:
+    for (dst_device, _, src_device, _), (dsts, srcs) in groups.items():
+        if copy is not None and dst_device == src_device:
             copy(dsts, srcs)
         else:  # pragma: no cover (old torch, or a source on another device)
             for dst, src in zip(dsts, srcs):
