@@ -2,7 +2,8 @@
 # What a session with a GPU runs (issue 7), in one command of under 10 minutes on one H100/H200:
 #   bash benchmarks/gpu_session.sh [step|tests|all]      (results and logs under $OUT, default /tmp/kfac_gpu)
 # step:  builds kfac.ext with CUDA kernels (in the background), times ResNet-50 SGD vs K-FAC in float32 and bf16
-#        autocast (benchmarks/gpu_step.py), then runs the CUDA tests.
+#        autocast (benchmarks/gpu_step.py), eigh / Cholesky per linalg backend (benchmarks/gpu_eigh.py), then runs
+#        the CUDA tests. (An --ext comparison doubles the K-FAC configurations: run it on its own.)
 # tests: the whole test suite on this machine's torch (pytest-xdist when installed) and the fused-op benchmark.
 set -u
 OUT=${OUT:-/tmp/kfac_gpu}
@@ -16,10 +17,11 @@ $PY -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__versio
 if [[ $what == step || $what == all ]]; then
   (time MAX_JOBS=4 timeout 400 $PY -m kfac.ext build --cuda) >"$OUT/ext_build.log" 2>&1 &
   build=$!
-  timeout 200 $PY benchmarks/gpu_step.py --out-dir "$OUT" 2>&1 | tee "$OUT/gpu_step.log" | tail -n 25
+  timeout 240 $PY benchmarks/gpu_step.py --out-dir "$OUT" 2>&1 | tee "$OUT/gpu_step.log" | tail -n 25
   wait $build; tail -n 5 "$OUT/ext_build.log"
   $PY -m kfac.ext info
-  timeout 200 $PY benchmarks/gpu_step.py --amp --ext --out-dir "$OUT" 2>&1 | tee "$OUT/gpu_step_amp.log" | tail -n 25
+  timeout 240 $PY benchmarks/gpu_step.py --amp --out-dir "$OUT" 2>&1 | tee "$OUT/gpu_step_amp.log" | tail -n 25
+  timeout 60 $PY benchmarks/gpu_eigh.py 577 2305 4609 2>&1 | tee "$OUT/gpu_eigh.log"
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ext.py tests/test_gpu_step_benchmark.py \
     2>&1 | tee "$OUT/pytest_cuda.log" | tail -n 25
 fi
