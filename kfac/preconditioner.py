@@ -450,10 +450,11 @@ class KFACPreconditioner:
         lrs = self._layer_lrs(hp, lr)
         update = self.steps % hp["factor_update_steps"] == 0
         refresh = self.steps % hp["inv_update_steps"] == 0
+        correct = not refresh and self._correcting()
         if update:
             self._exec.launch_statistics()  # before any other collective of this step, on every rank
         staged = None
-        if not (update or refresh or self._correcting()):
+        if not (update or refresh or correct):
             # Nothing but preconditioning: queue it before the finiteness check's host sync, so that the device
             # is kept busy while the host waits (the results are fresh tensors, dropped if the step is skipped).
             staged = self._preconditioned(grads, hp, lrs)
@@ -465,7 +466,7 @@ class KFACPreconditioner:
             self._update_factors(hp["factor_decay"])
         if refresh:
             self._refresh(hp["damping"])  # new eigenbases: this step's corrections (in the old ones) are dropped
-        elif self._correcting():
+        elif correct:
             self._update_corrections(hp["correction_decay"])
         self.discard_pending_statistics()
         _copy_all(staged if staged is not None else self._preconditioned(grads, hp, lrs))
@@ -720,18 +721,18 @@ class KFACPreconditioner:
                 f"skipped={len(self.skipped)}, steps={self.steps}, store={self.store!r})")
 
 
-def _foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
-    """``t *= factor`` (a 0-dim tensor) for every tensor, batched into one kernel per device and dtype."""
+def _by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """The tensors grouped as ``_foreach`` kernels take them: one list per device and dtype."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
-    for (device, _), ts in groups.items():
-        f = factor.to(device)
-        try:
-            torch._foreach_mul_(ts, f)
-        except (AttributeError, RuntimeError, TypeError):  # pragma: no cover (torch without the Tensor overload)
-            for t in ts:
-                t.mul_(f)
+    return groups
+
+
+def _foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
+    """``t *= factor`` (a 0-dim tensor) for every tensor, batched into one kernel per device and dtype."""
+    for (device, _), ts in _by_device_and_dtype(tensors).items():
+        torch._foreach_mul_(ts, factor.to(device))
 
 
 def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
@@ -742,30 +743,22 @@ def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
         dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.device, src.dtype), ([], []))
         dsts.append(dst)
         srcs.append(src)
-    copy = getattr(torch, "_foreach_copy_", None)
     for (dst_device, _, src_device, _), (dsts, srcs) in groups.items():
-        if copy is not None and dst_device == src_device:
-            copy(dsts, srcs)
-        else:  # pragma: no cover (old torch, or a source on another device)
+        if dst_device == src_device:
+            torch._foreach_copy_(dsts, srcs)
+        else:  # pragma: no cover (a model split over devices)
             for dst, src in zip(dsts, srcs):
                 dst.copy_(src)
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:
     """One host sync: the max-norm of a tensor is finite iff all its entries are (NaN propagates). The norms of
-    all tensors of one device and dtype are taken by one fused ``_foreach_norm`` where torch has it."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            t = t.detach() if t.is_floating_point() else t.detach().float()
-            groups.setdefault((t.device, t.dtype), []).append(t)
+    all tensors of one device and dtype are taken by one fused ``_foreach_norm``."""
+    groups = _by_device_and_dtype(t.detach() if t.is_floating_point() else t.detach().float()
+                                  for t in tensors if t.numel())
     norms: list[Tensor] = []
-    foreach = getattr(torch, "_foreach_norm", None)
     for ts in groups.values():
-        if foreach is not None:
-            norms += [n.to(torch.float32) for n in foreach(ts, float("inf"))]
-        else:  # pragma: no cover (old torch)
-            norms += [torch.linalg.vector_norm(t, float("inf")).to(torch.float32) for t in ts]
+        norms += [n.to(torch.float32) for n in torch._foreach_norm(ts, float("inf"))]
     if not norms:
         return True
     devices = {n.device for n in norms}

@@ -49,9 +49,9 @@ def batches(n: int = STEPS, b: int = 16) -> list[tuple[torch.Tensor, torch.Tenso
     return [(torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 5, (b,), generator=g)) for _ in range(n)]
 
 
-def make_opt(kind: str, model: nn.Module, dtype: torch.dtype) -> torch.optim.Optimizer:
+def make_opt(kind: str, model: nn.Module, dtype: torch.dtype, **extra) -> torch.optim.Optimizer:
     base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    kw = dict(factor_update_steps=1, inv_update_steps=2, damping=0.03, kl_clip=1e-2, factor_dtype=dtype)
+    kw = dict(factor_update_steps=1, inv_update_steps=2, damping=0.03, kl_clip=1e-2, factor_dtype=dtype, **extra)
     if kind == "mfac":
         return kfac.MFAC(model, base, num_grads=3, damping=0.1, kl_clip=1e-2)
     if kind == "ekfac":
@@ -112,11 +112,8 @@ def test_autocast_keeps_factors_in_float32(dtype):
     data = batches(2)
     ref_model, ref_opt = train("eigen", "cuda", torch.float32, data)
     model = make_model().cuda()
-    opt = make_opt("eigen", model, torch.float32)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12) if dtype == torch.float16 else None
-    if scaler is not None:
-        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), factor_update_steps=1,
-                        inv_update_steps=2, damping=0.03, kl_clip=1e-2, grad_scaler=scaler)
+    opt = make_opt("eigen", model, torch.float32, grad_scaler=scaler)
     for x, y in data:
         opt.zero_grad()
         with torch.autocast("cuda", dtype=dtype):
@@ -202,8 +199,7 @@ def _nccl_worker(rank: int, world: int, port: int, out: str, strategy: str) -> N
         data = batches(STEPS, b=8 * world)
         model = make_model().cuda()
         ddp = DDP(model, device_ids=[rank])
-        opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9), factor_update_steps=1,
-                        inv_update_steps=2, damping=0.03, kl_clip=1e-2, strategy=strategy)
+        opt = make_opt("eigen", ddp, torch.float32, strategy=strategy)
         for x, y in data:
             per = x.shape[0] // world
             opt.zero_grad()
@@ -241,14 +237,7 @@ def test_nccl_equals_single_process(strategy, tmp_path):
             if p.is_alive():
                 p.kill()
     got = torch.load(tmp_path / "params.pt")
-    data = batches(STEPS, b=8 * world)
-    model = make_model().cuda()
-    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), factor_update_steps=1,
-                    inv_update_steps=2, damping=0.03, kl_clip=1e-2)
-    for x, y in data:
-        opt.zero_grad()
-        F.cross_entropy(model(x.cuda()), y.cuda()).backward()
-        opt.step()
+    model, _ = train("eigen", "cuda", torch.float32, batches(STEPS, b=8 * world))
     tol = 1e-5 if world == 1 else 5e-2
     for p, q in zip(got, model.parameters()):
         assert rel(p, q) < tol

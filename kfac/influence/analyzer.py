@@ -234,13 +234,17 @@ class InfluenceAnalyzer:
                                f"{'measurement' if measurement else 'loss'}")
         return rows
 
+    def _device(self) -> torch.device:
+        """Where fitting sums live (and, distributed, travel): the model's device."""
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
     def _fit_factors(self, loader: Iterable[Any]) -> None:
         comm, store = self._pre._comm, self._pre.store
         sums: dict[str, list[Tensor]] = {}
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        counts = torch.zeros(len(self.layers), 2, dtype=torch.float64, device=device)  # rows, examples
-        for i, batch in self._batches(loader, "fitting factors"):
-            rows = self._backward(batch, sampled=self.args.fisher == "mc", index=i)
+        device = self._device()
+        counts = [[0, 0] for _ in self.layers]  # rows, examples
+        for index, batch in self._batches(loader, "fitting factors"):
+            rows = self._backward(batch, sampled=self.args.fisher == "mc", index=index)
             for i, name in enumerate(self.layers):
                 a, g = rows[name]
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -248,8 +252,9 @@ class InfluenceAnalyzer:
                                                                                                g.shape[-1])])
                 ext.sym_outer_update(a2, s[0])  # s += x^T x, the library's one factor-statistic op
                 ext.sym_outer_update(g2, s[1])
-                counts[i, 0] += a2.shape[0]
-                counts[i, 1] += a.shape[0]
+                counts[i][0] += a2.shape[0]
+                counts[i][1] += a.shape[0]
+        counts = torch.tensor(counts, dtype=torch.float64, device=device).reshape(len(self.layers), 2)
         dtype = getattr(torch, self.args.factor_dtype)
         flat = [sums.get(n, [torch.zeros(e.a_dim, e.a_dim, dtype=dtype, device=device),
                              torch.zeros(e.g_dim, e.g_dim, dtype=dtype, device=device)])[k]
@@ -284,7 +289,7 @@ class InfluenceAnalyzer:
         comm, store = self._pre._comm, self._pre.store
         sums = {n: torch.zeros(store[n].g_dim, store[n].a_dim, dtype=store[n].QG.dtype, device=store[n].QG.device)
                 for n in self.layers}
-        count = torch.zeros(1, dtype=torch.float64, device=next(iter(sums.values())).device if sums else None)
+        count = 0
         for _, batch in self._batches(loader, "fitting eigenvalue corrections"):
             rows = self._backward(batch, sampled=False)
             for name in self.layers:
@@ -292,7 +297,8 @@ class InfluenceAnalyzer:
                 sums[name] += part
             count += next(iter(rows.values()))[0].shape[0]
         if comm.enabled:
-            count = comm.all_reduce_sum([count], category="influence", exact=True)[0]
+            total = torch.tensor([count], dtype=torch.float64, device=self._device())
+            count = int(comm.all_reduce_sum([total], category="influence", exact=True)[0])
             reduced = comm.all_reduce_sum([sums[n] for n in self.layers], category="influence")
             sums = dict(zip(self.layers, reduced))
         for name in self.layers:

@@ -58,16 +58,27 @@ class ModuleAdapter(ABC):
     def g_rows(self, g: Tensor) -> Tensor:
         """Output-gradient rows ``g`` of shape ``(N, g_dim)``."""
 
+    def a_rows_unscaled(self, x: Tensor) -> tuple[Tensor, float]:
+        """``(rows, s)`` with ``a_rows(x) == rows / s``: adapters whose convention divides every row by ``s``
+        override this, so that statistics fold ``1/s^2`` into the product instead of writing a scaled copy."""
+        return self.a_rows(x), 1.0
+
+    def g_rows_unscaled(self, g: Tensor) -> tuple[Tensor, float]:
+        """``(rows, s)`` with ``g_rows(g) == rows / s`` (see :meth:`a_rows_unscaled`)."""
+        return self.g_rows(g), 1.0
+
     def a_stat(self, x: Tensor, dtype: torch.dtype) -> Stat:
-        a = self.a_rows(x).to(dtype)
-        return ext.sym_outer_update(a), a.shape[0]
+        rows, s = self.a_rows_unscaled(x)
+        rows = rows.to(dtype)
+        return ext.sym_outer_update(rows, alpha=1.0 / s ** 2), rows.shape[0]
 
     def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> Stat:
         """``(g^T g, N)`` of the rows of ``g / scale`` (``scale``: an AMP loss scale to undo)."""
-        rows = self.g_rows(g).to(dtype)
+        rows, s = self.g_rows_unscaled(g)
+        rows = rows.to(dtype)
         if scale is not None:
             rows = rows / scale
-        return ext.sym_outer_update(rows), rows.shape[0]
+        return ext.sym_outer_update(rows, alpha=1.0 / s ** 2), rows.shape[0]
 
     def num_examples(self, x: Tensor) -> int:
         """Examples in a layer input: its leading dimension (1 for an unbatched input)."""

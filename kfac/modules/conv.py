@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ext
 from .base import ModuleAdapter
 
 __all__ = ["Conv2dAdapter"]
@@ -51,8 +50,8 @@ class Conv2dAdapter(ModuleAdapter):
             return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0, 0)
         return x, tuple(m.padding)  # type: ignore[return-value]
 
-    def _patches(self, x: Tensor) -> tuple[Tensor, int]:
-        """The unscaled ``(N*S, a_dim)`` patch rows (ones column last with a bias) and ``S``."""
+    def a_rows_unscaled(self, x: Tensor) -> tuple[Tensor, float]:
+        """The ``(N*S, a_dim)`` im2col patch rows (ones column last with a bias) and ``S``."""
         m = self.module
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -70,22 +69,8 @@ class Conv2dAdapter(ModuleAdapter):
         return rows, spatial
 
     def a_rows(self, x: Tensor) -> Tensor:
-        rows, spatial = self._patches(x)
+        rows, spatial = self.a_rows_unscaled(x)
         return rows / spatial
-
-    def a_stat(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        rows, spatial = self._patches(x)  # the 1/S of the rows goes into the product's alpha: no scaled copy
-        rows = rows.to(dtype)
-        return ext.sym_outer_update(rows, alpha=1.0 / spatial ** 2), rows.shape[0]
-
-    def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> tuple[Tensor, int]:
-        if g.dim() == 3:
-            g = g.unsqueeze(0)
-        spatial = g.shape[2] * g.shape[3]
-        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).to(dtype)
-        if scale is not None:
-            rows = rows / scale
-        return ext.sym_outer_update(rows, alpha=1.0 / spatial ** 2), rows.shape[0]
 
     def num_examples(self, x: Tensor) -> int:
         return x.shape[0] if x.dim() == 4 else 1
@@ -93,8 +78,12 @@ class Conv2dAdapter(ModuleAdapter):
     def example_scale(self, rows_per_example: int) -> float:
         return float(rows_per_example)  # rows are patches / S and output gradients / S, with S positions
 
-    def g_rows(self, g: Tensor) -> Tensor:
+    def g_rows_unscaled(self, g: Tensor) -> tuple[Tensor, float]:
+        """The ``(N*S, g_dim)`` output-gradient vectors and ``S``."""
         if g.dim() == 3:
             g = g.unsqueeze(0)
-        spatial = g.shape[2] * g.shape[3]
-        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) / spatial
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]), g.shape[2] * g.shape[3]
+
+    def g_rows(self, g: Tensor) -> Tensor:
+        rows, spatial = self.g_rows_unscaled(g)
+        return rows / spatial
