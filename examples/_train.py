@@ -568,7 +568,10 @@ def _run(args: argparse.Namespace, env: Env, build_data: Callable[[argparse.Name
 
     def checkpoint_state() -> dict[str, Any]:
         return {"format": "kfac-examples/1", "step": step, "epoch": step // steps_per_epoch,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": model.state_dict(), "scheduler": scheduler.state_dict(),
+                # K-FAC's complete state, loadable at any world size: a collective (every rank is here)
+                "optimizer": (opt.consolidated_state_dict() if isinstance(opt, kfac.PreconditionedOptimizer)
+                              else opt.state_dict()),
                 "scaler": scaler.state_dict(), "rng": gather_objects(env, _rng_state(env)),
                 "world_size": env.world, "config": _jsonable(vars(args))}
 

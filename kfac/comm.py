@@ -75,6 +75,9 @@ class Communicator:
     """
 
     def __init__(self, *, group: Any | None = None, comm_dtype: torch.dtype | None = None) -> None:
+        if comm_dtype is not None and not (isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point):
+            raise ValueError(f"comm_dtype must be a floating point torch.dtype (e.g. torch.bfloat16), got {comm_dtype!r}"
+                             ": integer dtypes would truncate factors and decompositions on the wire")
         self.comm_dtype = comm_dtype
         self.enabled = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.enabled else 0
@@ -88,8 +91,10 @@ class Communicator:
         self.group = self._new_group(self._ranks) if self.enabled else group
 
     # -- buckets -------------------------------------------------------------------------------------------
-    def _flatten(self, tensors: Sequence[Tensor], *, exact: bool = False) -> Tensor:
-        dtype = tensors[0].dtype if exact or self.comm_dtype is None else self.comm_dtype
+    def _flatten(self, tensors: Sequence[Tensor], *, exact: bool = False, dtype: torch.dtype | None = None,
+                 ) -> Tensor:
+        if dtype is None:
+            dtype = tensors[0].dtype if exact or self.comm_dtype is None else self.comm_dtype
         return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
 
     @staticmethod
@@ -110,27 +115,29 @@ class Communicator:
 
     # -- collectives ---------------------------------------------------------------------------------------
     def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False,
-                       async_op: bool = False) -> list[Tensor] | Pending:
+                       async_op: bool = False, wire_dtype: torch.dtype | None = None) -> list[Tensor] | Pending:
         """Element-wise sums over ranks of ``tensors`` (new tensors; inputs are not modified). ``exact`` keeps
-        the tensors' own dtype on the wire (for counts and other bookkeeping that ``comm_dtype`` must not round).
-        ``async_op``: return a :class:`Pending` whose ``wait()`` gives the sums."""
+        the tensors' own dtype on the wire (for counts and other bookkeeping that ``comm_dtype`` must not round);
+        ``wire_dtype`` overrides ``comm_dtype`` for this call. ``async_op``: return a :class:`Pending` whose
+        ``wait()`` gives the sums."""
         if not self.enabled or not tensors:
             return _Done(list(tensors)) if async_op else list(tensors)
-        buffer = self._flatten(tensors, exact=exact)
+        buffer = self._flatten(tensors, exact=exact, dtype=wire_dtype)
         self._count(category, buffer, 2 * (self.world_size - 1) / self.world_size)
         work = dist.all_reduce(buffer, group=self.group, async_op=async_op)
         pending = Pending([work] if async_op else [], lambda: self._unflatten(buffer, tensors))
         return pending if async_op else pending.wait()
 
-    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str,
-                   async_op: bool = False) -> list[Tensor] | None | Pending:
-        """Sums over ranks, delivered to rank ``dst`` only (other ranks get ``None``); ``async_op`` as above."""
+    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str, async_op: bool = False,
+                   wire_dtype: torch.dtype | None = None) -> list[Tensor] | None | Pending:
+        """Sums over ranks, delivered to rank ``dst`` only (other ranks get ``None``); ``async_op`` and
+        ``wire_dtype`` as above."""
         if not self.enabled:
             return _Done(list(tensors)) if async_op else list(tensors)
         if not tensors:
             out = [] if self.rank == dst else None
             return _Done(out) if async_op else out
-        buffer = self._flatten(tensors)
+        buffer = self._flatten(tensors, dtype=wire_dtype)
         self._count(category, buffer, (self.world_size - 1) / self.world_size)
         work = dist.reduce(buffer, dst=self._global(dst), group=self.group, async_op=async_op)
         pending = Pending([work] if async_op else [],
@@ -171,11 +178,20 @@ class Communicator:
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (one tiny all-reduce)."""
+        return self.agree(flag)[0]
+
+    def agree(self, flag: bool, token: int = 0, flags: Sequence[bool] = ()) -> tuple[bool, bool, list[bool]]:
+        """One tiny all-reduce for a step's agreements: whether ``flag`` holds on every rank, whether every rank
+        passed the same ``token`` (an integer digest of values that must be identical, e.g. schedules), and, per
+        entry of ``flags``, whether it is set on any rank."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(t.item())
+            return flag, True, list(flags)
+        values = [0 if flag else 1, token, -token, *(1 if f else 0 for f in flags)]
+        t = torch.tensor(values, dtype=torch.int64, device=self._device())
+        # one MAX reduction: a failed flag, the largest token and minus the smallest, any set flag
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        out = t.tolist()
+        return out[0] == 0, out[1] == -out[2], [bool(v) for v in out[3:]]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.enabled:
@@ -184,16 +200,23 @@ class Communicator:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def check_identical(self, value: Any, *, what: str) -> None:
-        """Raise the same clear error on every rank if ``value`` (JSON-serialisable) differs between ranks."""
-        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+    def check_identical(self, value: Mapping[str, Any], *, what: str) -> None:
+        """Raise the same clear error on every rank if ``value`` (a JSON-serialisable mapping) differs between
+        ranks, naming the keys that differ and each rank's value of them."""
+        if not self.enabled:
+            return
+        text = {k: json.dumps(v, sort_keys=True, default=repr) for k, v in value.items()}
+        digest = hashlib.sha256(json.dumps(text, sort_keys=True).encode()).hexdigest()[:16]
         digests = self.all_gather_object(digest)
-        if len(set(digests)) > 1:
-            groups: dict[str, list[int]] = {}
-            for r, d in enumerate(digests):
-                groups.setdefault(d, []).append(r)
-            raise RuntimeError(f"kfac: {what} differs between ranks (ranks grouped by value: "
-                               f"{sorted(groups.values())}); every rank must build the same model and options")
+        if len(set(digests)) == 1:
+            return
+        everyone = self.all_gather_object(text)  # only on a mismatch: every rank takes this branch together
+        keys = sorted({k for t in everyone for k in t} - {k for k in text if all(t.get(k) == text[k]
+                                                                                   for t in everyone)})
+        details = "; ".join(f"{k}: " + ", ".join(f"rank {r}={_short(t.get(k))}" for r, t in enumerate(everyone))
+                            for k in keys)
+        raise RuntimeError(f"kfac: {what} differs between ranks ({details}); every rank must build the same model "
+                           "and pass the same options")
 
     def new_group(self, ranks: Sequence[int]) -> Any:
         """A subgroup of this communicator's ranks; called by its members only (in the same order on each)."""
@@ -210,6 +233,12 @@ class Communicator:
         if backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+def _short(text: str | None, limit: int = 120) -> str:
+    if text is None:
+        return "<missing>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _group_timeout(group: Any | None) -> datetime.timedelta | None:

@@ -11,7 +11,8 @@ M-FAC) exposes its curvature ``C`` over named *blocks* (tracked modules, keyed b
   (the blocks' row-major flattenings concatenated in :attr:`layers` order); returns the same form;
 * ``diag(damping=...)``: the diagonal of that inverse per block, where it is cheap;
 * ``step(lr=..., grads_finite=...)``: the optimizer step (update, refresh on schedule, precondition ``.grad``);
-* ``state_dict()`` / ``load_state_dict()``.
+* ``state_dict()`` (local: never communicates; a shard under a sharded distributed plan),
+  ``consolidated_state_dict()`` (collective: the complete state on every rank) / ``load_state_dict()``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Preconditioner(Protocol):
     def discard_stale_statistics(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    def consolidated_state_dict(self) -> dict[str, Any]: ...
 
     def validate_state_dict(self, state: Mapping[str, Any]) -> None: ...
 

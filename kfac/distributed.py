@@ -54,6 +54,7 @@ class Executor:
         self.plan_kwargs = dict(plan_kwargs)
         self._stats, self.bucket_cap_bytes = stats, bucket_cap_bytes
         self.reduction: FactorReduction | None = None
+        self.factor_wire_dtype: torch.dtype | None = None  # None: the communicator's comm_dtype
         self.replan(entries)
 
     # -- plan ----------------------------------------------------------------------------------------------
@@ -76,7 +77,8 @@ class Executor:
         self._rows = self._groups(plan.grad_receiver_rows())
         self.reduction = FactorReduction(comm=self.comm, plan=plan, entries=entries, devices=self.devices,
                                          dtype=self.factor_dtype, local=self.factor_reduction == "local",
-                                         stats=self._stats, bucket_cap_bytes=self.bucket_cap_bytes)
+                                         stats=self._stats, bucket_cap_bytes=self.bucket_cap_bytes,
+                                         wire_dtype=self.factor_wire_dtype)
 
     def _groups(self, partition: tuple[tuple[int, ...], ...]) -> dict[int, tuple[tuple[int, ...], object]]:
         """rank -> (members, process group) of the partition block containing it (world group when it is all);
@@ -101,6 +103,19 @@ class Executor:
         return self.plan.is_grad_worker(name, self.rank)
 
     # -- 1. statistics -------------------------------------------------------------------------------------
+    @property
+    def narrow_factor_wire(self) -> bool:
+        """Whether factor statistics travel in a dtype that can overflow where ``factor_dtype`` does not (float16);
+        such a run must agree on overflows and then :meth:`widen_factor_wire`."""
+        wire = self.factor_wire_dtype or self.comm.comm_dtype
+        return (self.comm.enabled and wire is not None and self.factor_reduction != "local"
+                and torch.finfo(wire).max < torch.finfo(self.factor_dtype).max / 2 ** 16)
+
+    def widen_factor_wire(self) -> None:
+        """Send factor statistics in ``factor_dtype`` from now on (call on every rank together)."""
+        self.factor_wire_dtype = self.factor_dtype
+        self.reduction.wire_dtype = self.factor_dtype
+
     def mark_final(self, name: str) -> None:
         """Layer ``name`` has its final statistics of this step (may launch its bucket's reduction)."""
         self.reduction.mark_final(name)

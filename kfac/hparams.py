@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Callable, Union
 
 import torch
@@ -10,7 +12,8 @@ from torch import Tensor
 
 Hyper = Union[float, int, Callable[[int], float]]
 
-__all__ = ["Hyper", "resolve", "check_positive", "check_step_count", "block_lrs", "kl_clip_scale"]
+__all__ = ["Hyper", "resolve", "check_positive", "check_step_count", "block_lrs", "kl_clip_scale", "update_dots",
+           "comparable", "schedule_token"]
 
 
 def resolve(value: Hyper | None, step: int, *, name: str) -> float | int | None:
@@ -21,6 +24,24 @@ def resolve(value: Hyper | None, step: int, *, name: str) -> float | int | None:
     if isinstance(out, bool) or not isinstance(out, (int, float)):
         raise TypeError(f"hyperparameter {name!r} must be a number (or a callable returning one), got {out!r}")
     return out
+
+
+def comparable(value: Hyper | None, step: int = 0) -> object:
+    """A JSON-serialisable form of a hyperparameter for cross-rank comparison: constants as they are, a schedule
+    as ``{"schedule at step": value}`` (its value at ``step``; schedules are compared step by step with
+    :func:`schedule_token`)."""
+    if callable(value):
+        return {f"schedule at step {step}": value(step)}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+def schedule_token(values: Iterable[object]) -> int:
+    """A 62-bit digest of ``values`` (numbers), equal on two ranks iff (up to hash collisions) the values are;
+    used to detect schedules that differ between ranks inside a step's existing all-reduce."""
+    digest = hashlib.blake2b(repr(tuple(values)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def check_positive(value: float | None, *, name: str, allow_none: bool = False) -> float | None:
@@ -53,14 +74,19 @@ def block_lrs(names: Iterable[str], default: float | None, lr: float | Mapping[s
     return out
 
 
-def kl_clip_scale(updates: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> Tensor | None:
-    """KAISA's trust region: ``nu = min(1, sqrt(kl_clip / |sum lr^2 <P(g), g>|))`` over ``(P(g), g, lr)`` triples,
-    as a 0-dim tensor (no host sync); ``None`` when there are no updates."""
-    dots: dict[tuple[float, torch.device, torch.dtype], list[Tensor]] = {}
-    for v, g, lr in updates:  # one dot per layer, summed per learning rate (a handful of kernels, not 3/layer)
-        dots.setdefault((lr, v.device, v.dtype), []).append(torch.vdot(v.reshape(-1), g.to(v.dtype).reshape(-1)))
-    if not dots:
-        return None
-    device = next(iter(dots))[1]
-    total = sum((torch.stack(ds).sum() * lr ** 2).to(device) for (lr, _, _), ds in dots.items())
-    return torch.clamp(torch.sqrt(kl_clip / total.abs()), max=1.0)
+def update_dots(updates: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """``<P(g), g>`` per block for ``(P(g), g)`` pairs, as one vector (no host sync). A dot is non-finite iff
+    ``P(g)`` or ``g`` has a non-finite entry (``inf * 0`` is NaN and a non-finite term survives any sum) or the
+    sum overflows, so this vector doubles as the finiteness check of the preconditioned gradients."""
+    device = updates[0][0].device
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v, _ in updates) else torch.float32
+    return torch.stack([torch.vdot(v.reshape(-1), g.to(v.dtype).reshape(-1)).to(device=device, dtype=dtype)
+                        for v, g in updates])
+
+
+def kl_clip_scale(dots: Tensor, lrs: Sequence[float], kl_clip: float) -> Tensor:
+    """KAISA's trust region: ``nu = min(1, sqrt(kl_clip / |sum_blocks lr^2 <P(g), g>|))`` over the finite entries of
+    ``dots`` (see :func:`update_dots`), as a 0-dim tensor (no host sync)."""
+    lr2 = torch.tensor([lr * lr for lr in lrs], dtype=dots.dtype).to(dots.device, non_blocking=True)
+    total = torch.where(torch.isfinite(dots), dots * lr2, torch.zeros((), dtype=dots.dtype, device=dots.device))
+    return torch.clamp(torch.sqrt(kl_clip / total.sum().abs()), max=1.0)

@@ -44,12 +44,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from .comm import Communicator
 from .curvature import flatten_blocks, unflatten_blocks
-from .hparams import Hyper, block_lrs, check_positive, kl_clip_scale, resolve
+from .hparams import Hyper, block_lrs, check_positive, comparable, kl_clip_scale, resolve, update_dots
 from .methods.mfac import SlidingWindowFisher
 from .modules import ModuleAdapter, adapter_for
 from .planner.assign import lpt
@@ -263,6 +265,7 @@ class MFACPreconditioner:
             damping=self._hparams(self.steps)["damping"], blocks=_MODES[self.blocks],
             all_reduce=self._all_reduce if self._comm.enabled else None, dtype=self.dtype, device=self.device)
         self._verified = False
+        self._warned_shard = False
 
     def _verify(self) -> None:
         """Every rank must have the same blocks, options and assignment (collective; clear error otherwise)."""
@@ -271,7 +274,9 @@ class MFACPreconditioner:
         if self._comm.enabled:
             self._comm.check_identical(
                 {"blocks": [[b.name, list(b.shape)] for b in self._blocks], "owner": self._owner,
-                 "num_grads": self.num_grads, "mode": self.blocks, "dtype": str(self.dtype)},
+                 "num_grads": self.num_grads, "mode": self.blocks, "dtype": str(self.dtype),
+                 "damping": comparable(self.damping), "kl_clip": comparable(self.kl_clip),
+                 "lr": comparable(self.lr)},
                 what="M-FAC blocks, options or block-to-rank assignment")
         self._verified = True
 
@@ -425,11 +430,19 @@ class MFACPreconditioner:
         owned = {b.name: grads[b.name] for b in self._owned}
         local = self._fisher.ihvp(owned, damping=float(hp["damping"]))  # global mode: one k-sized sum over ranks
         precond = self._exchange(local, self.layers, "gradients")  # {block: F^{-1} g}, window dtype
+        names = self.layers
+        dots = update_dots([(precond[n], grads[n]) for n in names])  # also the finiteness check of F^{-1} g
         if lrs is not None:
-            nu = kl_clip_scale(((precond[b.name], grads[b.name], lrs[b.name]) for b in self._blocks), hp["kl_clip"])
+            nu = kl_clip_scale(dots, [lrs[n] for n in names], hp["kl_clip"])
             precond = {n: v * nu.to(v.dtype) for n, v in precond.items()}
-        for b in self._blocks:
-            b.set_grad(precond[b.name])
+        finite = torch.isfinite(dots).tolist()  # identical on every rank: the products were exchanged
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        if bad:
+            warnings.warn(f"kfac: non-finite M-FAC update for blocks {bad} at step {self.steps} (damping too small "
+                          "for the gradient window?); they use their plain gradients this step", stacklevel=3)
+        for b, ok in zip(self._blocks, finite):
+            if ok:
+                b.set_grad(precond[b.name])
         self.steps += 1
         return True
 
@@ -507,10 +520,30 @@ class MFACPreconditioner:
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Never communicates (``if rank == 0: torch.save(opt.state_dict(), path)`` is safe). Where this rank owns
+        every block (a single process) it is the complete state of :meth:`consolidated_state_dict`; otherwise this
+        rank's *shard*: its own windows (``state["shard"]`` names the rank, world size and assignment), loadable
+        only by the same rank of the same assignment."""
+        if not self._comm.enabled or len(self._owned) == len(self._blocks):
+            return self.consolidated_state_dict()
+        self._check_ready()
+        if not self._warned_shard:
+            self._warned_shard = True
+            logger.warning("kfac: M-FAC state_dict() on rank %d holds only this rank's blocks: resume it with every "
+                           "rank loading its own file at the same world size, or save consolidated_state_dict() (a "
+                           "collective: call it on every rank) for a portable checkpoint", self.rank)
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "method": "mfac", "blocks": self.layers,
+                "shard": self._shard_id(), "local": self._fisher.state_dict()}
+
+    def _shard_id(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world_size, "owner": self._owner, "mode": self.blocks,
+                "num_grads": self.num_grads}
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
         """Counters, the window of every block (``m x d_b``, ``window[name]``) and the float64 Gram matrices
         (``gram``: ``groups x m x m``, one group in global mode, one per block in order otherwise). Complete on every
         rank and loadable at any world size; in a distributed run a collective (owners broadcast their windows,
-        category ``"state"``). Tensors are copies."""
+        category ``"state"``): call it on every rank. Tensors are copies."""
         self._check_ready()
         local = self._fisher.state_dict()
         per_block = self.blocks == "per_layer"
@@ -543,6 +576,14 @@ class MFACPreconditioner:
             raise ValueError(f"M-FAC state must be a mapping, got {type(state).__name__}")
         if state.get("method") != "mfac":
             raise ValueError(f"state was not saved by an MFACPreconditioner (method={state.get('method')!r})")
+        if state.get("shard") is not None:
+            if state["shard"] != self._shard_id():
+                raise ValueError(f"this M-FAC state is the shard of rank {state['shard'].get('rank')} of "
+                                 f"{state['shard'].get('world_size')} (saved by state_dict()); it loads only into "
+                                 f"that rank of the same block assignment (this is rank {self.rank} of "
+                                 f"{self.world_size}). Save consolidated_state_dict() on every rank to resume "
+                                 "elsewhere")
+            return
         missing = {"steps", "skipped_steps", "blocks", "block_shapes", "mode", "num_grads", "position", "count",
                    "window", "gram"} - set(state)
         if missing:
@@ -589,7 +630,7 @@ class MFACPreconditioner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (from any world size); clear ``ValueError`` on a mismatch."""
         self.validate_state_dict(state)
-        self._fisher.load_state_dict(self._local_state(state))
+        self._fisher.load_state_dict(state["local"] if state.get("shard") is not None else self._local_state(state))
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
 

@@ -7,6 +7,7 @@ One mechanism, :class:`PreconditionedOptimizer`, for all of them: it drives any 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -85,11 +86,22 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if not getattr(self, "_kfac_ready", False):  # called by Optimizer.__init__ on the base's groups
             return super().add_param_group(param_group)
         self.optimizer.add_param_group(param_group)
+        warnings.warn("kfac: parameters added with add_param_group() after the K-FAC wrapper was built are not "
+                      "preconditioned (build the wrapper after the model and its param groups are final)",
+                      stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base optimizer's state dict plus K-FAC's state under the key ``"kfac"``."""
+        """The base optimizer's state dict plus K-FAC's state under the key ``"kfac"``. Never communicates: under
+        a sharded plan K-FAC's part is this rank's shard (see :meth:`consolidated_state_dict`)."""
         state = self.optimizer.state_dict()
         state["kfac"] = self.preconditioner.state_dict()
+        return state
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """Like :meth:`state_dict`, with the complete K-FAC state (loadable at any world size) on every rank even
+        under a sharded plan. A collective: call it on every rank, then save on one."""
+        state = self.optimizer.state_dict()
+        state["kfac"] = self.preconditioner.consolidated_state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from . import fisher as _fisher
-from .hparams import Hyper, block_lrs, check_positive, check_step_count, kl_clip_scale, resolve
+from .hparams import (Hyper, block_lrs, check_positive, check_step_count, comparable, kl_clip_scale, resolve,
+                      schedule_token, update_dots)
 from .comm import Communicator
 from .distributed import Executor
 from .methods import DecompositionError, make_method
@@ -36,7 +39,14 @@ from .store import FactorEntry, FactorStore
 
 __all__ = ["KFACPreconditioner"]
 
+_SCHEDULED = ("factor_update_steps", "inv_update_steps", "correction_update_steps", "damping", "factor_decay",
+              "correction_decay", "kl_clip", "lr")
+
 logger = logging.getLogger("kfac")
+
+
+# Modules whose forward hooks belong to a live K-FAC preconditioner (two would both collect statistics).
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[KFACPreconditioner]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(eq=False)
@@ -45,19 +55,22 @@ class _Layer:
     module: nn.Module
     adapter: ModuleAdapter
     entry: FactorEntry
+    input_name: str | None = None  # forward()'s first parameter, for inputs passed by keyword
     handles: list[Any] = field(default_factory=list)
     a_sum: Tensor | None = None
     a_count: int = 0
     g_sum: Tensor | None = None
     g_count: int = 0
-    g_calls: int = 0
+    g_expected: int = 0  # forward uses since the last step whose output gradient feeds G
+    g_received: int = 0  # ... and how many of those gradients arrived
+    g_calls: int = 0     # backward passes that delivered the gradients of every use so far
     forward_calls: int = 0
     corr_sum: Tensor | None = None  # EK-FAC: sum over examples of (QG^T V_n QA)^2 / T_n, and the example count
     corr_count: int = 0
 
     def discard_pending(self) -> None:
         self.a_sum = self.g_sum = None
-        self.a_count = self.g_count = self.g_calls = 0
+        self.a_count = self.g_count = self.g_calls = self.g_expected = self.g_received = 0
         self.corr_sum = None
         self.corr_count = 0
 
@@ -95,7 +108,10 @@ class KFACPreconditioner:
         grad_scaler: a ``torch.amp.GradScaler``; factors are computed from unscaled gradients. With your own
             optimizer, call ``scaler.unscale_(optimizer)`` before :meth:`step` (the KFAC wrapper does it for you
             through ``scaler.step``).
-        factor_dtype: dtype of factors and decompositions (float32; float64 for reference computations).
+        factor_dtype: dtype of factors and decompositions (float32, or float64 for reference computations; half
+            precision loses the small eigenvalues that set the step size and is rejected).
+        hooks: register the statistics hooks (``False`` for an engine fed by its caller, e.g. influence fitting;
+            :meth:`step` then never collects statistics).
     """
 
     def __init__(
@@ -125,13 +141,15 @@ class KFACPreconditioner:
         bucket_cap_mb: float = 25.0,
         correction_update_steps: Hyper | None = None,
         correction_decay: Hyper | None = None,
+        hooks: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if fisher not in ("empirical", "mc"):
             raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
-        if not factor_dtype.is_floating_point:
-            raise ValueError(f"factor_dtype must be a floating point dtype, got {factor_dtype}")
+        if factor_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype} (half precision "
+                             "factors lose the small eigenvalues that set the step; autocast the model instead)")
         self.method = make_method(method)
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
@@ -152,17 +170,27 @@ class KFACPreconditioner:
         self.skipped_steps = 0
         self.discarded_statistics = 0
         self.skipped: list[tuple[str, str]] = []
-        self.not_executed: list[str] = []
+        self.not_executed: list[str] = []  # layers dropped by a checkpoint of an older version (state compat)
+        self.fallbacks: dict[str, int] = {}  # steps each layer used its plain gradient (non-finite update)
         self._layers: list[_Layer] = []
         self._by_name: dict[str, _Layer] = {}
+        self._model = weakref.ref(model)
+        self._modules_at_start: weakref.WeakSet[nn.Module] = weakref.WeakSet(model.modules())
+        self._hooks = hooks
+        self._seen: set[str] = set()  # layers with statistics on some rank (from globally reduced counts)
+        self._reported_unused = False
         self._checked_execution = False
+        self._written: tuple[tuple[int, int], ...] = ()  # (id, version) of the .grad tensors step() last wrote
+        self._warned_fallback: set[str] = set()
+        self._warned_shard = False
+        self._known_names: set[str] = set()  # modules added after construction that were already reported
         self._capture_step: int | None = None
         self._capture_flag = False
         self._correct_flag = False
         self._refreshed_damping: float | None = None
         self._in_mc_backward = False
         self._warned_accumulation = False
-        self._register(model, [skip_layers] if isinstance(skip_layers, str) else list(skip_layers))
+        self._register(model, [skip_layers] if isinstance(skip_layers, str) else list(skip_layers), hooks=hooks)
         if not self._layers:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
             raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
@@ -178,6 +206,11 @@ class KFACPreconditioner:
             value = getattr(self, key)
             plan_kwargs[key] = value if isinstance(value, int) and not isinstance(value, bool) else 1
         self._comm = Communicator(group=process_group, comm_dtype=comm_dtype)
+        self._comm.check_identical(self._options(method=method, strategy=strategy, comm_dtype=comm_dtype,
+                                                 grad_worker_fraction=grad_worker_fraction, memory_cap=memory_cap,
+                                                 split_factors=split_factors, bucket_cap_mb=bucket_cap_mb,
+                                                 factor_reduction=factor_reduction),
+                                   what="K-FAC options")
         self._exec = Executor(comm=self._comm, entries=[layer.entry for layer in self._layers],
                               devices={layer.name: layer.module.weight.device for layer in self._layers},
                               factor_dtype=factor_dtype, strategy=strategy, grad_worker_fraction=grad_worker_fraction,
@@ -190,6 +223,18 @@ class KFACPreconditioner:
         if self._corrects and self.world_size > 1 and self.plan.grad_workers_per_layer != self.world_size:
             raise ValueError(f"method={method!r} in a distributed run needs strategy='comm-opt': every rank projects "
                              "its per-example gradients onto the eigenbases, so every rank must hold them")
+
+    def _options(self, **extra: Any) -> dict[str, Any]:
+        """Every option that affects the update, JSON-comparable across ranks (schedules by their step-0 value)."""
+        names = ("factor_update_steps", "inv_update_steps", "damping", "factor_decay", "correction_update_steps",
+                 "correction_decay", "kl_clip", "lr", "fisher", "accumulation_steps", "factor_dtype")
+        out = {n: comparable(getattr(self, n)) for n in names}
+        out.update({k: comparable(v) for k, v in extra.items()})
+        return out
+
+    def _schedule_values(self, step: int) -> tuple[object, ...]:
+        """The hyperparameters at ``step`` that must agree between ranks (compared every step, see :meth:`step`)."""
+        return tuple(resolve(getattr(self, n), step, name=n) for n in _SCHEDULED)
 
     @property
     def _corrects(self) -> bool:
@@ -215,10 +260,21 @@ class KFACPreconditioner:
         return {k: int(round(v)) for k, v in self._comm.bytes_sent.items()}
 
     # -- registration ---------------------------------------------------------------------------------------
-    def _register(self, model: nn.Module, skip: list[str]) -> None:
-        patterns = [re.compile(s) for s in skip]
+    def _register(self, model: nn.Module, skip: list[str], *, hooks: bool) -> None:
+        patterns = []
+        for s in skip:
+            if not isinstance(s, str):
+                raise TypeError(f"skip_layers entries must be strings, got {s!r}")
+            try:
+                patterns.append(re.compile(s))
+            except re.error as exc:
+                raise ValueError(f"skip_layers: {s!r} is not a valid regular expression ({exc})") from None
+        matched: set[str] = set()
         skipped_prefixes: list[tuple[str, str]] = []
         owners: dict[int, str] = {}
+        # nn.MultiheadAttention applies out_proj's weights functionally: its forward hooks never fire
+        functional = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                      if isinstance(m, nn.MultiheadAttention)}
         for name, module in model.named_modules():
             parent = next((p for p, _ in skipped_prefixes if p == "" or name.startswith(p + ".")), None)
             own_params = [p for p in module.parameters(recurse=False)]
@@ -226,12 +282,19 @@ class KFACPreconditioner:
                 if own_params:
                     self.skipped.append((name, f"parent module {parent or '<root>'!r} is skipped"))
                 continue
-            if any(s in (name, type(module).__name__) for s in skip) or any(p.fullmatch(name) for p in patterns):
+            hits = {s for s in skip if s in (name, type(module).__name__)}
+            hits |= {p.pattern for p in patterns if p.fullmatch(name)}
+            if hits:
+                matched |= hits
                 skipped_prefixes.append((name, "skip_layers"))
                 if own_params or name:
                     self.skipped.append((name, "matched skip_layers"))
                 continue
             if not own_params:
+                continue
+            if name in functional:
+                self.skipped.append((name, "applied functionally by its parent nn.MultiheadAttention (forward hooks "
+                                           "never fire); its gradient is left unpreconditioned"))
                 continue
             adapter, reason = adapter_for(module)
             if adapter is None:
@@ -245,15 +308,36 @@ class KFACPreconditioner:
             if shared is not None:
                 self.skipped.append((name, f"shares parameters with tracked layer {shared!r}"))
                 continue
+            if any(p.is_meta for p in params):
+                raise ValueError(f"layer {name!r} has parameters on the meta device: materialise the model "
+                                 "(to_empty() and load or initialise its weights) before building K-FAC")
             for p in params:
                 owners[id(p)] = name
             entry = self.store.add(name, a_dim=adapter.a_dim, g_dim=adapter.g_dim, a_diagonal=adapter.a_diagonal)
-            layer = _Layer(name=name, module=module, adapter=adapter, entry=entry)
-            layer.handles.append(module.register_forward_hook(functools.partial(self._forward_hook, layer)))
+            layer = _Layer(name=name, module=module, adapter=adapter, entry=entry, input_name=_first_input(module))
             self._layers.append(layer)
             self._by_name[name] = layer
+        unmatched = [s for s in skip if s not in matched]
+        if unmatched:
+            warnings.warn(f"kfac: skip_layers entries {unmatched} match no module name, class name or full name "
+                          "(regular expression) in the model", stacklevel=4)
         for name, reason in self.skipped:
             logger.info("kfac: not preconditioning %r: %s", name, reason)
+        if hooks:
+            for layer in self._layers:
+                owner = _HOOKED.get(layer.module)
+                other = owner() if owner is not None else None
+                if other is not None and other is not self and other._hooks_on(layer.module):
+                    raise ValueError(f"layer {layer.name!r} is already tracked by another live K-FAC preconditioner "
+                                     "(kfac.KFAC built twice on one model?): both would collect statistics; call "
+                                     "remove() on the old one (opt.preconditioner.remove()) first")
+            for layer in self._layers:
+                layer.handles.append(layer.module.register_forward_hook(
+                    functools.partial(self._forward_hook, layer), with_kwargs=True))
+                _HOOKED[layer.module] = weakref.ref(self)
+
+    def _hooks_on(self, module: nn.Module) -> bool:
+        return any(layer.module is module and layer.handles for layer in self._layers)
 
     @property
     def layers(self) -> list[str]:
@@ -267,6 +351,8 @@ class KFACPreconditioner:
                 h.remove()
             layer.handles.clear()
             layer.discard_pending()
+            if _HOOKED.get(layer.module) is not None and _HOOKED[layer.module]() is self:
+                del _HOOKED[layer.module]
 
     # -- hyperparameters -----------------------------------------------------------------------------------
     def _hparams(self, step: int) -> dict[str, Any]:
@@ -309,20 +395,26 @@ class KFACPreconditioner:
             self._correct_flag = self._corrects and self.steps % cus == 0
 
     # -- hooks ---------------------------------------------------------------------------------------------
-    def _forward_hook(self, layer: _Layer, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _forward_hook(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()) or _functorch_active():
+            return
+        x = args[0] if args else kwargs.get(layer.input_name) if layer.input_name is not None else None
+        if not isinstance(x, Tensor):
             return
         layer.forward_calls += 1
         capture, correct = self._capturing(), self._correcting()
-        if not (capture or correct) or not inputs:
+        if not (capture or correct):
             return
         if capture:
-            with _statistics_mode(inputs[0]):
-                stat, n = layer.adapter.a_stat(inputs[0].detach(), self.factor_dtype)
+            with _statistics_mode(x):
+                stat, n = layer.adapter.a_stat(x.detach(), self.factor_dtype)
             layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
-        x = inputs[0].detach() if correct and self.method.ready(layer.entry) else None
+        x_corr = x.detach() if correct and self.method.ready(layer.entry) else None
         if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(functools.partial(self._grad_hook, layer, capture, x))
+            if capture:
+                layer.g_expected += 1
+            output.register_hook(functools.partial(self._grad_hook, layer, capture, x_corr))
 
     def _grad_hook(self, layer: _Layer, capture: bool, x: Tensor | None, grad: Tensor) -> None:
         if not layer.handles:
@@ -335,6 +427,9 @@ class KFACPreconditioner:
         with _statistics_mode(grad):
             stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
         layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
+        layer.g_received += 1
+        if layer.g_received < layer.g_expected:
+            return  # a layer applied several times per forward: the gradients of its other uses are still to come
         layer.g_calls += 1
         if layer.g_calls == self.accumulation_steps and layer.a_count:
             self._exec.mark_final(layer.name)  # last micro-batch: its reduction may start during this backward
@@ -393,33 +488,63 @@ class KFACPreconditioner:
 
     # -- step ----------------------------------------------------------------------------------------------
     def _check_execution(self) -> None:
-        """At the first step, stop tracking layers whose forward() never ran (e.g. used functionally)."""
+        """At the first step: some tracked layer must have run (a clear error for a model in eval mode), and the
+        model must still hold the tracked modules."""
         if self._checked_execution:
             return
-        ran = [layer for layer in self._layers if layer.forward_calls > 0]
-        if not ran:
+        if not any(layer.forward_calls > 0 for layer in self._layers):
             raise RuntimeError("no tracked layer ran forward() in training mode with gradients enabled since the "
                                "preconditioner was created: call model.train() and run the forward pass before step()")
-        self._drop_unexecuted([layer.name for layer in self._layers if layer.forward_calls == 0], warn=True)
+        self._check_modules()
         self._checked_execution = True
 
-    def _drop_unexecuted(self, names: Iterable[str], *, warn: bool) -> None:
-        reason = ("registered but never executed through forward() (e.g. called functionally, like "
-                  "nn.MultiheadAttention.out_proj); its gradient is left unpreconditioned")
-        dropped = self._untrack(names, reason)
+    def _check_modules(self) -> None:
+        """Raise if a tracked module was replaced or removed since construction (its hooks would never fire again);
+        warn once if supported modules were added (they are not preconditioned). Run on refresh steps."""
+        model = self._model()
+        if model is None or not self._hooks:
+            return
+        current = dict(model.named_modules())
+        replaced = [layer.name for layer in self._layers if current.get(layer.name) is not layer.module]
+        if replaced:
+            raise RuntimeError(f"kfac: tracked modules {replaced} were replaced or removed after the preconditioner "
+                               "was built, so they are no longer preconditioned: build kfac.KFAC after the model is "
+                               "final (or remove() this one and build a new one)")
+        added = [n for n, m in current.items() if m not in self._modules_at_start and n not in self._known_names
+                 and any(True for _ in m.parameters(recurse=False)) and adapter_for(m)[0] is not None]
+        if added:
+            self._known_names.update(added)
+            warnings.warn(f"kfac: modules {added} were added to the model after the preconditioner was built and are "
+                          "not preconditioned: build kfac.KFAC after the model is final", stacklevel=4)
+
+    def _check_fresh_gradients(self) -> None:
+        """``step()`` twice on the same gradients would precondition them twice: a clear error instead."""
+        if self._written and self._written == self._grad_versions():
+            raise RuntimeError("KFACPreconditioner.step() was called again on gradients it already preconditioned "
+                               "(no backward pass since the last step): run zero_grad() and backward() before each "
+                               "step()")
+
+    def _grad_versions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((id(p.grad), p.grad._version) for layer in self._layers for p in layer.adapter.parameters()
+                     if p.grad is not None)
+
+    def _drop_unexecuted(self, names: Iterable[str]) -> None:
+        """Untrack layers that a checkpoint of an older version recorded as never executed (state compatibility)."""
+        dropped = self._untrack(names, "registered but never executed through forward() (recorded in the "
+                                       "loaded checkpoint); its gradient is left unpreconditioned")
         self.not_executed += dropped
-        if warn:
-            for name in dropped:
-                warnings.warn(f"kfac: not preconditioning {name!r}: {reason}", stacklevel=5)
 
     def _untrack(self, names: Iterable[str], reason: str) -> list[str]:
-        """Stop tracking ``names`` (hooks removed, store entries deleted, listed in ``skipped``)."""
+        """Stop tracking ``names`` (hooks removed, store entries deleted, listed in ``skipped``). Every rank must
+        untrack the same layers at the same point (the plan is recomputed and checked collectively)."""
         wanted = set(names)
         dropped = []
         for layer in [layer for layer in self._layers if layer.name in wanted]:
             for h in layer.handles:
                 h.remove()
             layer.handles.clear()
+            if _HOOKED.get(layer.module) is not None and _HOOKED[layer.module]() is self:
+                del _HOOKED[layer.module]
             self._layers.remove(layer)
             del self._by_name[layer.name]
             self.store.remove(layer.name)
@@ -428,6 +553,12 @@ class KFACPreconditioner:
         if dropped and hasattr(self, "_exec"):
             self._exec.replan([layer.entry for layer in self._layers])
         return dropped
+
+    @property
+    def unused_layers(self) -> list[str]:
+        """Tracked layers that have not contributed statistics on any rank yet (a branch not taken so far, or a
+        module only called functionally): their gradients are used as they are until they have factors."""
+        return [layer.name for layer in self._layers if layer.name not in self._seen]
 
     @torch.no_grad()
     def step(self, *, lr: float | Mapping[str, float] | None = None, grads_finite: bool = True) -> bool:
@@ -438,19 +569,23 @@ class KFACPreconditioner:
         non-finite on any rank, or ``grads_finite`` is ``False`` on any rank (the wrapper's check of the other
         parameters); every rank then skips together. Non-finite factor statistics with finite gradients (e.g. an
         overflow in ``a^T a``) are dropped with a warning: that step preconditions with the current factors but
-        does not update them.
+        does not update them. A layer whose preconditioned gradient is non-finite (factors too ill-conditioned for
+        the damping) keeps its plain gradient that step, with a warning (counted in :attr:`fallbacks`).
+        The same step also checks that every rank's hyperparameter schedules agree for this and the next step.
         """
         grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
         if all(g is None for g in grads.values()):
             raise RuntimeError("KFACPreconditioner.step() was called before loss.backward(): "
                                "no tracked parameter has a gradient")
+        self._check_fresh_gradients()
         self._check_execution()
-        grads = {layer.name: grads[layer.name] for layer in self._layers}
         hp = self._hparams(self.steps)
         lrs = self._layer_lrs(hp, lr)
         update = self.steps % hp["factor_update_steps"] == 0
         refresh = self.steps % hp["inv_update_steps"] == 0
         correct = not refresh and self._correcting()
+        if refresh:
+            self._check_modules()
         if update:
             self._exec.launch_statistics()  # before any other collective of this step, on every rank
         staged = None
@@ -459,7 +594,17 @@ class KFACPreconditioner:
             # is kept busy while the host waits (the results are fresh tensors, dropped if the step is skipped).
             staged = self._preconditioned(grads, hp, lrs)
         finite = grads_finite and _all_finite(g for g in grads.values() if g is not None)
-        if not self._comm.all_true(finite):
+        staged_ok = staged.finite() if staged is not None else []
+        # distributed: schedules at this and the next step must agree on every rank (their values ride along in the
+        # finiteness all-reduce, so a mismatch is caught a step before it could desynchronise the collectives)
+        token = (schedule_token(self._schedule_values(self.steps) + self._schedule_values(self.steps + 1))
+                 if self._comm.enabled else 0)
+        all_finite, same, staged_bad = self._comm.agree(finite, token, [not ok for ok in staged_ok])
+        if not same:  # every rank sees the mismatch in the same reduction, so every rank takes this branch
+            self._comm.check_identical({n: [v, w] for n, v, w in zip(_SCHEDULED, self._schedule_values(self.steps),
+                                                                     self._schedule_values(self.steps + 1))},
+                                       what=f"K-FAC hyperparameter schedules at steps {self.steps}-{self.steps + 1}")
+        if not all_finite:
             self.skip_step("non-finite gradients" if not finite else "non-finite gradients on another rank")
             return False
         if update:
@@ -469,9 +614,24 @@ class KFACPreconditioner:
         elif correct:
             self._update_corrections(hp["correction_decay"])
         self.discard_pending_statistics()
-        _copy_all(staged if staged is not None else self._preconditioned(grads, hp, lrs))
+        if staged is not None:
+            bad = staged_bad
+        else:
+            staged = self._preconditioned(grads, hp, lrs)
+            bad = self._comm.agree(True, 0, [not ok for ok in staged.finite()])[2]
+        _copy_all(staged.pairs(bad, self._fall_back))
+        self._written = self._grad_versions()
         self.steps += 1
         return True
+
+    def _fall_back(self, name: str) -> None:
+        """Layer ``name`` keeps its plain gradient this step (its preconditioned gradient is non-finite)."""
+        self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
+        if name not in self._warned_fallback:
+            self._warned_fallback.add(name)
+            warnings.warn(f"kfac: non-finite preconditioned gradient for layer {name!r} at step {self.steps} (its "
+                          "factors are too ill-conditioned for the damping, or its decompositions are not finite); "
+                          "it uses its plain gradient (warned once per refresh; counted in fallbacks)", stacklevel=4)
 
     # -- the curvature interface (kfac.curvature.Preconditioner) -------------------------------------------
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -566,7 +726,7 @@ class KFACPreconditioner:
 
     def _update_factors(self, decay: float) -> None:
         used = [layer for layer in self._layers if layer.a_count and layer.g_count]
-        if self._layers and not any(layer.g_count for layer in self._layers) and self.fisher == "mc":
+        if self._layers and not any(layer.g_received for layer in self._layers) and self.fisher == "mc":
             raise RuntimeError("fisher='mc' needs mc_backward(outputs) after the forward pass of every "
                                "factor-update step; no sampled-label statistics were collected")
         calls = [layer.g_calls for layer in used]
@@ -578,11 +738,30 @@ class KFACPreconditioner:
         # batch factors are Gram matrices: |M_ij| <= sqrt(M_ii M_jj), so they are finite iff their diagonals are
         # (O(d) to check instead of O(d^2))
         held = [t.diagonal() if t.dim() == 2 else t for a, g, _ in batches.values() for t in (a, g) if t is not None]
-        if not _all_finite(held):
+        finite = _all_finite(held)
+        if self._exec.narrow_factor_wire:  # float16 on the wire can overflow: decide together, then widen it
+            finite = self._comm.all_true(finite)
+            if not finite:
+                self._exec.widen_factor_wire()
+                logger.warning("kfac: factor statistics overflowed %s on the wire at step %d; this step's statistics "
+                               "are dropped and factors travel in %s from now on", self._comm.comm_dtype,
+                               self.steps, self.factor_dtype)
+                self.discarded_statistics += 1
+                return
+        if not finite:
             logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "
                            "this step", self.steps)
             self.discarded_statistics += 1
             return
+        self._seen.update(name for name, (_, _, seen) in batches.items() if seen)
+        if not self._reported_unused:  # once, from globally reduced counts: the same on every rank
+            self._reported_unused = True
+            unused = self.unused_layers
+            if unused:
+                warnings.warn(f"kfac: tracked layers {unused} ran no forward pass in training mode on any rank before "
+                              "the first factor update (a branch not taken yet, or a module called functionally); "
+                              "their gradients are used as they are until they run and their factors are refreshed",
+                              stacklevel=4)
         for layer in self._layers:
             a_batch, g_batch, seen = batches[layer.name]
             entry = layer.entry
@@ -605,6 +784,7 @@ class KFACPreconditioner:
 
         self._exec.refresh(lambda e, f: self.method.refresh_factor(e, f, damping=damping), self.method.fields, failed)
         self._refreshed_damping = damping
+        self._warned_fallback.clear()
         if self._corrects:  # new eigenbases: the corrections restart from the K-FAC eigenvalues
             for layer in self._layers:
                 if self._exec.is_grad_worker(layer.name):
@@ -648,9 +828,9 @@ class KFACPreconditioner:
                 self.method.update_corrections(self.store[name], total / (n * scale), decay)
 
     def _preconditioned(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
-                        lrs: Mapping[str, float] | None) -> list[tuple[Tensor, Tensor]]:
-        """Queue the preconditioning of every tracked gradient (exchanged between ranks, scaled by ``kl_clip``);
-        returns the ``(.grad, new value)`` pairs to copy, leaving the gradients untouched."""
+                        lrs: Mapping[str, float] | None) -> "_Staged":
+        """Queue the preconditioning of every tracked gradient (exchanged between ranks, scaled by ``kl_clip``)
+        and the per-layer dots ``<P(g), g>`` that check it, leaving the gradients untouched."""
         kl_clip, damping = hp["kl_clip"], hp["damping"]
         local: dict[str, tuple[Tensor, bool]] = {}
         for layer in self._layers:
@@ -662,40 +842,74 @@ class KFACPreconditioner:
             else:
                 local[layer.name] = (grad.to(self.factor_dtype), False)
         results = self._exec.exchange_gradients(local, grads)
-        updates = [(layer, results[layer.name][0], grads[layer.name]) for layer in self._layers
-                   if layer.name in results and results[layer.name][1]]
-        nu = None if lrs is None else kl_clip_scale(((v, g, lrs[layer.name]) for layer, v, g in updates), kl_clip)
-        if nu is not None:  # each v is a fresh preconditioned tensor (or a received buffer), never the gradient
-            _foreach_mul_([v for _, v, _ in updates], nu)
-        return [pair for layer, v, _ in updates for pair in layer.adapter.grad_targets(v)]
+        layers = [layer for layer in self._layers if layer.name in results and results[layer.name][1]]
+        updates = [results[layer.name][0] for layer in layers]
+        dots = update_dots([(v, grads[layer.name]) for layer, v in zip(layers, updates)]) if layers else None
+        if lrs is not None and dots is not None:
+            # each v is a fresh preconditioned tensor (or a received buffer), never the gradient
+            _foreach_mul_(updates, kl_clip_scale(dots, [lrs[layer.name] for layer in layers], kl_clip))
+        return _Staged(layers=layers, updates=updates, dots=dots)
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step counters and every factor and decomposition (tensors are referenced, not copied).
+        """Step counters and the factors and decompositions this rank holds (tensors referenced, not copied).
 
-        In a distributed run this is a collective (call it on every rank): each factor's owner sends its state,
-        so every rank returns the complete state, loadable at any world size.
+        Never communicates, so ``if rank == 0: torch.save(opt.state_dict(), path)`` is safe. When this rank holds
+        everything (a single process, or ``strategy="comm-opt"``) the state is complete and loads at any world
+        size; otherwise it is this rank's *shard* (``state["shard"]`` names the rank, world size and plan) and loads
+        only into the same rank of the same plan -- for a portable checkpoint call :meth:`consolidated_state_dict`
+        on every rank instead.
         """
-        store = self._exec.gather_store_state(self.store, self.method.fields)
+        complete = all(self._exec.holds(n, f) and self._exec.is_grad_worker(n) for n in self.layers for f in "AG")
+        shard = None if complete or not self._comm.enabled else {
+            "rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
+        if shard is not None and not self._warned_shard:
+            self._warned_shard = True
+            logger.warning("kfac: state_dict() on rank %d holds only this rank's shard of the K-FAC state (strategy "
+                           "%r): resume it with every rank loading its own file at the same world size, or save "
+                           "consolidated_state_dict() (a collective: call it on every rank) for a portable "
+                           "checkpoint", self.rank, self.plan.strategy)
+        return self._state(self.store.state_dict(), shard)
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """The complete state on every rank, loadable at any world size. A collective: every rank must call it
+        (each factor's owner sends its state); in a single process it equals :meth:`state_dict`."""
+        return self._state(self._exec.gather_store_state(self.store, self.method.fields), None)
+
+    def _state(self, store: dict[str, Any], shard: dict[str, Any] | None) -> dict[str, Any]:
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "layers": self.layers,
-                "not_executed": list(self.not_executed), "method": self.method.name, "store": store}
+                "not_executed": list(self.not_executed), "method": self.method.name, "store": store,
+                "seen": sorted(self._seen), "shard": shard}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the tracked layers must match (clear error otherwise)."""
+        """Restore :meth:`state_dict` / :meth:`consolidated_state_dict` output; the tracked layers must match
+        (clear error otherwise)."""
         self.validate_state_dict(state)
-        self._drop_unexecuted(state.get("not_executed", ()), warn=False)
+        self._drop_unexecuted(state.get("not_executed", ()))
         self.store.load_state_dict(state["store"])
         self._exec.prune(self.method.fields)
         for layer in self._layers:
             layer.entry.to(layer.module.weight.device)
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._seen = set(state.get("seen", self.layers)) & set(self.layers)
+        self._reported_unused = True
         self._checked_execution = True
         self._capture_step = None
+        self._written = ()
         self.discard_pending_statistics()
 
     def validate_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
+        shard = state.get("shard")
+        if shard is not None:
+            here = {"rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
+            if shard != here:
+                raise ValueError(
+                    f"this K-FAC state is the shard of rank {shard['rank']} of {shard['world_size']} (saved by "
+                    f"state_dict() under a sharded plan); it loads only into that rank of the same plan (this is "
+                    f"rank {self.rank} of {self.world_size}{'' if shard['plan'] == here['plan'] else ', another plan'}"
+                    "). Save consolidated_state_dict() on every rank (or one state_dict() file per rank) to resume")
         expected = set(self.layers) - set(state.get("not_executed", ()))
         if set(state["layers"]) != expected:
             missing, extra = expected - set(state["layers"]), set(state["layers"]) - expected
@@ -719,6 +933,29 @@ class KFACPreconditioner:
         return (f"KFACPreconditioner(method={self.method.name!r}, strategy={self._exec.strategy!r}, "
                 f"world_size={self.world_size}, layers={len(self._layers)}, "
                 f"skipped={len(self.skipped)}, steps={self.steps}, store={self.store!r})")
+
+
+@dataclass
+class _Staged:
+    """Preconditioned gradients queued by one step, with their per-layer dots (the finiteness check)."""
+
+    layers: list[_Layer]
+    updates: list[Tensor]
+    dots: Tensor | None
+
+    def finite(self) -> list[bool]:
+        """Per layer, whether its preconditioned gradient is finite (one host sync)."""
+        return [] if self.dots is None else torch.isfinite(self.dots).tolist()
+
+    def pairs(self, bad: Sequence[bool], fall_back: Callable[[str], None]) -> list[tuple[Tensor, Tensor]]:
+        """The ``(.grad, new value)`` pairs to copy; a ``bad`` layer keeps its plain gradient (``fall_back``)."""
+        out = []
+        for layer, v, b in zip(self.layers, self.updates, bad or [False] * len(self.layers)):
+            if b:
+                fall_back(layer.name)
+            else:
+                out += layer.adapter.grad_targets(v)
+        return out
 
 
 def _by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
@@ -773,6 +1010,16 @@ def _statistics_mode(t: Tensor) -> Iterator[None]:
     (hooks run in the forward pass, where autocast would turn ``a^T a`` into bfloat16/float16)."""
     with torch.no_grad(), torch.autocast(device_type=t.device.type, enabled=False):
         yield
+
+
+def _first_input(module: nn.Module) -> str | None:
+    """The name of ``module.forward``'s first parameter (to find an input passed by keyword)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover (builtins without a signature)
+        return None
+    first = next((p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    return first.name if first is not None else None
 
 
 def _functorch_active() -> bool:

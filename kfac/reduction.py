@@ -59,8 +59,10 @@ class FactorReduction:
 
     def __init__(self, *, comm: Communicator, plan: Plan, entries: Sequence[FactorEntry],
                  devices: Mapping[str, torch.device], dtype: torch.dtype, local: bool,
-                 stats: Callable[[str], PendingStats], bucket_cap_bytes: int) -> None:
+                 stats: Callable[[str], PendingStats], bucket_cap_bytes: int,
+                 wire_dtype: torch.dtype | None = None) -> None:
         self.comm, self.plan, self.dtype, self.local = comm, plan, dtype, local
+        self.wire_dtype = wire_dtype  # overrides the communicator's comm_dtype for factor statistics
         self.entries = {e.name: e for e in entries}
         self.devices = dict(devices)
         self._stats = stats
@@ -138,13 +140,13 @@ class FactorReduction:
             data.append((mine, Pending((), lambda: [payload[k] for k in mine])))
         elif self.plan.factor_communication == "allreduce":
             data.append((keys, self.comm.all_reduce_sum([payload[k] for k in keys], category="factors",
-                                                         async_op=True)))
+                                                         async_op=True, wire_dtype=self.wire_dtype)))
         else:
             for dst in sorted({self.plan.owner(*k) for k in keys}):
                 mine = [k for k in keys if self.plan.owner(*k) == dst]
                 data.append((mine if dst == self.comm.rank else [],
                              self.comm.reduce_sum([payload[k] for k in mine], dst=dst, category="factors",
-                                                  async_op=True)))
+                                                  async_op=True, wire_dtype=self.wire_dtype)))
         self._launches.append(_Launch(names, counts_pending, scale, data))
 
     # -- results -------------------------------------------------------------------------------------------

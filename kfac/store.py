@@ -122,6 +122,8 @@ class FactorStore(Mapping[str, FactorEntry]):
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
         """Load entries; with ``strict``, the set of names and every factor shape must match this store.
 
+        Every tensor must be float32 or float64 and finite, and a layer's factors and decompositions must share
+        one dtype; anything else raises :class:`FactorFileError` naming the layer and field.
         All-or-nothing: everything is validated before anything is assigned. Tensors are taken as given (not
         copied); the store never modifies its tensors in place, so a state dict stays a consistent snapshot.
         """
@@ -145,13 +147,14 @@ class FactorStore(Mapping[str, FactorEntry]):
                     raise FactorFileError(f"layer {name!r}: saved factors (a_dim, g_dim, diagonal)={theirs} "
                                           f"do not match the model's {mine}")
             for key, tensor in data["tensors"].items():
-                _check_shape(new, key, tensor)
+                _check_tensor(new, key, tensor)
                 if key.startswith("extras."):
                     new.extras[key[len("extras."):]] = tensor
                 elif key in TENSOR_FIELDS:
                     setattr(new, key, tensor)
                 else:
                     raise FactorFileError(f"layer {name!r}: unknown factor field {key!r}")
+            _check_uniform_dtype(new)
             staged.append(new)
         for new in staged:
             if new.name in self._entries:
@@ -219,6 +222,35 @@ class FactorStore(Mapping[str, FactorEntry]):
         except FactorFileError as exc:
             raise FactorFileError(f"{path}: {exc}") from exc
         return store
+
+
+_ALLOWED_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_tensor(entry: FactorEntry, key: str, t: Any) -> None:
+    """Reject anything that would load fine but break (or silently corrupt) training later: non-tensors,
+    non-float or sub-single-precision dtypes, shapes inconsistent with the entry, NaN/Inf values."""
+    if not isinstance(t, Tensor):
+        raise FactorFileError(f"layer {entry.name!r}: field {key} is a {type(t).__name__}, not a tensor")
+    if t.dtype not in _ALLOWED_DTYPES:
+        raise FactorFileError(f"layer {entry.name!r}: field {key} has dtype {t.dtype}; "
+                              "factors and decompositions must be float32 or float64")
+    _check_shape(entry, key, t)
+    if not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise FactorFileError(f"layer {entry.name!r}: field {key} has non-finite values "
+                              f"({n_nan} NaN, {n_inf} Inf of {t.numel()})")
+
+
+def _check_uniform_dtype(entry: FactorEntry) -> None:
+    """The factors and decompositions of one layer are combined in one computation: they must share a dtype.
+    (``extras`` are free-form per curvature method and may differ, e.g. a float32 window next to float64 factors.)
+    """
+    dtypes = {k: getattr(entry, k).dtype for k in TENSOR_FIELDS if getattr(entry, k) is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{k}: {str(d).removeprefix('torch.')}" for k, d in dtypes.items())
+        raise FactorFileError(f"layer {entry.name!r}: factors and decompositions mix dtypes ({listing}); "
+                              "all fields of a layer must share one dtype")
 
 
 def _check_shape(entry: FactorEntry, key: str, t: Tensor) -> None:

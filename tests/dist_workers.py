@@ -160,7 +160,7 @@ def checkpoint(rank: int, world: int, out: Path, phase: str, steps: int, strateg
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy, **KFAC_KW)
     if phase == "save":
         _train_allreduce(model, opt, range(steps), rank, world)
-        state = {"model": model.state_dict(), "opt": opt.state_dict()}  # collective: every rank calls it
+        state = {"model": model.state_dict(), "opt": opt.consolidated_state_dict()}  # collective: every rank calls it
         if rank == 0:
             torch.save(state, out / "ckpt.pt")
     else:

@@ -135,7 +135,7 @@ def run_world(rank: int, world: int, out: Path, modes: list[str], group) -> dict
             grad_bytes.append(pre._comm.bytes_sent["gradients"])
 
         train(ddp, opt, range(STEPS), rank, world, after_step=record)
-        state = pre.state_dict()  # collective: complete on every rank
+        state = pre.consolidated_state_dict()  # collective: complete on every rank
         v = probe_vector(pre)
         ihvp = pre.ihvp(v)
         diag = pre.diag()

@@ -233,58 +233,76 @@ def _attn_train(model, opt, steps, start=0):
         opt.step()
 
 
-def test_multihead_attention_out_proj_is_dropped():
+def test_multihead_attention_out_proj_is_skipped_at_registration():
+    """nn.MultiheadAttention applies out_proj functionally (its hooks never fire): skipped up front with a reason,
+    never listed as tracked; its gradient is left as it is while the other layers are preconditioned."""
     model, opt = _attn_make()
     pre = opt.preconditioner
-    assert pre.layers == ["inp", "attn.out_proj", "head"]
-    assert "MultiheadAttention" in dict(pre.skipped)["attn"]
+    assert pre.layers == ["inp", "head"]
+    assert "applied functionally" in dict(pre.skipped)["attn.out_proj"]
+    assert not model.attn.out_proj._forward_hooks
     opt.zero_grad()
     x, y = _attn_batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
     raw_out = torch.cat([model.attn.out_proj.weight.grad, model.attn.out_proj.bias.grad[:, None]], 1).clone()
-    with pytest.warns(UserWarning, match="never executed") as record:
-        opt.step()
-    assert sum("never executed" in str(w.message) for w in record) == 1
-    assert "attn.out_proj" in str(record[0].message)
-    assert pre.layers == ["inp", "head"] and list(pre.store) == ["inp", "head"]
-    assert "never executed" in dict(pre.skipped)["attn.out_proj"]
-    assert pre.not_executed == ["attn.out_proj"]
-    assert not model.attn.out_proj._forward_hooks
-    # its gradient was left as it was (the other layers were preconditioned)
-    out = torch.cat([model.attn.out_proj.weight.grad, model.attn.out_proj.bias.grad[:, None]], 1)
-    assert torch.equal(out, raw_out)
+    raw_head = model.head.weight.grad.clone()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no further warnings
+        warnings.simplefilter("error")  # nothing to warn about: every tracked layer runs
+        opt.step()
         _attn_train(model, opt, 3, start=1)
+    out = torch.cat([model.attn.out_proj.weight.grad, model.attn.out_proj.bias.grad[:, None]], 1)
     assert pre.steps == 4 and all(pre.store[n].num_updates == 2 for n in pre.layers)
+    assert pre.unused_layers == []
+    # step 0's gradients: out_proj's stayed raw, head's were preconditioned (checked on a fresh run)
+    model_b, opt_b = _attn_make()
+    opt_b.zero_grad()
+    nn.functional.cross_entropy(model_b(x), y).backward()
+    opt_b.step()
+    torch.testing.assert_close(torch.cat([model_b.attn.out_proj.weight.grad,
+                                          model_b.attn.out_proj.bias.grad[:, None]], 1), raw_out)
+    assert not torch.allclose(model_b.head.weight.grad, raw_head)
+    assert out.shape == raw_out.shape
 
 
 def test_multihead_attention_resume_is_bit_identical():
     n_first, n_more = 3, 4
     ref_model, ref_opt = _attn_make()
-    with pytest.warns(UserWarning, match="never executed"):
-        _attn_train(ref_model, ref_opt, n_first + n_more)
+    _attn_train(ref_model, ref_opt, n_first + n_more)
 
     model, opt = _attn_make()
-    with pytest.warns(UserWarning, match="never executed"):
-        _attn_train(model, opt, n_first)
+    _attn_train(model, opt, n_first)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
 
     model2, opt2 = _attn_make(seed=99)
-    assert opt2.preconditioner.layers == ["inp", "attn.out_proj", "head"]
     model2.load_state_dict(ckpt["model"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fresh preconditioner drops the layer silently
+        warnings.simplefilter("error")
         opt2.load_state_dict(ckpt["opt"])
         assert opt2.preconditioner.layers == ["inp", "head"]
-        assert "attn.out_proj" in dict(opt2.preconditioner.skipped)
-        assert not model2.attn.out_proj._forward_hooks
         _attn_train(model2, opt2, n_more, start=n_first)
     for p, q in zip(model2.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_checkpoint_of_an_older_version_with_not_executed_layers_loads():
+    """Checkpoints written when unexecuted layers were dropped at step 0 list them in "not_executed": loading one
+    untracks those layers again (the saved store has no entry for them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Linear(3, 3))
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    state = opt.state_dict()
+    legacy = dict(state["kfac"])
+    legacy["layers"] = ["0", "2"]
+    legacy["not_executed"] = ["3"]
+    legacy["store"] = {**legacy["store"], "entries": {k: v for k, v in legacy["store"]["entries"].items() if k != "3"}}
+    legacy.pop("shard")
+    legacy.pop("seen")
+    opt.load_state_dict({**state, "kfac": legacy})
+    assert opt.preconditioner.layers == ["0", "2"] and opt.preconditioner.not_executed == ["3"]
+    assert not model[3]._forward_hooks
 
 
 # -- decomposition failures ----------------------------------------------------------------------------------
@@ -529,6 +547,7 @@ def test_load_state_dict_from_different_model_names_layers():
     with pytest.raises(ValueError) as info:
         pre.load_state_dict(opt.preconditioner.state_dict())
     assert "'4'" in str(info.value) and "missing" in str(info.value)
+    pre.remove()  # one live preconditioner per model
 
     other_opt = kfac.KFAC(other, torch.optim.SGD(other.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="'4'"):

@@ -41,7 +41,7 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         start = opt.preconditioner.steps
     W.train(ddp, opt, range(start, start + args.steps), rank, world)
-    state = {"model": model.state_dict(), "opt": opt.state_dict()}  # collective: every rank calls it
+    state = {"model": model.state_dict(), "opt": opt.consolidated_state_dict()}  # collective: every rank calls it
     if rank == 0:
         tmp = ckpt.with_suffix(".tmp")
         torch.save(state, tmp)

@@ -26,10 +26,12 @@ Damping: a float is used as is for every layer; ``None`` (default) is ``0.1 * me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +48,7 @@ from ..store import FactorFileError, FactorStore
 from .gradients import capture, example_matrices
 from .task import Task
 
-__all__ = ["InfluenceAnalyzer", "InfluenceArguments", "TopK"]
+__all__ = ["InfluenceAnalyzer", "InfluenceArguments", "TopK", "weights_digest"]
 
 logger = logging.getLogger("kfac")
 
@@ -101,6 +103,7 @@ class _Fit:
     damping: dict[str, float] = field(default_factory=dict)
     rows_per_example: dict[str, float] = field(default_factory=dict)
     examples: int = 0
+    weights_sha256: str | None = None  # of the model's parameters when fitted (None: unknown, an old file)
 
 
 class InfluenceAnalyzer:
@@ -116,6 +119,17 @@ class InfluenceAnalyzer:
         process_group: under ``torchrun``, fitting and scoring are split by batch (batch ``i`` on rank
             ``i % world_size``; loaders must yield the same batches in the same order on every rank) and the
             decompositions by the planner; results equal a single process.
+
+    Modules with parameters that are not tracked are listed in :attr:`skipped`. Construction warns (one
+    ``UserWarning``) about those whose trainable parameters are left out against the user's choice: unsupported
+    layer types, parameters shared with another layer, partly frozen layers. It does not warn about modules left
+    out of ``tracked_modules`` (the user's choice: listing layers there also silences the warning), embeddings
+    (never tracked, by design) or modules whose parameters are all frozen (not trained, so not part of the
+    influence of training data).
+
+    Batches with no examples contribute nothing: they yield 0-sized blocks of scores, and those that visibly hold
+    no rows (every batched tensor in a tuple/list/mapping batch has 0 rows) are dropped before batches are
+    numbered, so they change neither the distributed split nor ``fisher="mc"``'s sampled labels.
     """
 
     def __init__(self, model: nn.Module, task: Task, *, method: str = "ekfac", fisher: str = "mc",
@@ -135,6 +149,7 @@ class InfluenceAnalyzer:
         self.args.validate()
         self.model, self.task, self.progress = model, task, progress
         self._pre = self._engine(process_group)
+        self._skipped = self._report_skipped()
         self._fit: _Fit | None = None
         self._mfac: StaticFisher | None = None
         self._mfac_grads: dict[str, Tensor] | None = None
@@ -157,8 +172,7 @@ class InfluenceAnalyzer:
         strategy = "comm-opt" if comm.world_size > 1 else None
         pre = KFACPreconditioner(self.model, method="eigen", factor_decay=0.0, kl_clip=None, skip_layers=skip,
                                  factor_dtype=getattr(torch, self.args.factor_dtype), strategy=strategy,
-                                 process_group=process_group)
-        pre.remove()
+                                 process_group=process_group, hooks=False)
         diagonal = [n for n, a in pre.adapters.items() if a.a_diagonal]
         if diagonal:
             pre.untrack(diagonal, "influence does not track embeddings (per-example gradients are dim x vocab)")
@@ -171,6 +185,31 @@ class InfluenceAnalyzer:
         if not pre.layers:
             raise ValueError("influence: no supported layer to track")
         return pre
+
+    def _report_skipped(self) -> list[tuple[str, str]]:
+        """``(name, reason)`` of every untracked module with parameters of its own; warns about those whose
+        trainable parameters are left out for reasons other than the user's choice (see the class docstring)."""
+        wanted = None if self.args.tracked_modules is None else set(self.args.tracked_modules)
+        modules = {n: m for n, m in self.model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+        reasons: dict[str, str] = {}
+        for name, reason in self._pre.skipped:
+            reasons.setdefault(name, "not listed in tracked_modules" if wanted is not None and name not in wanted
+                               else reason)
+        tracked = set(self.layers)
+        skipped = {n: reasons.get(n, "not tracked") for n in modules if n not in tracked}  # in model order
+        unexpected = [(n, r) for n, r in skipped.items()
+                      if (wanted is None or n in wanted) and not isinstance(modules[n], nn.Embedding)
+                      and any(p.requires_grad for p in modules[n].parameters(recurse=False))]
+        if unexpected:
+            warnings.warn("influence: not tracking " + ", ".join(f"{n or '<root>'!r} ({r})" for n, r in unexpected)
+                          + ": their parameters get no influence (scores cover the tracked layers only); pass "
+                          "tracked_modules to choose the layers explicitly", UserWarning, stacklevel=3)
+        return list(skipped.items())
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(module name, reason)`` for every module with parameters of its own that is not tracked (a copy)."""
+        return list(self._skipped)
 
     @property
     def layers(self) -> list[str]:
@@ -201,11 +240,15 @@ class InfluenceAnalyzer:
                 self._fit_mfac(train_loader)
             else:
                 self._fit = _Fit(damping={n: 1.0 for n in self.layers})
+        self._fit.weights_sha256 = weights_digest(self.model)
         return self
 
     def _batches(self, loader: Iterable[Any], what: str, *, shard: bool = True) -> Iterable[tuple[int, Any]]:
+        """``(index, batch)`` of this rank's batches. Batches of no examples (see :func:`_is_empty`) are dropped
+        before numbering, so they change neither the sharding nor the sampled labels of the other batches."""
         comm = self._pre._comm
-        items = ((i, b) for i, b in enumerate(loader) if not shard or i % comm.world_size == comm.rank)
+        items = ((i, b) for i, b in enumerate(b for b in loader if not _is_empty(b))
+                 if not shard or i % comm.world_size == comm.rank)
         return _progress(items, f"influence: {what}", total=_len(loader), enabled=self.progress and comm.rank == 0)
 
     def _backward(self, batch: Any, *, sampled: bool, measurement: bool = False, index: int = 0,
@@ -342,7 +385,7 @@ class InfluenceAnalyzer:
         if method == "mfac":
             n = next(iter(mats.values())).shape[0]
             outs = [self._mfac.ihvp({k: v[i] for k, v in mats.items()}) for i in range(n)]
-            return {k: torch.stack([o[k] for o in outs]) for k in mats}
+            return {k: torch.stack([o[k] for o in outs]) if n else v.clone() for k, v in mats.items()}
         return {name: self._method.precondition(self.store[name], v, damping=fit.damping[name])
                 for name, v in mats.items()}  # EK-FAC's map with this fit's Lambda (K-FAC's: T outer(dG, dA))
 
@@ -362,7 +405,7 @@ class InfluenceAnalyzer:
                     k = min(r, s.shape[-1])
                     parts[name].append(((u[..., :k] * s[..., None, :k]).to(dtype), vh[..., :k, :].mT.to(dtype)))
         if not parts[self.layers[0]]:
-            raise ValueError("influence: the query loader yielded no batches")
+            raise ValueError("influence: the query loader yielded no examples")
         if r is None:
             return {n: torch.cat(v) for n, v in parts.items()}
         return {n: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for n, v in parts.items()}
@@ -381,7 +424,7 @@ class InfluenceAnalyzer:
                 out[name] = torch.einsum("ntg,qgk,nta,qak->qn", g, us, a, v)
             else:
                 mats = example_matrices(a, g)
-                out[name] = q.reshape(q.shape[0], -1) @ mats.reshape(mats.shape[0], -1).T
+                out[name] = q.flatten(1) @ mats.flatten(1).T  # flatten, not reshape(n, -1): n may be 0
         return out
 
     def pairwise_scores(self, query_loader: Iterable[Any], train_loader: Iterable[Any], *,
@@ -423,7 +466,7 @@ class InfluenceAnalyzer:
             blocks = [item for part in gathered for item in part]
         blocks.sort(key=lambda ib: ib[0])
         if not blocks:
-            raise ValueError("influence: the training loader yielded no batches")
+            raise ValueError("influence: the training loader yielded no examples")
         per = {n: torch.cat([b[n] for _, b in blocks], dim=axis) for n in self.layers}
         return per if per_layer else sum(per.values())
 
@@ -449,7 +492,8 @@ class InfluenceAnalyzer:
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write the fitted state to directory ``path``: factors (safetensors) + settings (JSON)."""
+        """Write the fitted state to directory ``path``: factors (safetensors) + settings (JSON, with the
+        :func:`weights_digest` of the model when it was fitted, checked by :meth:`load`)."""
         fit = self._require_fit()
         if self._pre._comm.rank != 0:
             return
@@ -464,15 +508,20 @@ class InfluenceAnalyzer:
         settings = {"format": "kfac.influence", "version": 1, "kfac_version": __version__,
                     "arguments": asdict(self.args), "layers": {n: list(self._pre.block_shapes()[n])
                                                                 for n in self.layers},
-                    "damping": fit.damping, "rows_per_example": fit.rows_per_example, "examples": fit.examples}
+                    "damping": fit.damping, "rows_per_example": fit.rows_per_example, "examples": fit.examples,
+                    "weights_sha256": fit.weights_sha256}
         tmp = path / (_SETTINGS_FILE + ".tmp")
         tmp.write_text(json.dumps(settings, indent=1))
         tmp.replace(path / _SETTINGS_FILE)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, task: Task, *, progress: bool = True,
-             process_group: Any | None = None) -> "InfluenceAnalyzer":
-        """Rebuild an analyzer saved by :meth:`save` for ``model``; clear errors if it does not match."""
+             process_group: Any | None = None, check_weights: bool = True) -> "InfluenceAnalyzer":
+        """Rebuild an analyzer saved by :meth:`save` for ``model``; clear errors if it does not match.
+
+        ``check_weights``: raise ``ValueError`` if ``model``'s parameters are not the ones the fit was made on (by
+        :func:`weights_digest`; files saved without a digest load with a logged warning). ``False`` skips the
+        check (the scores then mix the saved curvature with gradients of other weights)."""
         path = Path(path)
         try:
             settings = json.loads((path / _SETTINGS_FILE).read_text())
@@ -492,6 +541,14 @@ class InfluenceAnalyzer:
         if settings["layers"] != expected:
             raise ValueError(f"influence state in {path} was fitted for other layers/shapes: saved "
                              f"{settings['layers']}, this model has {expected}")
+        saved = settings.get("weights_sha256")
+        if saved is None:
+            logger.warning("influence: %s has no weights checksum (saved by an older kfac): cannot check that the "
+                           "model has the weights the fit was made on", path)
+        elif check_weights and saved != weights_digest(model):
+            raise ValueError(f"influence state in {path} was fitted on other weights than this model's (parameter "
+                             "checksum mismatch): load the weights the fit was made on, or refit with fit() on "
+                             "these weights; pass check_weights=False to load it anyway")
         if args["method"] in ("ekfac", "kfac"):
             loaded = FactorStore.load(path / _FACTORS_FILE)
             analyzer.store.load_state_dict(loaded.state_dict())
@@ -504,11 +561,23 @@ class InfluenceAnalyzer:
                 raise FactorFileError(f"{path / _MFAC_FILE}: unreadable ({exc})") from exc
             analyzer._set_mfac({n: grads[n] for n in analyzer.layers})
         analyzer._fit = _Fit(damping={n: float(v) for n, v in settings["damping"].items()},
-                             rows_per_example=settings.get("rows_per_example", {}), examples=settings["examples"])
+                             rows_per_example=settings.get("rows_per_example", {}), examples=settings["examples"],
+                             weights_sha256=saved)
         return analyzer
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) over every parameter of ``model`` in ``named_parameters()`` order: its name, shape and values
+    as float64 bytes on the CPU (one parameter at a time). Deterministic across runs, devices and parameter dtypes
+    that hold the same values; buffers are not included."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+        digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy())
+    return digest.hexdigest()
+
+
 class _eval:  # noqa: N801
     """Eval mode for the duration (dropout off, batch norm frozen); the previous modes are restored."""
 
@@ -522,6 +591,24 @@ class _eval:  # noqa: N801
     def __exit__(self, *exc: Any) -> None:
         for m, mode in self.modes:
             m.training = mode
+
+
+def _is_empty(batch: Any) -> bool:
+    """Whether ``batch`` visibly holds no examples: every tensor in it (through tuples, lists and mappings) with at
+    least one dimension has a leading dimension of 0, and there is at least one. Other empty batches are still
+    processed (and contribute nothing), but they count as a batch for sharding and label sampling."""
+    sizes: list[int] = []
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if item.dim() > 0:
+                sizes.append(item.shape[0])
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return bool(sizes) and not any(sizes)
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:

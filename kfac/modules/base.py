@@ -87,9 +87,12 @@ class ModuleAdapter(ABC):
     def example_rows(self, x: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Per-example rows ``a`` (``N x T x a_dim``) and ``g`` (``N x T x g_dim``) of an input ``x`` and the
         gradient ``g`` w.r.t. the matching output: example ``n``'s gradient matrix is ``sum_t g[n,t] a[n,t]^T``
-        (in the adapter's row scaling)."""
+        (in the adapter's row scaling). A batch of no examples gives ``0 x 1 x dim`` rows (``T = 1``: callers
+        divide by ``T``)."""
         n = self.num_examples(x)
         a, rows = self.a_rows(x).to(dtype), self.g_rows(g).to(dtype)
+        if n == 0:  # reshape(0, -1, d) is ambiguous
+            return a.reshape(0, 1, a.shape[-1]), rows.reshape(0, 1, rows.shape[-1])
         return a.reshape(n, -1, a.shape[-1]), rows.reshape(n, -1, rows.shape[-1])
 
     def example_scale(self, rows_per_example: int) -> float:
