@@ -412,7 +412,9 @@ class KFACPreconditioner:
             layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
         x_corr = x.detach() if correct and self.method.ready(layer.entry) else None
         if isinstance(output, Tensor) and output.requires_grad:
-            if capture:
+            # a forward re-run inside a backward pass (activation checkpointing) is not a new use: its gradient
+            # arrives in a nested backward (reentrant) or never (non-reentrant, whose first run already counted)
+            if capture and not _in_backward():
                 layer.g_expected += 1
             output.register_hook(functools.partial(self._grad_hook, layer, capture, x_corr))
 
@@ -1020,6 +1022,12 @@ def _first_input(module: nn.Module) -> str | None:
         return None
     first = next((p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
     return first.name if first is not None else None
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside an autograd backward pass (e.g. a checkpointed block's recomputation)."""
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return probe is not None and probe() != -1
 
 
 def _functorch_active() -> bool:
