@@ -18,7 +18,7 @@ import logging
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -596,12 +596,12 @@ class KFACPreconditioner:
             # is kept busy while the host waits (the results are fresh tensors, dropped if the step is skipped).
             staged = self._preconditioned(grads, hp, lrs)
         finite = grads_finite and _all_finite(g for g in grads.values() if g is not None)
-        staged_ok = staged.finite() if staged is not None else []
+        staged_bad = staged.non_finite(self.layers) if staged is not None else []
         # distributed: schedules at this and the next step must agree on every rank (their values ride along in the
         # finiteness all-reduce, so a mismatch is caught a step before it could desynchronise the collectives)
         token = (schedule_token(self._schedule_values(self.steps) + self._schedule_values(self.steps + 1))
                  if self._comm.enabled else 0)
-        all_finite, same, staged_bad = self._comm.agree(finite, token, [not ok for ok in staged_ok])
+        all_finite, same, staged_bad = self._comm.agree(finite, token, staged_bad)
         if not same:  # every rank sees the mismatch in the same reduction, so every rank takes this branch
             self._comm.check_identical({n: [v, w] for n, v, w in zip(_SCHEDULED, self._schedule_values(self.steps),
                                                                      self._schedule_values(self.steps + 1))},
@@ -620,8 +620,8 @@ class KFACPreconditioner:
             bad = staged_bad
         else:
             staged = self._preconditioned(grads, hp, lrs)
-            bad = self._comm.agree(True, 0, [not ok for ok in staged.finite()])[2]
-        _copy_all(staged.pairs(bad, self._fall_back))
+            bad = self._comm.agree(True, 0, staged.non_finite(self.layers))[2]
+        _copy_all(staged.pairs({n for n, b in zip(self.layers, bad) if b}, self._fall_back))
         self._written = self._grad_versions()
         self.steps += 1
         return True
@@ -945,15 +945,18 @@ class _Staged:
     updates: list[Tensor]
     dots: Tensor | None
 
-    def finite(self) -> list[bool]:
-        """Per layer, whether its preconditioned gradient is finite (one host sync)."""
-        return [] if self.dots is None else torch.isfinite(self.dots).tolist()
+    def non_finite(self, tracked: Sequence[str]) -> list[bool]:
+        """Per tracked layer (a vector of the same length on every rank), whether its preconditioned gradient is
+        non-finite (one host sync)."""
+        finite = [] if self.dots is None else torch.isfinite(self.dots).tolist()
+        bad = {layer.name for layer, ok in zip(self.layers, finite) if not ok}
+        return [name in bad for name in tracked]
 
-    def pairs(self, bad: Sequence[bool], fall_back: Callable[[str], None]) -> list[tuple[Tensor, Tensor]]:
-        """The ``(.grad, new value)`` pairs to copy; a ``bad`` layer keeps its plain gradient (``fall_back``)."""
+    def pairs(self, bad: Collection[str], fall_back: Callable[[str], None]) -> list[tuple[Tensor, Tensor]]:
+        """The ``(.grad, new value)`` pairs to copy; a layer in ``bad`` keeps its plain gradient (``fall_back``)."""
         out = []
-        for layer, v, b in zip(self.layers, self.updates, bad or [False] * len(self.layers)):
-            if b:
+        for layer, v in zip(self.layers, self.updates):
+            if layer.name in bad:
                 fall_back(layer.name)
             else:
                 out += layer.adapter.grad_targets(v)

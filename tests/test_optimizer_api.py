@@ -59,7 +59,8 @@ def test_add_param_group_goes_to_base():
     extra = nn.Parameter(torch.zeros(3))
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     opt = kfac.KFAC(model, base)
-    opt.add_param_group({"params": [extra], "lr": 0.5})
+    with pytest.warns(UserWarning, match="not preconditioned"):
+        opt.add_param_group({"params": [extra], "lr": 0.5})
     assert len(base.param_groups) == 2 and base.param_groups[1]["params"] == [extra]
     assert opt.param_groups is base.param_groups
 
