@@ -35,3 +35,26 @@ def mlp(dtype=torch.float32, seed=0) -> nn.Sequential:
 def batch(i: int, dtype=torch.float32, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + i)
     return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def loss(model: nn.Module, i: int, dtype=torch.float32, n: int = 8) -> torch.Tensor:
+    """Cross-entropy of ``model`` on :func:`batch` ``i``."""
+    x, y = batch(i, dtype, n)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0, dtype=torch.float32) -> None:
+    """``steps`` optimizer steps on batches ``start, start + 1, ...``."""
+    for i in range(start, start + steps):
+        opt.zero_grad()
+        loss(model, i, dtype).backward()
+        opt.step()
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def grad_matrix(layer: nn.Linear) -> torch.Tensor:
+    """The layer's gradient as K-FAC's ``(g_dim, a_dim)`` matrix (bias as last column), a copy."""
+    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).clone()

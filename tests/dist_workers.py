@@ -159,7 +159,7 @@ def checkpoint(rank: int, world: int, out: Path, phase: str, steps: int, strateg
     model = make_model()
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy, **KFAC_KW)
     if phase == "save":
-        _train_allreduce(model, opt, range(steps), rank, world)
+        train_allreduce(model, opt, range(steps), rank, world)
         state = {"model": model.state_dict(), "opt": opt.consolidated_state_dict()}  # collective: every rank calls it
         if rank == 0:
             torch.save(state, out / "ckpt.pt")
@@ -168,13 +168,13 @@ def checkpoint(rank: int, world: int, out: Path, phase: str, steps: int, strateg
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = opt.preconditioner.steps
-        _train_allreduce(model, opt, range(start, start + steps), rank, world)
+        train_allreduce(model, opt, range(start, start + steps), rank, world)
         if rank == 0:
             torch.save([p.detach() for p in model.parameters()], out / "resumed.pt")
     return {"memory": opt.preconditioner.memory_usage()}
 
 
-def _train_allreduce(model, opt, steps, rank, world):
+def train_allreduce(model, opt, steps, rank, world):
     """Like DDP: average gradients over ranks by hand (the model stays un-wrapped, so layer names match)."""
     per = GLOBAL_BATCH // world
     for step in steps:
@@ -191,7 +191,7 @@ def local_reduction(rank: int, world: int, out: Path) -> dict:
     model = make_model()
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac",
                     factor_reduction="local", **{**KFAC_KW, "factor_decay": 0.0})
-    _train_allreduce(model, opt, range(1), rank, world)
+    train_allreduce(model, opt, range(1), rank, world)
     torch.save({n: (e.A, e.G) for n, e in opt.store.items()}, out / f"local_rank{rank}.pt")
     return {"factor_bytes": opt.preconditioner.bytes_communicated.get("factors", 0)}
 

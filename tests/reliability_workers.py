@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kfac
 
-from dist_workers import GLOBAL_BATCH, KFAC_KW, batch, make_model
+from dist_workers import GLOBAL_BATCH, KFAC_KW, batch, make_model, train_allreduce
 
 STEPS = 4
 
@@ -165,28 +165,17 @@ def ddp_variant(rank: int, world: int, out: Path, variant: str) -> dict:
     return {"steps": opt.preconditioner.steps}
 
 
-def _train_allreduce(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int) -> None:
-    per = GLOBAL_BATCH // world
-    for step in steps:
-        x, y = batch(step)
-        opt.zero_grad()
-        F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        opt.step()
-
 
 def rank0_save(rank: int, world: int, out: Path, strategy: str) -> dict:
     """``if rank == 0: torch.save(opt.state_dict(), path)``: no hang; then every rank tries to load rank 0's file
     and its own file."""
     model = make_model()
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy, **KFAC_KW)
-    _train_allreduce(model, opt, range(2), rank, world)
+    train_allreduce(model, opt, range(2), rank, world)
     if rank == 0:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out / f"rank0_{strategy}.pt")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out / f"own_{strategy}_{rank}.pt")
-    _train_allreduce(model, opt, range(2, 3), rank, world)  # collectives still line up after the lone save
+    train_allreduce(model, opt, range(2, 3), rank, world)  # collectives still line up after the lone save
     dist.barrier()
     result: dict = {"shard": opt.state_dict()["kfac"]["shard"]}
     for what, path in (("rank0", out / f"rank0_{strategy}.pt"), ("own", out / f"own_{strategy}_{rank}.pt")):
@@ -203,7 +192,7 @@ def rank0_save(rank: int, world: int, out: Path, strategy: str) -> dict:
         loaded = torch.tensor([1 if result[what] == "ok" else 0])
         dist.all_reduce(loaded, op=dist.ReduceOp.MIN)  # train on only if every rank resumed
         if loaded.item():
-            _train_allreduce(fresh, fresh_opt, range(2, 3), rank, world)
+            train_allreduce(fresh, fresh_opt, range(2, 3), rank, world)
             if rank == 0:
                 torch.save([p.detach() for p in fresh.parameters()], out / f"resumed_{what}_{strategy}.pt")
         fresh_opt.preconditioner.remove()
@@ -220,7 +209,7 @@ def mismatched_schedule(rank: int, world: int, out: Path) -> dict:
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac",
                     **{**KFAC_KW, "factor_update_steps": fus})
     try:
-        _train_allreduce(model, opt, range(STEPS), rank, world)
+        train_allreduce(model, opt, range(STEPS), rank, world)
     except RuntimeError as exc:
         return {"error_message": str(exc), "steps": opt.preconditioner.steps}
     return {"error_message": None, "steps": opt.preconditioner.steps}
@@ -243,7 +232,7 @@ def nan_decomposition(rank: int, world: int, out: Path) -> dict:
     model = make_model()
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac",
                     **{**KFAC_KW, "inv_update_steps": 100})
-    _train_allreduce(model, opt, range(1), rank, world)
+    train_allreduce(model, opt, range(1), rank, world)
     pre = opt.preconditioner
     victim = pre.layers[-1]
     if pre.plan.is_grad_worker(victim, rank):
@@ -287,7 +276,7 @@ def raise_mid_step(rank: int, world: int, out: Path) -> dict:
     """Rank 1 raises between backward and step() and its process exits; rank 0 must fail fast, not hang."""
     model = make_model()
     opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy="dp-kfac", **KFAC_KW)
-    _train_allreduce(model, opt, range(1), rank, world)
+    train_allreduce(model, opt, range(1), rank, world)
     per = GLOBAL_BATCH // world
     x, y = batch(1)
     opt.zero_grad()

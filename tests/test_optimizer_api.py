@@ -14,28 +14,9 @@ from torch import nn
 import kfac
 
 from _helpers import batch as _batch, mlp as _mlp, single_thread  # noqa: F401  (autouse fixture)
+from _helpers import grad_matrix as _raw_grad_matrix, loss as _loss, params as _params, train as _train
 
 FLOAT64 = torch.float64
-
-
-def _loss(model, i, dtype=torch.float32):
-    x, y = _batch(i, dtype)
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def _train(model, opt, steps, start=0, dtype=torch.float32):
-    for i in range(start, start + steps):
-        opt.zero_grad()
-        _loss(model, i, dtype).backward()
-        opt.step()
-
-
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _raw_grad_matrix(layer: nn.Linear) -> torch.Tensor:
-    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).clone()
 
 
 # -- optimizer protocol ------------------------------------------------------------------------------------------

@@ -19,29 +19,9 @@ from torch.utils.checkpoint import checkpoint
 import kfac
 
 from _helpers import batch as _batch, mlp as _mlp, single_thread  # noqa: F401  (autouse fixture)
+from _helpers import grad_matrix as _gmat, loss as _loss, params as _params, train as _train
 
 FLOAT64 = torch.float64
-
-
-def _loss(model, i, dtype=torch.float32, n=8):
-    x, y = _batch(i, dtype, n)
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def _train(model, opt, steps, start=0, dtype=torch.float32):
-    for i in range(start, start + steps):
-        opt.zero_grad()
-        _loss(model, i, dtype).backward()
-        opt.step()
-
-
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _gmat(layer: nn.Linear) -> torch.Tensor:
-    """The layer's gradient as K-FAC's ``(g_dim, a_dim)`` matrix (bias as last column)."""
-    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).clone()
 
 
 def _dense_kfac(A: torch.Tensor, G: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
