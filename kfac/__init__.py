@@ -1,11 +1,11 @@
 """kfac: distributed second-order optimization for PyTorch (K-FAC, EK-FAC, M-FAC and influence functions)."""
 
 from .curvature import Preconditioner
-from .methods import CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC
-from .mfac import MFACPreconditioner
+from .kronecker.methods import CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC
+from .mfac.preconditioner import MFACPreconditioner
 from .optimizer import EKFAC, KFAC, MFAC, PreconditionedOptimizer
-from .preconditioner import KFACPreconditioner
-from .store import FactorEntry, FactorFileError, FactorStore
+from .kronecker.preconditioner import KFACPreconditioner
+from .kronecker.store import FactorEntry, FactorFileError, FactorStore
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .curvature import Preconditioner
-from .preconditioner import KFACPreconditioner, _all_finite
+from .kronecker.preconditioner import KFACPreconditioner, _all_finite
 
 __all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC", "MFAC"]
 
@@ -152,7 +152,7 @@ class EKFAC(KFAC):
 
     ``kfac.KFAC(model, optimizer, method="ekfac", inv_update_steps=10, **kwargs)``: the eigenbases are refreshed
     every ``inv_update_steps`` (default 10 here) and the eigenvalues corrected every ``correction_update_steps``
-    (default ``factor_update_steps``) in between. See :mod:`kfac.methods.ekfac` for the math and
+    (default ``factor_update_steps``) in between. See :mod:`kfac.kronecker.methods.ekfac` for the math and
     :class:`kfac.KFACPreconditioner` for the options.
     """
 
@@ -177,7 +177,7 @@ class MFAC(PreconditionedOptimizer):
     """
 
     def __init__(self, model_or_params: Any, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
-        from .mfac import MFACPreconditioner
+        from .mfac.preconditioner import MFACPreconditioner
 
         _no_lr(kwargs, type(self).__name__)
         if not isinstance(optimizer, torch.optim.Optimizer):

@@ -223,7 +223,7 @@ def test_batched_precondition_equals_one_matrix_at_a_time(method):
     a = x.T @ x / 40 + torch.diag(torch.arange(8.0) * 0.01)
     g = torch.randn(30, 5)
     entry = kfac.FactorEntry("l", a_dim=8, g_dim=5, A=a, G=g.T @ g / 30)
-    m = kfac.methods.make_method(method)
+    m = kfac.kronecker.methods.make_method(method)
     m.refresh(entry, damping=0.1)
     if method == "ekfac":
         entry.extras["Lambda"] = torch.rand(5, 8) + 0.5

@@ -518,8 +518,8 @@ def test_kfac_training_is_the_same_with_and_without_the_extension(loaded: None) 
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
-                packed = kfac.comm.pack_symmetric(opt.store["3"].A)  # the wire format, both ways
-                torch.testing.assert_close(kfac.comm.unpack_symmetric(packed, opt.store["3"].a_dim), opt.store["3"].A)
+                packed = kfac.distributed.comm.pack_symmetric(opt.store["3"].A)  # the wire format, both ways
+                torch.testing.assert_close(kfac.distributed.comm.unpack_symmetric(packed, opt.store["3"].a_dim), opt.store["3"].A)
         return [p.detach() for p in model.parameters()]
 
     for got, want in zip(train("extension"), train("torch")):

@@ -21,9 +21,9 @@ from torch.func import functional_call, grad, vmap
 from _helpers import float64_default, single_thread  # noqa: F401
 from kfac.influence import ClassificationTask, InfluenceAnalyzer
 from kfac.influence.analyzer import weights_digest
-from kfac.methods import EigenCorrectedKFAC
+from kfac.kronecker.methods import EigenCorrectedKFAC
 from kfac.modules import Conv2dAdapter, LinearAdapter
-from kfac.store import FactorEntry
+from kfac.kronecker.store import FactorEntry
 
 F64 = dict(factor_dtype=torch.float64, score_dtype=torch.float64, progress=False)
 METHODS = ["ekfac", "kfac", "mfac", "identity"]

@@ -1,4 +1,4 @@
-"""M-FAC (kfac.methods.mfac) against dense float64 references: F = λ I + (1/k) G^T G solved with torch.linalg.solve."""
+"""M-FAC (kfac.mfac.fisher) against dense float64 references: F = λ I + (1/k) G^T G solved with torch.linalg.solve."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kfac.methods import mfac
-from kfac.methods.mfac import SlidingWindowFisher, StaticFisher
+from kfac.mfac import fisher as mfac
+from kfac.mfac.fisher import SlidingWindowFisher, StaticFisher
 
 SHAPES = {"a": (3, 4), "b": (7,), "c": (2, 1, 3)}
 SIZES = {name: torch.Size(shape).numel() for name, shape in SHAPES.items()}

@@ -17,7 +17,7 @@ Methods (``C`` per layer):
 * ``"kfac"``: the same basis with ``Lambda = T * outer(dG, dA)`` (``T`` rows per example: the K-FAC estimate of the
   per-example Fisher, ``E_n[vec V_n vec V_n^T] ~ T A (x) G`` for independent rows; ``T = 1`` for MLPs);
 * ``"mfac"``: M-FAC's static Fisher ``(1/m) sum_i g_i g_i^T`` over the first ``m`` training examples' gradients
-  (all tracked layers jointly, see :class:`kfac.methods.StaticFisher`);
+  (all tracked layers jointly, see :class:`kfac.mfac.fisher.StaticFisher`);
 * ``"identity"``: ``C + damping I = I``: plain gradient dot products.
 
 Damping: a float is used as is for every layer; ``None`` (default) is ``0.1 * mean(Lambda)`` per layer for
@@ -41,10 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__, ext
-from ..comm import Communicator
-from ..methods import EigenCorrectedKFAC, StaticFisher
-from ..preconditioner import KFACPreconditioner
-from ..store import FactorFileError, FactorStore
+from ..distributed.comm import Communicator
+from ..kronecker.methods import EigenCorrectedKFAC
+from ..mfac.fisher import StaticFisher
+from ..kronecker.preconditioner import KFACPreconditioner
+from ..kronecker.store import FactorFileError, FactorStore
 from .gradients import capture, example_matrices
 from .task import Task
 

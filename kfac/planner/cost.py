@@ -306,26 +306,10 @@ def _write_cache(path: Path, cache: dict[str, Any], key: str, model: CostModel) 
             os.unlink(tmp)
 
 
-def layer_specs(model: Any) -> list[LayerSpec]:
-    """The :class:`LayerSpec` of every layer :class:`kfac.KFACPreconditioner` would track in ``model``.
+def layer_specs(model: Any, skip_layers: Any = ()) -> list[LayerSpec]:
+    """The :class:`LayerSpec` of every layer :class:`kfac.KFACPreconditioner` would track in ``model`` (the same
+    walk, :func:`kfac.tracking.track_layers`, with the same ``skip_layers``). Imports torch lazily."""
+    from ..tracking import track_layers  # lazy: imports torch
 
-    Walks ``model.named_modules()`` (same names) and keeps modules that own parameters and that
-    :func:`kfac.modules.adapter_for` supports, skipping -- as the preconditioner does -- frozen ones and ones
-    sharing a parameter with an earlier tracked layer (tied weights). Imports torch lazily.
-    """
-    from ..modules import adapter_for  # lazy: imports torch
-
-    specs: list[LayerSpec] = []
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
-        adapter, _ = adapter_for(module)
-        if adapter is None:
-            continue
-        params = adapter.parameters()
-        if not all(p.requires_grad for p in params) or any(id(p) in seen for p in params):
-            continue
-        seen.update(id(p) for p in params)
-        specs.append(LayerSpec(name, adapter.a_dim, adapter.g_dim, bool(adapter.a_diagonal)))
-    return specs
+    return [LayerSpec(t.name, t.adapter.a_dim, t.adapter.g_dim, bool(t.adapter.a_diagonal))
+            for t in track_layers(model, skip_layers).layers]

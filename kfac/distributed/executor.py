@@ -9,7 +9,7 @@ Per step, in order (all collectives are issued in the same order on every rank o
    gradients of a per-rank mean loss are ``world_size`` times those of the global mean loss, and
    ``G = sum_ranks g^T g / (world_size^2 N_total)``, which makes distributed factors equal single-process ones on
    the same global batch. Reductions are bucketed and launched during the backward pass
-   (:mod:`kfac.reduction`).
+   (:mod:`kfac.distributed.reduction`).
 2. decompositions (refresh steps): each factor's owner decomposes it and broadcasts the result to the layer's
    other grad workers (everyone for ``comm-opt``, the grad-worker column for ``hybrid``; with one grad worker
    per layer, only the decomposition of a factor owned apart from the layer's grad worker travels, point to
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from .comm import Communicator
-from .methods import DecompositionError
-from .planner import LayerSpec, Plan, make_plan
+from ..kronecker.methods import DecompositionError
+from ..planner import LayerSpec, Plan, make_plan
 from .reduction import FactorReduction, PendingStats, Reduced, factor_shape, unwire, wire
-from .store import FactorEntry
+from ..kronecker.store import FactorEntry
 
 __all__ = ["Executor", "FACTOR_REDUCTIONS"]
 
@@ -125,7 +125,7 @@ class Executor:
         self.reduction.launch_remaining()
 
     def reduce_statistics(self) -> dict[str, Reduced]:
-        """``(A_batch, G_batch, seen)`` per layer (see :class:`kfac.reduction.FactorReduction`)."""
+        """``(A_batch, G_batch, seen)`` per layer (see :class:`kfac.distributed.reduction.FactorReduction`)."""
         return self.reduction.collect()
 
     def discard_statistics(self) -> None:

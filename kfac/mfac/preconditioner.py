@@ -5,7 +5,7 @@ empirical Fisher applied to ``.grad``, without ever forming a ``d x d`` matrix.
 (``k x d``) and damping ``λ > 0``::
 
     F = λ I + (1/k) Σ_i g_i g_i^T = λ I + (1/k) G^T G                     (no gradient yet: F = λ I)
-    F^{-1} v = (v - G^T (kλ I + G G^T)^{-1} G v) / λ                       (Woodbury, see kfac.methods.mfac)
+    F^{-1} v = (v - G^T (kλ I + G G^T)^{-1} G v) / λ                       (Woodbury, see kfac.mfac.fisher)
 
 A step first adds the current gradient ``g`` to the window (evicting the oldest once ``m`` are held), then writes
 ``P g = F^{-1} g`` back into ``.grad``. Cost per step: O(d m + m^2) for the Gram row and the IHVP, plus one
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,13 +48,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .comm import Communicator
-from .curvature import flatten_blocks, unflatten_blocks
-from .hparams import Hyper, block_lrs, check_positive, comparable, kl_clip_scale, resolve, update_dots
-from .methods.mfac import SlidingWindowFisher
-from .modules import ModuleAdapter, adapter_for
-from .planner.assign import lpt
-from .preconditioner import _all_finite
+from ..distributed.comm import Communicator
+from ..curvature import flatten_blocks, unflatten_blocks
+from ..hparams import Hyper, block_lrs, check_positive, comparable, kl_clip_scale, resolve, update_dots
+from .fisher import SlidingWindowFisher
+from ..modules import ModuleAdapter, adapter_for
+from ..tracking import SkipRules, walk
+from ..planner.assign import lpt
+from ..kronecker.preconditioner import _all_finite
 
 __all__ = ["MFACPreconditioner"]
 
@@ -188,40 +188,18 @@ class MFACPreconditioner:
 
     # -- registration ---------------------------------------------------------------------------------------------
     def _register_modules(self, model: nn.Module, skip: list[str]) -> list[_Block]:
-        patterns = [re.compile(s) for s in skip]
-        skipped_prefixes: list[str] = []
-        owners: dict[int, str] = {}
+        """One block per module owning trainable, unshared parameters (:func:`kfac.tracking.walk`): in K-FAC's
+        ``(g_dim, a_dim)`` layout where an adapter covers exactly those parameters, else flat."""
+        rules = SkipRules(skip)
         out: list[_Block] = []
-        for name, module in model.named_modules():
-            own = list(module.parameters(recurse=False))
-            parent = next((p for p in skipped_prefixes if p == "" or name.startswith(p + ".")), None)
-            if parent is not None:
-                if own:
-                    self.skipped.append((name, f"parent module {parent or '<root>'!r} is skipped"))
-                continue
-            if any(s in (name, type(module).__name__) for s in skip) or any(p.fullmatch(name) for p in patterns):
-                skipped_prefixes.append(name)
-                if own or name:
-                    self.skipped.append((name, "matched skip_layers"))
-                continue
-            if not own:
-                continue
-            trainable = [p for p in own if p.requires_grad]
-            if not trainable:
-                self.skipped.append((name, "parameters do not require grad (frozen)"))
-                continue
-            fresh = [p for p in trainable if id(p) not in owners]
-            if not fresh:
-                self.skipped.append((name, f"shares parameters with block {owners[id(trainable[0])]!r}"))
-                continue
-            for p in fresh:
-                owners[id(p)] = name
-            adapter, _ = adapter_for(module)
-            if adapter is not None and [id(p) for p in adapter.parameters()] == [id(p) for p in fresh] \
-                    and {id(p) for p in own} == {id(p) for p in fresh}:
-                out.append(_Block(name, fresh, adapter, (adapter.g_dim, adapter.a_dim)))
+        for c in walk(model, rules, self.skipped):
+            adapter, _ = adapter_for(c.module)
+            if adapter is not None and not c.partly_frozen and \
+                    [id(p) for p in adapter.parameters()] == [id(p) for p in c.params]:
+                out.append(_Block(c.name, c.params, adapter, (adapter.g_dim, adapter.a_dim)))
             else:
-                out.append(_Block(name, fresh, None, (sum(p.numel() for p in fresh),)))
+                out.append(_Block(c.name, c.params, None, (sum(p.numel() for p in c.params),)))
+        rules.warn_unmatched(stacklevel=4)
         return out
 
     def _register_params(self, params: Iterable[Any], skip: list[str]) -> list[_Block]:
@@ -234,14 +212,14 @@ class MFACPreconditioner:
                 flat.extend([group] if isinstance(group, Tensor) else list(group))
             else:
                 flat.append(item)
-        patterns = [re.compile(s) for s in skip]
+        rules = SkipRules(skip)
         seen: set[int] = set()
         out: list[_Block] = []
         for i, p in enumerate(flat):
             if not isinstance(p, Tensor):
                 raise TypeError(f"parameter {i} is a {type(p).__name__}, not a tensor")
             name = f"param{i}"
-            if name in skip or any(pat.fullmatch(name) for pat in patterns):
+            if rules.matches(name):
                 self.skipped.append((name, "matched skip_layers"))
             elif not p.requires_grad:
                 self.skipped.append((name, "does not require grad (frozen)"))

@@ -12,7 +12,7 @@ agrees on, with the row counts ``n_r`` all-reduced exactly beside it; the reduce
 previous factor update's global count (known to every rank; for float16 on the wire it keeps values at the scale
 of a factor) -- when a layer has none yet (the first update), its bucket waits for this step's counts first and
 is launched in ``step()``. ``G`` additionally carries the ``world_size^2`` of the gradient-averaging convention
-(see :mod:`kfac.distributed`).
+(see :mod:`kfac.distributed.executor`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .comm import Communicator, Pending, pack_symmetric, unpack_symmetric
-from .planner import Plan
-from .store import FactorEntry
+from ..planner import Plan
+from ..kronecker.store import FactorEntry
 
 __all__ = ["FactorReduction", "PendingStats", "Reduced", "factor_shape", "wire", "unwire"]
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ext
+from .. import ext
 
 __all__ = ["Communicator", "Pending", "pack_symmetric", "unpack_symmetric"]
 

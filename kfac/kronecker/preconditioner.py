@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import re
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -25,16 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import fisher as _fisher
-from .hparams import (Hyper, block_lrs, check_positive, check_step_count, comparable, kl_clip_scale, resolve,
+from . import sampling
+from ..hparams import (Hyper, block_lrs, check_positive, check_step_count, comparable, kl_clip_scale, resolve,
                       schedule_token, update_dots)
-from .comm import Communicator
-from .distributed import Executor
+from ..distributed.comm import Communicator
+from ..distributed.executor import Executor
 from .methods import DecompositionError, make_method
-from .modules import ModuleAdapter, adapter_for
-from .planner import CostModel
-from .curvature import flatten_blocks, unflatten_blocks
-from .reduction import PendingStats
+from ..modules import ModuleAdapter, adapter_for
+from ..tracking import track_layers
+from ..planner import CostModel
+from ..curvature import flatten_blocks, unflatten_blocks
+from ..distributed.reduction import PendingStats
 from .store import FactorEntry, FactorStore
 
 __all__ = ["KFACPreconditioner"]
@@ -95,7 +95,7 @@ class KFACPreconditioner:
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
         method: ``"eigen"``, ``"inverse"`` or ``"ekfac"`` (eigen K-FAC with eigenvalues re-estimated from
-            per-example gradients; see :mod:`kfac.methods.ekfac`).
+            per-example gradients; see :mod:`kfac.kronecker.methods.ekfac`).
         correction_update_steps: steps between EK-FAC eigenvalue corrections (default: ``factor_update_steps``).
             Corrections are computed during the backward pass in the eigenbases of the last refresh (no per-example
             data is kept), so they are not applied on refresh steps: use ``inv_update_steps > 1``.
@@ -190,7 +190,7 @@ class KFACPreconditioner:
         self._refreshed_damping: float | None = None
         self._in_mc_backward = False
         self._warned_accumulation = False
-        self._register(model, [skip_layers] if isinstance(skip_layers, str) else list(skip_layers), hooks=hooks)
+        self._register(model, skip_layers, hooks=hooks)
         if not self._layers:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
             raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
@@ -260,67 +260,16 @@ class KFACPreconditioner:
         return {k: int(round(v)) for k, v in self._comm.bytes_sent.items()}
 
     # -- registration ---------------------------------------------------------------------------------------
-    def _register(self, model: nn.Module, skip: list[str], *, hooks: bool) -> None:
-        patterns = []
-        for s in skip:
-            if not isinstance(s, str):
-                raise TypeError(f"skip_layers entries must be strings, got {s!r}")
-            try:
-                patterns.append(re.compile(s))
-            except re.error as exc:
-                raise ValueError(f"skip_layers: {s!r} is not a valid regular expression ({exc})") from None
-        matched: set[str] = set()
-        skipped_prefixes: list[tuple[str, str]] = []
-        owners: dict[int, str] = {}
-        # nn.MultiheadAttention applies out_proj's weights functionally: its forward hooks never fire
-        functional = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-                      if isinstance(m, nn.MultiheadAttention)}
-        for name, module in model.named_modules():
-            parent = next((p for p, _ in skipped_prefixes if p == "" or name.startswith(p + ".")), None)
-            own_params = [p for p in module.parameters(recurse=False)]
-            if parent is not None:
-                if own_params:
-                    self.skipped.append((name, f"parent module {parent or '<root>'!r} is skipped"))
-                continue
-            hits = {s for s in skip if s in (name, type(module).__name__)}
-            hits |= {p.pattern for p in patterns if p.fullmatch(name)}
-            if hits:
-                matched |= hits
-                skipped_prefixes.append((name, "skip_layers"))
-                if own_params or name:
-                    self.skipped.append((name, "matched skip_layers"))
-                continue
-            if not own_params:
-                continue
-            if name in functional:
-                self.skipped.append((name, "applied functionally by its parent nn.MultiheadAttention (forward hooks "
-                                           "never fire); its gradient is left unpreconditioned"))
-                continue
-            adapter, reason = adapter_for(module)
-            if adapter is None:
-                self.skipped.append((name, reason or "unsupported"))
-                continue
-            params = adapter.parameters()
-            if not all(p.requires_grad for p in params):
-                self.skipped.append((name, "parameters do not require grad (frozen)"))
-                continue
-            shared = next((owners[id(p)] for p in params if id(p) in owners), None)
-            if shared is not None:
-                self.skipped.append((name, f"shares parameters with tracked layer {shared!r}"))
-                continue
-            if any(p.is_meta for p in params):
-                raise ValueError(f"layer {name!r} has parameters on the meta device: materialise the model "
-                                 "(to_empty() and load or initialise its weights) before building K-FAC")
-            for p in params:
-                owners[id(p)] = name
-            entry = self.store.add(name, a_dim=adapter.a_dim, g_dim=adapter.g_dim, a_diagonal=adapter.a_diagonal)
-            layer = _Layer(name=name, module=module, adapter=adapter, entry=entry, input_name=_first_input(module))
+    def _register(self, model: nn.Module, skip: Iterable[str] | str, *, hooks: bool) -> None:
+        tracking = track_layers(model, skip)
+        self.skipped += tracking.skipped
+        for t in tracking.layers:
+            entry = self.store.add(t.name, a_dim=t.adapter.a_dim, g_dim=t.adapter.g_dim,
+                                   a_diagonal=t.adapter.a_diagonal)
+            layer = _Layer(name=t.name, module=t.module, adapter=t.adapter, entry=entry,
+                           input_name=_first_input(t.module))
             self._layers.append(layer)
-            self._by_name[name] = layer
-        unmatched = [s for s in skip if s not in matched]
-        if unmatched:
-            warnings.warn(f"kfac: skip_layers entries {unmatched} match no module name, class name or full name "
-                          "(regular expression) in the model", stacklevel=4)
+            self._by_name[t.name] = layer
         for name, reason in self.skipped:
             logger.info("kfac: not preconditioning %r: %s", name, reason)
         if hooks:
@@ -446,7 +395,7 @@ class KFACPreconditioner:
 
     def mc_backward(self, outputs: Tensor, *, loss: str = "cross_entropy", reduction: str = "mean",
                     generator: torch.Generator | None = None) -> None:
-        """Collect ``G`` for ``fisher="mc"`` from a loss on labels sampled from ``outputs`` (see :mod:`kfac.fisher`).
+        """Collect ``G`` for ``fisher="mc"`` from a loss on labels sampled from ``outputs`` (see :mod:`kfac.kronecker.sampling`).
 
         Call after the forward pass and before ``loss.backward()`` on every (micro-)batch; it is a no-op on steps
         that do not update factors. Parameter gradients are not touched. Like the user's loss under gradient
@@ -456,7 +405,7 @@ class KFACPreconditioner:
             raise RuntimeError("mc_backward() needs fisher='mc' (this preconditioner uses the empirical Fisher)")
         if not self._capturing():
             return
-        sampled = _fisher.sampled_loss(outputs, loss=loss, reduction=reduction, generator=generator)
+        sampled = sampling.sampled_loss(outputs, loss=loss, reduction=reduction, generator=generator)
         if self.accumulation_steps > 1:
             sampled = sampled / self.accumulation_steps
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -800,13 +749,13 @@ class KFACPreconditioner:
         a_rows, g_rows = layer.adapter.example_rows(x, g, self.factor_dtype)
         part = self.method.correction_sum(layer.entry, a_rows, g_rows)
         if part is not None:
-            part = part / a_rows.shape[1]  # per-row units (see kfac.methods.ekfac)
+            part = part / a_rows.shape[1]  # per-row units (see kfac.kronecker.methods.ekfac)
             layer.corr_sum = part if layer.corr_sum is None else layer.corr_sum.add_(part)
             layer.corr_count += a_rows.shape[0]
 
     def _update_corrections(self, decay: float) -> None:
         """EK-FAC: ``Lambda_batch = sum over ranks and examples of (QG^T V_n QA)^2 / T_n`` divided by the global
-        example count (and by ``world_size^2``, the gradient-averaging convention of :mod:`kfac.distributed`)."""
+        example count (and by ``world_size^2``, the gradient-averaging convention of :mod:`kfac.distributed.executor`)."""
         names, sums, counts = [], [], []
         for layer in self._layers:
             entry = layer.entry

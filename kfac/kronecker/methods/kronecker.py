@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ext
+from ... import ext
 from ..store import FactorEntry
 from .base import DecompositionError, with_float64_retry
 

@@ -1,0 +1,1 @@
+"""M-FAC: the sliding-window empirical Fisher and the preconditioner built on it."""

@@ -1,0 +1,145 @@
+"""Which modules are preconditioned, with which adapter: the one module walk of K-FAC, M-FAC, the planner's cost
+model and influence.
+
+:func:`walk` applies the rules every preconditioner shares -- ``skip_layers`` (module names, class names or regular
+expressions matched in full against the name; a skipped module's children are skipped too), frozen parameters and
+parameters shared with an earlier module -- and yields the remaining modules that own parameters.
+:func:`track_layers` adds K-FAC's rule: a module is a *layer* if :func:`kfac.modules.adapter_for` supports it (it
+also skips ``nn.MultiheadAttention.out_proj``, which its parent applies functionally, and refuses meta tensors).
+Every skipped module with parameters is reported as ``(name, reason)``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .modules import ModuleAdapter, adapter_for
+
+__all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers"]
+
+
+class SkipRules:
+    """``skip_layers`` validated once: each entry is a module name, a class name or a regular expression."""
+
+    def __init__(self, skip_layers: Iterable[str] | str = ()) -> None:
+        entries = [skip_layers] if isinstance(skip_layers, str) else list(skip_layers)
+        self.entries: list[str] = []
+        self._patterns: list[re.Pattern[str]] = []
+        for s in entries:
+            if not isinstance(s, str):
+                raise TypeError(f"skip_layers entries must be strings, got {s!r}")
+            try:
+                self._patterns.append(re.compile(s))
+            except re.error as exc:
+                raise ValueError(f"skip_layers: {s!r} is not a valid regular expression ({exc})") from None
+            self.entries.append(s)
+        self._matched: set[str] = set()
+
+    def matches(self, name: str, module: nn.Module | None = None) -> bool:
+        """Whether ``name`` (or ``module``'s class name) is skipped; remembers which entries matched."""
+        hits = {s for s in self.entries if s == name or (module is not None and s == type(module).__name__)}
+        hits |= {p.pattern for p in self._patterns if p.fullmatch(name)}
+        self._matched |= hits
+        return bool(hits)
+
+    def warn_unmatched(self, stacklevel: int = 3) -> None:
+        """Warn about entries that matched nothing (a typo would otherwise silently skip nothing)."""
+        unmatched = [s for s in self.entries if s not in self._matched]
+        if unmatched:
+            warnings.warn(f"kfac: skip_layers entries {unmatched} match no module name, class name or full name "
+                          "(regular expression) in the model", stacklevel=stacklevel + 1)
+
+
+@dataclass
+class Candidate:
+    """A module that owns trainable parameters not claimed by an earlier module."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]      # its own trainable parameters, none shared with an earlier candidate
+    partly_frozen: bool = False     # some of its own parameters do not require grad
+
+
+def walk(model: nn.Module, rules: SkipRules, skipped: list[tuple[str, str]]) -> Iterator[Candidate]:
+    """The modules of ``model`` (``named_modules`` order) that own trainable, unshared parameters and are not
+    skipped; every other module with parameters is appended to ``skipped`` with its reason. A consumer that
+    rejects a candidate reports it itself."""
+    skipped_prefixes: list[str] = []
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        parent = next((p for p in skipped_prefixes if p == "" or name.startswith(p + ".")), None)
+        if parent is not None:
+            if own:
+                skipped.append((name, f"parent module {parent or '<root>'!r} is skipped"))
+            continue
+        if rules.matches(name, module):
+            skipped_prefixes.append(name)
+            if own or name:
+                skipped.append((name, "matched skip_layers"))
+            continue
+        if not own:
+            continue
+        trainable = [p for p in own if p.requires_grad]
+        if not trainable:
+            skipped.append((name, "parameters do not require grad (frozen)"))
+            continue
+        fresh = [p for p in trainable if id(p) not in owners]
+        if not fresh:
+            skipped.append((name, f"shares parameters with {owners[id(trainable[0])]!r}"))
+            continue
+        for p in fresh:
+            owners[id(p)] = name
+        yield Candidate(name, module, fresh, partly_frozen=len(trainable) < len(own))
+
+
+@dataclass
+class TrackedLayer:
+    name: str
+    module: nn.Module
+    adapter: ModuleAdapter
+
+
+@dataclass
+class Tracking:
+    """The result of :func:`track_layers`."""
+
+    layers: list[TrackedLayer] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, warn_unmatched: bool = True,
+                 ) -> Tracking:
+    """K-FAC's layers of ``model``: the :func:`walk` candidates with a supported adapter whose parameters are
+    exactly the candidate's (see the module docstring)."""
+    rules = SkipRules(skip_layers)
+    out = Tracking()
+    functional = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}
+    for c in walk(model, rules, out.skipped):
+        if c.name in functional:
+            out.skipped.append((c.name, "applied functionally by its parent nn.MultiheadAttention (forward hooks "
+                                        "never fire); its gradient is left unpreconditioned"))
+            continue
+        adapter, reason = adapter_for(c.module)
+        if adapter is None:
+            out.skipped.append((c.name, reason or "unsupported"))
+            continue
+        if c.partly_frozen:
+            out.skipped.append((c.name, "parameters do not require grad (frozen)"))
+            continue
+        if [id(p) for p in adapter.parameters()] != [id(p) for p in c.params]:
+            out.skipped.append((c.name, "shares parameters with an earlier tracked layer"))
+            continue
+        if any(p.is_meta for p in c.params):
+            raise ValueError(f"layer {c.name!r} has parameters on the meta device: materialise the model "
+                             "(to_empty() and load or initialise its weights) before building K-FAC")
+        out.layers.append(TrackedLayer(c.name, c.module, adapter))
+    if warn_unmatched:
+        rules.warn_unmatched(stacklevel=3)
+    return out
