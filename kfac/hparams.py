@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Callable, Union
 
 import torch
-from torch import Tensor
 
 Hyper = Union[float, int, Callable[[int], float]]
 
-__all__ = ["Hyper", "resolve", "check_positive", "check_step_count", "block_lrs", "kl_clip_scale", "update_dots",
-           "comparable", "schedule_token"]
+__all__ = ["Hyper", "resolve", "check_positive", "check_step_count", "block_lrs", "comparable",
+           "schedule_token"]
 
 
 def resolve(value: Hyper | None, step: int, *, name: str) -> float | int | None:
@@ -74,19 +73,3 @@ def block_lrs(names: Iterable[str], default: float | None, lr: float | Mapping[s
     return out
 
 
-def update_dots(updates: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """``<P(g), g>`` per block for ``(P(g), g)`` pairs, as one vector (no host sync). A dot is non-finite iff
-    ``P(g)`` or ``g`` has a non-finite entry (``inf * 0`` is NaN and a non-finite term survives any sum) or the
-    sum overflows, so this vector doubles as the finiteness check of the preconditioned gradients."""
-    device = updates[0][0].device
-    dtype = torch.float64 if any(v.dtype == torch.float64 for v, _ in updates) else torch.float32
-    return torch.stack([torch.vdot(v.reshape(-1), g.to(v.dtype).reshape(-1)).to(device=device, dtype=dtype)
-                        for v, g in updates])
-
-
-def kl_clip_scale(dots: Tensor, lrs: Sequence[float], kl_clip: float) -> Tensor:
-    """KAISA's trust region: ``nu = min(1, sqrt(kl_clip / |sum_blocks lr^2 <P(g), g>|))`` over the finite entries of
-    ``dots`` (see :func:`update_dots`), as a 0-dim tensor (no host sync)."""
-    lr2 = torch.tensor([lr * lr for lr in lrs], dtype=dots.dtype).to(dots.device, non_blocking=True)
-    total = torch.where(torch.isfinite(dots), dots * lr2, torch.zeros((), dtype=dots.dtype, device=dots.device))
-    return torch.clamp(torch.sqrt(kl_clip / total.sum().abs()), max=1.0)

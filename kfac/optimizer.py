@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .curvature import Preconditioner
-from .kronecker.preconditioner import KFACPreconditioner, _all_finite
+from ._tensor import all_finite
+from .kronecker.preconditioner import KFACPreconditioner
 
 __all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC", "MFAC"]
 
@@ -71,7 +72,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         # the preconditioner checks its own layers' gradients; here only the others (norm layers, ...)
         others = [p.grad for group in self.param_groups for p in group["params"]
                   if p.grad is not None and id(p) not in self._param_to_layer]
-        finite = _all_finite(others)
+        finite = all_finite(others)
         if self.preconditioner.step(lr=self._layer_lrs(), grads_finite=finite):
             self.optimizer.step()
         return loss

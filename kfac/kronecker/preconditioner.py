@@ -25,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from . import sampling
-from ..hparams import (Hyper, block_lrs, check_positive, check_step_count, comparable, kl_clip_scale, resolve,
-                      schedule_token, update_dots)
+from ..hparams import Hyper, block_lrs, check_positive, check_step_count, comparable, resolve, schedule_token
 from ..distributed.comm import Communicator
 from ..distributed.executor import Executor
 from .methods import DecompositionError, make_method
 from ..modules import ModuleAdapter, adapter_for
 from ..tracking import track_layers
+from .._tensor import (all_finite, copy_all, foreach_mul_, functorch_active, in_backward, kl_clip_scale,
+                       statistics_mode, update_dots)
 from ..planner import CostModel
 from ..curvature import flatten_blocks, unflatten_blocks
 from ..distributed.reduction import PendingStats
@@ -246,6 +247,16 @@ class KFACPreconditioner:
         return self._exec.plan
 
     @property
+    def communicator(self) -> Communicator:
+        """The :class:`kfac.distributed.comm.Communicator` this preconditioner's collectives go through."""
+        return self._comm
+
+    @property
+    def executor(self) -> Executor:
+        """The :class:`kfac.distributed.executor.Executor` carrying out :attr:`plan` on this rank."""
+        return self._exec
+
+    @property
     def rank(self) -> int:
         return self._comm.rank
 
@@ -346,7 +357,7 @@ class KFACPreconditioner:
     # -- hooks ---------------------------------------------------------------------------------------------
     def _forward_hook(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                       output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled()) or _functorch_active():
+        if not (module.training and torch.is_grad_enabled()) or functorch_active():
             return
         x = args[0] if args else kwargs.get(layer.input_name) if layer.input_name is not None else None
         if not isinstance(x, Tensor):
@@ -356,14 +367,14 @@ class KFACPreconditioner:
         if not (capture or correct):
             return
         if capture:
-            with _statistics_mode(x):
+            with statistics_mode(x):
                 stat, n = layer.adapter.a_stat(x.detach(), self.factor_dtype)
             layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
         x_corr = x.detach() if correct and self.method.ready(layer.entry) else None
         if isinstance(output, Tensor) and output.requires_grad:
             # a forward re-run inside a backward pass (activation checkpointing) is not a new use: its gradient
             # arrives in a nested backward (reentrant) or never (non-reentrant, whose first run already counted)
-            if capture and not _in_backward():
+            if capture and not in_backward():
                 layer.g_expected += 1
             output.register_hook(functools.partial(self._grad_hook, layer, capture, x_corr))
 
@@ -371,11 +382,11 @@ class KFACPreconditioner:
         if not layer.handles:
             return
         if x is not None and not self._in_mc_backward:  # EK-FAC corrections use the data's own labels
-            with _statistics_mode(grad):
+            with statistics_mode(grad):
                 self._add_correction(layer, x, grad)
         if not capture or (self.fisher == "mc") != self._in_mc_backward:
             return
-        with _statistics_mode(grad):
+        with statistics_mode(grad):
             stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self._grad_scale())
         layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
         layer.g_received += 1
@@ -544,18 +555,18 @@ class KFACPreconditioner:
             # Nothing but preconditioning: queue it before the finiteness check's host sync, so that the device
             # is kept busy while the host waits (the results are fresh tensors, dropped if the step is skipped).
             staged = self._preconditioned(grads, hp, lrs)
-        finite = grads_finite and _all_finite(g for g in grads.values() if g is not None)
+        finite = grads_finite and all_finite(g for g in grads.values() if g is not None)
         staged_bad = staged.non_finite(self.layers) if staged is not None else []
         # distributed: schedules at this and the next step must agree on every rank (their values ride along in the
         # finiteness all-reduce, so a mismatch is caught a step before it could desynchronise the collectives)
         token = (schedule_token(self._schedule_values(self.steps) + self._schedule_values(self.steps + 1))
                  if self._comm.enabled else 0)
-        all_finite, same, staged_bad = self._comm.agree(finite, token, staged_bad)
+        everywhere, same, staged_bad = self._comm.agree(finite, token, staged_bad)
         if not same:  # every rank sees the mismatch in the same reduction, so every rank takes this branch
             self._comm.check_identical({n: [v, w] for n, v, w in zip(_SCHEDULED, self._schedule_values(self.steps),
                                                                      self._schedule_values(self.steps + 1))},
                                        what=f"K-FAC hyperparameter schedules at steps {self.steps}-{self.steps + 1}")
-        if not all_finite:
+        if not everywhere:
             self.skip_step("non-finite gradients" if not finite else "non-finite gradients on another rank")
             return False
         if update:
@@ -570,7 +581,7 @@ class KFACPreconditioner:
         else:
             staged = self._preconditioned(grads, hp, lrs)
             bad = self._comm.agree(True, 0, staged.non_finite(self.layers))[2]
-        _copy_all(staged.pairs({n for n, b in zip(self.layers, bad) if b}, self._fall_back))
+        copy_all(staged.pairs({n for n, b in zip(self.layers, bad) if b}, self._fall_back))
         self._written = self._grad_versions()
         self.steps += 1
         return True
@@ -689,7 +700,7 @@ class KFACPreconditioner:
         # batch factors are Gram matrices: |M_ij| <= sqrt(M_ii M_jj), so they are finite iff their diagonals are
         # (O(d) to check instead of O(d^2))
         held = [t.diagonal() if t.dim() == 2 else t for a, g, _ in batches.values() for t in (a, g) if t is not None]
-        finite = _all_finite(held)
+        finite = all_finite(held)
         if self._exec.narrow_factor_wire:  # float16 on the wire can overflow: decide together, then widen it
             finite = self._comm.all_true(finite)
             if not finite:
@@ -798,7 +809,7 @@ class KFACPreconditioner:
         dots = update_dots([(v, grads[layer.name]) for layer, v in zip(layers, updates)]) if layers else None
         if lrs is not None and dots is not None:
             # each v is a fresh preconditioned tensor (or a received buffer), never the gradient
-            _foreach_mul_(updates, kl_clip_scale(dots, [lrs[layer.name] for layer in layers], kl_clip))
+            foreach_mul_(updates, kl_clip_scale(dots, [lrs[layer.name] for layer in layers], kl_clip))
         return _Staged(layers=layers, updates=updates, dots=dots)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -912,60 +923,6 @@ class _Staged:
         return out
 
 
-def _by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    """The tensors grouped as ``_foreach`` kernels take them: one list per device and dtype."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
-
-
-def _foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
-    """``t *= factor`` (a 0-dim tensor) for every tensor, batched into one kernel per device and dtype."""
-    for (device, _), ts in _by_device_and_dtype(tensors).items():
-        torch._foreach_mul_(ts, factor.to(device))
-
-
-def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
-    """``dst.copy_(src)`` for every pair (dtype conversion included), batched into one ``_foreach_copy_`` per
-    device and dtype pair."""
-    groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
-    for dst, src in pairs:
-        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.device, src.dtype), ([], []))
-        dsts.append(dst)
-        srcs.append(src)
-    for (dst_device, _, src_device, _), (dsts, srcs) in groups.items():
-        if dst_device == src_device:
-            torch._foreach_copy_(dsts, srcs)
-        else:  # pragma: no cover (a model split over devices)
-            for dst, src in zip(dsts, srcs):
-                dst.copy_(src)
-
-
-def _all_finite(tensors: Iterable[Tensor]) -> bool:
-    """One host sync: the max-norm of a tensor is finite iff all its entries are (NaN propagates). The norms of
-    all tensors of one device and dtype are taken by one fused ``_foreach_norm``."""
-    groups = _by_device_and_dtype(t.detach() if t.is_floating_point() else t.detach().float()
-                                  for t in tensors if t.numel())
-    norms: list[Tensor] = []
-    for ts in groups.values():
-        norms += [n.to(torch.float32) for n in torch._foreach_norm(ts, float("inf"))]
-    if not norms:
-        return True
-    devices = {n.device for n in norms}
-    if len(devices) > 1:
-        norms = [n.cpu() for n in norms]
-    return bool(torch.isfinite(torch.stack(norms)).all())
-
-
-@contextlib.contextmanager
-def _statistics_mode(t: Tensor) -> Iterator[None]:
-    """No autograd and no autocast: statistics are computed in ``factor_dtype`` even inside an autocast region
-    (hooks run in the forward pass, where autocast would turn ``a^T a`` into bfloat16/float16)."""
-    with torch.no_grad(), torch.autocast(device_type=t.device.type, enabled=False):
-        yield
-
-
 def _first_input(module: nn.Module) -> str | None:
     """The name of ``module.forward``'s first parameter (to find an input passed by keyword)."""
     try:
@@ -976,13 +933,3 @@ def _first_input(module: nn.Module) -> str | None:
     return first.name if first is not None else None
 
 
-def _in_backward() -> bool:
-    """Whether this runs inside an autograd backward pass (e.g. a checkpointed block's recomputation)."""
-    probe = getattr(torch._C, "_current_graph_task_id", None)
-    return probe is not None and probe() != -1
-
-
-def _functorch_active() -> bool:
-    """Inside a ``torch.func`` transform (``vmap``/``grad``): tensors are not per-batch data, so no statistics."""
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe()) if probe is not None else False

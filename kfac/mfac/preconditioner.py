@@ -50,12 +50,12 @@ from torch import Tensor, nn
 
 from ..distributed.comm import Communicator
 from ..curvature import flatten_blocks, unflatten_blocks
-from ..hparams import Hyper, block_lrs, check_positive, comparable, kl_clip_scale, resolve, update_dots
+from .._tensor import all_finite, kl_clip_scale, update_dots
+from ..hparams import Hyper, block_lrs, check_positive, comparable, resolve
 from .fisher import SlidingWindowFisher
 from ..modules import ModuleAdapter, adapter_for
 from ..tracking import SkipRules, walk
 from ..planner.assign import lpt
-from ..kronecker.preconditioner import _all_finite
 
 __all__ = ["MFACPreconditioner"]
 
@@ -352,7 +352,7 @@ class MFACPreconditioner:
     def _absorb(self, grads: Mapping[str, Tensor], grads_finite: bool) -> str | None:
         """Add ``grads`` to the window; returns ``None``, or why the step is skipped (the same on every rank)."""
         owned = {b.name: grads[b.name] for b in self._owned}
-        finite = grads_finite and _all_finite(grads.values())
+        finite = grads_finite and all_finite(grads.values())
         rows = self._fisher.partial_gram_row(owned) if finite else None
         finite = finite and bool(torch.isfinite(rows).all())
         if not self._comm.all_true(finite):
