@@ -31,9 +31,7 @@ from ..planner import LayerSpec, Plan, make_plan
 from .reduction import FactorReduction, PendingStats, Reduced, factor_shape, unwire, wire
 from ..kronecker.store import FactorEntry
 
-__all__ = ["Executor", "FACTOR_REDUCTIONS"]
-
-FACTOR_REDUCTIONS = ("global", "local")
+__all__ = ["Executor"]
 
 
 class Executor:
@@ -43,8 +41,6 @@ class Executor:
                  factor_dtype: torch.dtype, strategy: str | None, grad_worker_fraction: float | None,
                  factor_reduction: str, plan_kwargs: Mapping, stats: Callable[[str], PendingStats],
                  bucket_cap_bytes: int = 25 * 2**20) -> None:
-        if factor_reduction not in FACTOR_REDUCTIONS:
-            raise ValueError(f"factor_reduction must be one of {FACTOR_REDUCTIONS}, got {factor_reduction!r}")
         self.comm = comm
         self.factor_dtype = factor_dtype
         self.devices = dict(devices)

@@ -1,4 +1,4 @@
-"""The interface every curvature method implements over a :class:`~kfac.store.FactorEntry`."""
+"""The interface every curvature method implements over a :class:`~kfac.kronecker.store.FactorEntry`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ class CurvatureMethod(Protocol):
     """Turns running factors into decompositions and applies the damped inverse to gradient matrices."""
 
     name: str
+    decomposition: str     # what the planner's cost model prices: "eigen" or "inverse"
+    corrects: bool         # re-estimates eigenvalues from per-example gradients (EK-FAC)
+    bakes_damping: bool    # the damping is fixed into the decompositions at refresh time (inverse)
 
     def refresh(self, entry: FactorEntry, *, damping: float) -> None:
         """Recompute ``entry``'s decompositions from its factors; raise :class:`DecompositionError` on failure."""
@@ -40,6 +43,15 @@ class CurvatureMethod(Protocol):
 
     def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
         """The diagonal of the damped inverse curvature, as a ``(g_dim, a_dim)`` matrix."""
+
+    def reset_corrections(self, entry: FactorEntry) -> None:
+        """Restart the eigenvalue corrections after a refresh changed the eigenbases."""
+
+    def correction_sum(self, entry: FactorEntry, a: Tensor, g: Tensor) -> Tensor | None:
+        """``sum_n (QG^T V_n QA)^2`` of per-example rows (``None`` where no corrections are kept)."""
+
+    def update_corrections(self, entry: FactorEntry, batch: Tensor, decay: float) -> None:
+        """Blend a batch estimate into the corrections."""
 
 
 def with_float64_retry(fn, matrix: Tensor, what: str):

@@ -152,7 +152,20 @@ def _require(entry: FactorEntry) -> None:
 
 
 class _KroneckerMethod:
-    """What the Kronecker methods share: a full refresh is one refresh per factor."""
+    """What the Kronecker methods share: a full refresh is one refresh per factor; no eigenvalue corrections."""
+
+    corrects = False       # EK-FAC re-estimates eigenvalues from per-example gradients
+    bakes_damping = False  # the damping is fixed into the decompositions at refresh time
+
+    def reset_corrections(self, entry: FactorEntry) -> None:
+        """Restart eigenvalue corrections (nothing to do without corrections)."""
+
+    def correction_sum(self, entry: FactorEntry, a: Tensor, g: Tensor) -> Tensor | None:
+        """Per-example projections for eigenvalue corrections (``None``: this method keeps no corrections)."""
+        return None
+
+    def update_corrections(self, entry: FactorEntry, batch: Tensor, decay: float) -> None:
+        """Blend a batch estimate into the corrections (nothing to do without corrections)."""
 
     def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -239,6 +252,7 @@ class InverseKFAC(_KroneckerMethod):
 
     name = "inverse"
     decomposition = "inverse"
+    bakes_damping = True
 
     def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
         if factor == "A":

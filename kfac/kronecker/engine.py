@@ -1,0 +1,213 @@
+"""The curvature engine: the factor store, the plan executor and a curvature method, composed.
+
+It turns reduced statistics into running factors (``F <- decay F + (1 - decay) F_batch``, ``F`` initialised to the
+identity), decompositions into preconditioned gradients, and answers curvature queries (``ihvp``, ``diag``) and
+state requests. It knows nothing of hooks or schedules: :class:`kfac.KFACPreconditioner` (training) and
+:class:`kfac.influence.InfluenceAnalyzer` (fitting) drive it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._tensor import all_finite, foreach_mul_, kl_clip_scale, update_dots
+from ..distributed.comm import Communicator
+from ..distributed.config import DistributedConfig
+from ..distributed.executor import Executor
+from ..distributed.reduction import PendingStats, Reduced
+from ..modules import ModuleAdapter
+from ..planner import CostModel
+from .methods import DecompositionError
+from .store import FactorEntry, FactorStore
+
+__all__ = ["CurvatureEngine", "Staged"]
+
+logger = logging.getLogger("kfac")
+
+
+@dataclass
+class Staged:
+    """Preconditioned gradients queued by one step (``names[i]``'s update is ``updates[i]``, to be written through
+    ``adapters[i]``), with their per-layer dots ``<P(g), g>`` (the finiteness check)."""
+
+    names: list[str]
+    adapters: list[ModuleAdapter]
+    updates: list[Tensor]
+    dots: Tensor | None
+
+    def non_finite(self, tracked: Sequence[str]) -> list[bool]:
+        """Per tracked layer (a vector of the same length on every rank), whether its preconditioned gradient is
+        non-finite (one host sync)."""
+        finite = [] if self.dots is None else torch.isfinite(self.dots).tolist()
+        bad = {name for name, ok in zip(self.names, finite) if not ok}
+        return [name in bad for name in tracked]
+
+    def pairs(self, bad: Collection[str], fall_back: Callable[[str], None]) -> list[tuple[Tensor, Tensor]]:
+        """The ``(.grad, new value)`` pairs to copy; a layer in ``bad`` keeps its plain gradient (``fall_back``)."""
+        out = []
+        for name, adapter, v in zip(self.names, self.adapters, self.updates):
+            if name in bad:
+                fall_back(name)
+            else:
+                out += adapter.grad_targets(v)
+        return out
+
+
+class CurvatureEngine:
+    """Store + executor + method of one preconditioner (see the module docstring)."""
+
+    def __init__(self, *, store: FactorStore, comm: Communicator, executor: Executor, method: Any,
+                 factor_dtype: torch.dtype) -> None:
+        self.store, self.comm, self.executor, self.method = store, comm, executor, method
+        self.factor_dtype = factor_dtype
+
+    @classmethod
+    def create(cls, *, store: FactorStore, method: Any, factor_dtype: torch.dtype, config: DistributedConfig,
+               options: Mapping[str, Any], devices: Mapping[str, torch.device], intervals: Mapping[str, int],
+               stats: Callable[[str], PendingStats]) -> "CurvatureEngine":
+        """The engine of ``store``'s layers under ``config``: the communicator (every rank must pass identical
+        ``options`` and config, else a clear error naming the difference on every rank), the plan for the
+        constant ``intervals`` (the cost model defaults to this run's element sizes) and its executor."""
+        cost_model = config.cost_model
+        if cost_model is None:  # default constants, with the element sizes this run actually stores and sends
+            wire = config.comm_dtype or factor_dtype
+            cost_model = dataclasses.replace(CostModel.default(), bytes_per_element=factor_dtype.itemsize,
+                                             comm_bytes_per_element=wire.itemsize)
+        plan_kwargs: dict[str, Any] = {"method": method.decomposition, "cost_model": cost_model,
+                                       "memory_cap": config.memory_cap, "split": config.split_factors, **intervals}
+        comm = Communicator(group=config.process_group, comm_dtype=config.comm_dtype)
+        comm.check_identical({**options, **config.comparable()}, what="K-FAC options")
+        executor = Executor(comm=comm, entries=[store[n] for n in store], devices=devices, factor_dtype=factor_dtype,
+                            strategy=config.strategy, grad_worker_fraction=config.grad_worker_fraction,
+                            factor_reduction=config.factor_reduction, plan_kwargs=plan_kwargs, stats=stats,
+                            bucket_cap_bytes=config.bucket_cap_bytes)
+        return cls(store=store, comm=comm, executor=executor, method=method, factor_dtype=factor_dtype)
+
+    # -- factors -------------------------------------------------------------------------------------------
+    def reduce_factors(self, step: int) -> dict[str, Reduced] | None:
+        """This step's batch factors, reduced under the plan; ``None`` (logged) when they are non-finite on some
+        rank -- after an overflow of a narrow wire dtype, factors travel in ``factor_dtype`` from then on."""
+        batches = self.executor.reduce_statistics()
+        # batch factors are Gram matrices: |M_ij| <= sqrt(M_ii M_jj), so they are finite iff their diagonals are
+        # (O(d) to check instead of O(d^2))
+        held = [t.diagonal() if t.dim() == 2 else t for a, g, _ in batches.values() for t in (a, g) if t is not None]
+        finite = all_finite(held)
+        if self.executor.narrow_factor_wire:  # float16 on the wire can overflow: decide together, then widen it
+            finite = self.comm.all_true(finite)
+            if not finite:
+                self.executor.widen_factor_wire()
+                logger.warning("kfac: factor statistics overflowed %s on the wire at step %d; this step's statistics "
+                               "are dropped and factors travel in %s from now on", self.comm.comm_dtype,
+                               step, self.factor_dtype)
+                return None
+        if not finite:
+            logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "
+                           "this step", step)
+            return None
+        return batches
+
+    def absorb(self, entries: Iterable[FactorEntry], batches: Mapping[str, Reduced], decay: float) -> None:
+        """``F <- decay F + (1 - decay) F_batch`` for every factor this rank holds (identity before the first)."""
+        for entry in entries:
+            a_batch, g_batch, seen = batches[entry.name]
+            if a_batch is not None:
+                if entry.A is None:
+                    entry.A = (torch.ones_like(a_batch) if entry.a_diagonal else
+                               torch.eye(entry.a_dim, dtype=a_batch.dtype, device=a_batch.device))
+                entry.A = torch.lerp(entry.A, a_batch, 1 - decay)  # decay A + (1 - decay) A_batch, a new tensor
+            if g_batch is not None:
+                if entry.G is None:
+                    entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
+                entry.G = torch.lerp(entry.G, g_batch, 1 - decay)
+            if seen:
+                entry.num_updates += 1
+
+    def refresh(self, damping: float, entries: Iterable[FactorEntry]) -> None:
+        """Owners decompose their factors and share them under the plan; a failed decomposition leaves that layer
+        on its plain gradient until the next refresh (warned). EK-FAC corrections restart from the new
+        eigenvalues on the layers' grad workers."""
+        def failed(entry: FactorEntry, factor: str, exc: DecompositionError) -> None:
+            warnings.warn(f"kfac: {exc}; layer {entry.name!r} uses its plain gradient until the next refresh",
+                          stacklevel=6)
+
+        self.executor.refresh(lambda e, f: self.method.refresh_factor(e, f, damping=damping), self.method.fields,
+                              failed)
+        if self.method.corrects:
+            for entry in entries:
+                if self.executor.is_grad_worker(entry.name):
+                    self.method.reset_corrections(entry)
+
+    # -- preconditioning -----------------------------------------------------------------------------------
+    def precondition(self, adapters: Mapping[str, ModuleAdapter], grads: Mapping[str, Tensor | None], *,
+                     damping: float, kl_clip: float | None, lrs: Mapping[str, float] | None) -> Staged:
+        """Queue the preconditioning of every tracked gradient (exchanged between ranks, scaled by ``kl_clip``
+        when ``lrs`` is given) and the per-layer dots that check it, leaving the gradients untouched."""
+        local: dict[str, tuple[Tensor, bool]] = {}
+        for name, grad in grads.items():
+            if grad is None or not self.executor.is_grad_worker(name):
+                continue
+            entry = self.store[name]
+            if self.method.ready(entry):
+                local[name] = (self.method.precondition(entry, grad, damping=damping), True)
+            else:
+                local[name] = (grad.to(self.factor_dtype), False)
+        results = self.executor.exchange_gradients(local, grads)
+        names = [n for n in adapters if n in results and results[n][1]]
+        updates = [results[n][0] for n in names]
+        dots = update_dots([(v, grads[n]) for n, v in zip(names, updates)]) if names else None  # type: ignore[misc]
+        if lrs is not None and dots is not None and kl_clip is not None:
+            # each v is a fresh preconditioned tensor (or a received buffer), never the gradient
+            foreach_mul_(updates, kl_clip_scale(dots, [lrs[n] for n in names], kl_clip))
+        return Staged(names=names, adapters=[adapters[n] for n in names], updates=updates, dots=dots)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def ready_entry(self, name: str) -> FactorEntry:
+        """The store entry of ``name``, which must hold its decompositions on this rank (clear error otherwise)."""
+        entry = self.store[name]
+        if not self.method.ready(entry):
+            plan = self.executor.plan
+            where = (f"; rank {self.comm.rank} of {self.comm.world_size} only holds the decompositions the "
+                     f"{plan.strategy!r} plan assigns it (use strategy='comm-opt' to hold them all)"
+                     if self.comm.world_size > 1 else "")
+            raise RuntimeError(f"layer {name!r} has no decompositions: call update() and refresh() first{where}")
+        return entry
+
+    def ihvp(self, named: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
+        """``(C + damping I)^-1 g`` per layer (validated blocks)."""
+        return {name: self.method.precondition(self.ready_entry(name), g, damping=damping).to(g.dtype)
+                for name, g in named.items()}
+
+    def diag(self, names: Iterable[str], damping: float) -> dict[str, Tensor]:
+        """The diagonal of ``(C + damping I)^-1`` per layer, as ``(g_dim, a_dim)`` matrices."""
+        return {name: self.method.diag(self.ready_entry(name), damping=damping) for name in names}
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def holds_everything(self, names: Iterable[str]) -> bool:
+        """Whether this rank holds every running factor and decomposition of ``names`` (a complete state)."""
+        return all(self.executor.holds(n, f) and self.executor.is_grad_worker(n) for n in names for f in "AG")
+
+    def consolidated_store_state(self) -> dict[str, Any]:
+        """The complete store state on every rank (a collective: each factor's owner sends its state)."""
+        return self.executor.gather_store_state(self.store, self.method.fields)
+
+    def load_store_state(self, state: Mapping[str, Any], devices: Mapping[str, torch.device]) -> None:
+        """Load a store state, keep what this rank holds under the plan, move it to the layers' devices."""
+        self.store.load_state_dict(state)
+        self.executor.prune(self.method.fields)
+        for name, device in devices.items():
+            self.store[name].to(device)
+
+    def validate_store_state(self, state: Mapping[str, Any], entries: Iterable[FactorEntry]) -> None:
+        """Raise if ``state`` does not fit ``entries`` (dims, fields, dtypes, finiteness); nothing is changed."""
+        probe = FactorStore()
+        for e in entries:
+            probe.add(e.name, a_dim=e.a_dim, g_dim=e.g_dim, a_diagonal=e.a_diagonal)
+        probe.load_state_dict(state)

@@ -1,0 +1,210 @@
+"""Statistics collection: the forward/backward hooks that sum each tracked layer's factor statistics.
+
+Per layer and step, the forward hook adds ``a^T a`` of the input rows (and counts them) and registers a hook on the
+output; that hook adds ``g^T g`` of the output-gradient rows (undoing an AMP loss scale). A layer applied ``k``
+times per forward collects all ``k`` uses; its statistics are *final* once the gradients of every use of the last
+accumulated micro-batch have arrived, and only then may its bucket's reduction start (:mod:`kfac.distributed`).
+Forwards re-run inside a backward pass (activation checkpointing) are not new uses. EK-FAC's per-example
+projections ride on the same output hook (:mod:`kfac.kronecker.corrections`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .._tensor import functorch_active, in_backward, statistics_mode
+from ..distributed.reduction import PendingStats
+from ..modules import ModuleAdapter
+from . import corrections, sampling
+from .store import FactorEntry
+
+__all__ = ["LayerState", "Schedule", "StatisticsHooks", "first_input"]
+
+logger = logging.getLogger("kfac")
+
+# Modules whose forward hooks belong to a live K-FAC preconditioner (two would both collect statistics).
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[StatisticsHooks]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(eq=False)
+class LayerState:
+    """A tracked layer and its statistics pending since the last step."""
+
+    name: str
+    module: nn.Module
+    adapter: ModuleAdapter
+    entry: FactorEntry
+    input_name: str | None = None  # forward()'s first parameter, for inputs passed by keyword
+    handles: list[Any] = field(default_factory=list)
+    a_sum: Tensor | None = None
+    a_count: int = 0
+    g_sum: Tensor | None = None
+    g_count: int = 0
+    g_expected: int = 0  # forward uses since the last step whose output gradient feeds G
+    g_received: int = 0  # ... and how many of those gradients arrived
+    g_calls: int = 0     # backward passes that delivered the gradients of every use so far
+    forward_calls: int = 0
+    corr_sum: Tensor | None = None  # EK-FAC: sum over examples of (QG^T V_n QA)^2 / T_n, and the example count
+    corr_count: int = 0
+
+    def discard_pending(self) -> None:
+        self.a_sum = self.g_sum = None
+        self.a_count = self.g_count = self.g_calls = self.g_expected = self.g_received = 0
+        self.corr_sum = None
+        self.corr_count = 0
+
+    def pending(self) -> PendingStats:
+        """The statistics to reduce (none unless both factors saw rows)."""
+        if not (self.a_count and self.g_count):
+            return PendingStats(None, 0, None, 0)
+        return PendingStats(self.a_sum, self.a_count, self.g_sum, self.g_count)
+
+
+class Schedule(Protocol):
+    """What the hooks ask of the preconditioner's schedule for the step in flight."""
+
+    def capturing(self) -> bool: ...
+
+    def correcting(self) -> bool: ...
+
+
+class StatisticsHooks:
+    """The hooks of one preconditioner over ``layers`` (the preconditioner's own list: untracking a layer removes
+    it here too)."""
+
+    def __init__(self, *, layers: list[LayerState], factor_dtype: torch.dtype, fisher: str, accumulation_steps: int,
+                 grad_scaler: Any | None, schedule: Schedule, method: Any,
+                 mark_final: Callable[[str], None]) -> None:
+        self.layers = layers
+        self.factor_dtype, self.fisher, self.accumulation_steps = factor_dtype, fisher, accumulation_steps
+        self.grad_scaler, self.schedule, self.method, self.mark_final = grad_scaler, schedule, method, mark_final
+        self.in_mc_backward = False
+        self.warned_accumulation = False
+
+    # -- installation --------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the forward hooks (clear error if another live preconditioner already hooks a layer)."""
+        for layer in self.layers:
+            owner = _HOOKED.get(layer.module)
+            other = owner() if owner is not None else None
+            if other is not None and other is not self and other.hooks_on(layer.module):
+                raise ValueError(f"layer {layer.name!r} is already tracked by another live K-FAC preconditioner "
+                                 "(kfac.KFAC built twice on one model?): both would collect statistics; call "
+                                 "remove() on the old one (opt.preconditioner.remove()) first")
+        for layer in self.layers:
+            layer.handles.append(layer.module.register_forward_hook(
+                functools.partial(self.forward_hook, layer), with_kwargs=True))
+            _HOOKED[layer.module] = weakref.ref(self)
+
+    def hooks_on(self, module: nn.Module) -> bool:
+        return any(layer.module is module and layer.handles for layer in self.layers)
+
+    def unhook(self, layer: LayerState) -> None:
+        """Remove ``layer``'s hooks and drop its pending statistics."""
+        for h in layer.handles:
+            h.remove()
+        layer.handles.clear()
+        layer.discard_pending()
+        owner = _HOOKED.get(layer.module)
+        if owner is not None and owner() is self:
+            del _HOOKED[layer.module]
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def forward_hook(self, layer: LayerState, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()) or functorch_active():
+            return
+        x = args[0] if args else kwargs.get(layer.input_name) if layer.input_name is not None else None
+        if not isinstance(x, Tensor):
+            return
+        layer.forward_calls += 1
+        capture, correct = self.schedule.capturing(), self.schedule.correcting()
+        if not (capture or correct):
+            return
+        if capture:
+            with statistics_mode(x):
+                stat, n = layer.adapter.a_stat(x.detach(), self.factor_dtype)
+            layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
+        x_corr = x.detach() if correct and self.method.ready(layer.entry) else None
+        if isinstance(output, Tensor) and output.requires_grad:
+            # a forward re-run inside a backward pass (activation checkpointing) is not a new use: its gradient
+            # arrives in a nested backward (reentrant) or never (non-reentrant, whose first run already counted)
+            if capture and not in_backward():
+                layer.g_expected += 1
+            output.register_hook(functools.partial(self.grad_hook, layer, capture, x_corr))
+
+    def grad_hook(self, layer: LayerState, capture: bool, x: Tensor | None, grad: Tensor) -> None:
+        if not layer.handles:
+            return
+        if x is not None and not self.in_mc_backward:  # EK-FAC corrections use the data's own labels
+            with statistics_mode(grad):
+                corrections.add(layer, self.method, x, grad, self.grad_scale(), self.factor_dtype)
+        if not capture or (self.fisher == "mc") != self.in_mc_backward:
+            return
+        with statistics_mode(grad):
+            stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self.grad_scale())
+        layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
+        layer.g_received += 1
+        if layer.g_received < layer.g_expected:
+            return  # a layer applied several times per forward: the gradients of its other uses are still to come
+        layer.g_calls += 1
+        if layer.g_calls == self.accumulation_steps and layer.a_count:
+            self.mark_final(layer.name)  # last micro-batch: its reduction may start during this backward
+
+    def check_collected(self) -> None:
+        """Before a factor update: ``fisher="mc"`` needs sampled-label statistics (clear error), and a number of
+        backward passes other than ``accumulation_steps`` is logged once."""
+        if self.layers and not any(layer.g_received for layer in self.layers) and self.fisher == "mc":
+            raise RuntimeError("fisher='mc' needs mc_backward(outputs) after the forward pass of every "
+                               "factor-update step; no sampled-label statistics were collected")
+        calls = [layer.g_calls for layer in self.layers if layer.a_count and layer.g_count]
+        if calls and min(calls) != self.accumulation_steps and not self.warned_accumulation:
+            self.warned_accumulation = True
+            logger.warning("kfac: saw %d backward pass(es) before step() but accumulation_steps=%d",
+                           min(calls), self.accumulation_steps)
+
+    def grad_scale(self) -> Tensor | float | None:
+        """The loss scale of the backward pass in flight (the scaler's live tensor: no host sync, never stale)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else float(scaler.get_scale())
+
+    def mc_backward(self, outputs: Tensor, *, loss: str, reduction: str, generator: torch.Generator | None) -> None:
+        """Backward of a loss on labels sampled from ``outputs`` through the hooked layers only (``G`` of the
+        Monte-Carlo Fisher); parameter gradients are not touched."""
+        sampled = sampling.sampled_loss(outputs, loss=loss, reduction=reduction, generator=generator)
+        if self.accumulation_steps > 1:
+            sampled = sampled / self.accumulation_steps
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            sampled = self.grad_scaler.scale(sampled)
+        weights = [layer.module.weight for layer in self.layers if layer.handles]
+        self.in_mc_backward = True
+        try:
+            torch.autograd.grad(sampled, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self.in_mc_backward = False
+
+
+def first_input(module: nn.Module) -> str | None:
+    """The name of ``module.forward``'s first parameter (to find an input passed by keyword)."""
+    try:
+        params: Sequence[inspect.Parameter] = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover (builtins without a signature)
+        return None
+    first = next((p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    return first.name if first is not None else None
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total.add_(value)

@@ -1,0 +1,120 @@
+"""Checkpoints of a K-FAC preconditioner: a local ``state_dict`` (never a collective; a shard under a sharded
+plan), the collective ``consolidated_state_dict`` (complete on every rank, loadable at any world size), and
+loading with validation (nothing changes unless the whole state fits)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..distributed.comm import Communicator
+    from ..planner import Plan
+    from .engine import CurvatureEngine
+    from .hooks import LayerState
+
+__all__ = ["StateMixin"]
+
+logger = logging.getLogger("kfac")
+
+
+class StateMixin:
+    """The state methods of :class:`kfac.KFACPreconditioner` (which provides the attributes declared here)."""
+
+    engine: "CurvatureEngine"
+    _comm: "Communicator"
+    _layers: "list[LayerState]"
+    _seen: set[str]
+    _warned_shard: bool
+    _reported_unused: bool
+    _checked_execution: bool
+    _capture_step: int | None
+    _written: tuple[tuple[int, int], ...]
+    steps: int
+    skipped_steps: int
+    not_executed: list[str]
+    method: Any
+
+    if TYPE_CHECKING:
+        @property
+        def layers(self) -> list[str]: ...
+
+        @property
+        def plan(self) -> "Plan": ...
+
+        @property
+        def rank(self) -> int: ...
+
+        @property
+        def world_size(self) -> int: ...
+
+        def _drop_unexecuted(self, names: Iterable[str]) -> None: ...
+
+        def discard_pending_statistics(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters and the factors and decompositions this rank holds (tensors referenced, not copied).
+
+        Never communicates, so ``if rank == 0: torch.save(opt.state_dict(), path)`` is safe. When this rank holds
+        everything (a single process, or ``strategy="comm-opt"``) the state is complete and loads at any world
+        size; otherwise it is this rank's *shard* (``state["shard"]`` names the rank, world size and plan) and loads
+        only into the same rank of the same plan -- for a portable checkpoint call :meth:`consolidated_state_dict`
+        on every rank instead.
+        """
+        complete = self.engine.holds_everything(self.layers)
+        shard = None if complete or not self._comm.enabled else {
+            "rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
+        if shard is not None and not self._warned_shard:
+            self._warned_shard = True
+            logger.warning("kfac: state_dict() on rank %d holds only this rank's shard of the K-FAC state (strategy "
+                           "%r): resume it with every rank loading its own file at the same world size, or save "
+                           "consolidated_state_dict() (a collective: call it on every rank) for a portable "
+                           "checkpoint", self.rank, self.plan.strategy)
+        return self._state(self.engine.store.state_dict(), shard)
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """The complete state on every rank, loadable at any world size. A collective: every rank must call it
+        (each factor's owner sends its state); in a single process it equals :meth:`state_dict`."""
+        return self._state(self.engine.consolidated_store_state(), None)
+
+    def _state(self, store: dict[str, Any], shard: dict[str, Any] | None) -> dict[str, Any]:
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "layers": self.layers,
+                "not_executed": list(self.not_executed), "method": self.method.name, "store": store,
+                "seen": sorted(self._seen), "shard": shard}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` / :meth:`consolidated_state_dict` output; the tracked layers must match
+        (clear error otherwise)."""
+        self.validate_state_dict(state)
+        self._drop_unexecuted(state.get("not_executed", ()))
+        self.engine.load_store_state(state["store"], {layer.name: layer.module.weight.device for layer in self._layers})
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._seen = set(state.get("seen", self.layers)) & set(self.layers)
+        self._reported_unused = True
+        self._checked_execution = True
+        self._capture_step = None
+        self._written = ()
+        self.discard_pending_statistics()
+
+    def validate_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
+        shard = state.get("shard")
+        if shard is not None:
+            here = {"rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
+            if shard != here:
+                raise ValueError(
+                    f"this K-FAC state is the shard of rank {shard['rank']} of {shard['world_size']} (saved by "
+                    f"state_dict() under a sharded plan); it loads only into that rank of the same plan (this is "
+                    f"rank {self.rank} of {self.world_size}{'' if shard['plan'] == here['plan'] else ', another plan'}"
+                    "). Save consolidated_state_dict() on every rank (or one state_dict() file per rank) to resume")
+        expected = set(self.layers) - set(state.get("not_executed", ()))
+        if set(state["layers"]) != expected:
+            missing, extra = expected - set(state["layers"]), set(state["layers"]) - expected
+            raise ValueError(f"K-FAC state was saved for different layers: missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)}")
+        if state.get("method", self.method.name) != self.method.name:
+            raise ValueError(f"K-FAC state was saved with method={state['method']!r}, this is {self.method.name!r}")
+        self.engine.validate_store_state(state["store"], [layer.entry for layer in self._layers
+                                                          if layer.name in expected])
