@@ -3,7 +3,9 @@ factor store's entries; M-FAC's sliding-window Fisher (:mod:`kfac.mfac.fisher`) 
 
 from .base import CurvatureMethod, DecompositionError
 from .ekfac import EigenCorrectedKFAC
-from .kronecker import EigenKFAC, InverseKFAC, make_method
+from .eigen import EigenKFAC
+from .inverse import InverseKFAC
+from .registry import METHODS, make_method
 
-__all__ = ["CurvatureMethod", "DecompositionError", "EigenCorrectedKFAC", "EigenKFAC", "InverseKFAC",
-           "SlidingWindowFisher", "StaticFisher", "make_method"]
+__all__ = ["CurvatureMethod", "DecompositionError", "EigenCorrectedKFAC", "EigenKFAC", "InverseKFAC", "METHODS",
+           "make_method"]

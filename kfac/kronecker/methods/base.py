@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..store import FactorEntry
 
-__all__ = ["CurvatureMethod", "DecompositionError"]
+__all__ = ["CurvatureMethod", "DecompositionError", "KroneckerMethod", "require_factors", "with_float64_retry"]
 
 
 class DecompositionError(RuntimeError):
@@ -70,3 +70,33 @@ def with_float64_retry(fn, matrix: Tensor, what: str):
             return tuple(t.to(matrix.dtype) for t in tensors) if isinstance(out, tuple) else out.to(matrix.dtype)
         last = RuntimeError("non-finite result")
     raise DecompositionError(f"could not decompose {what} in {matrix.dtype} or float64: {last}")
+
+
+class KroneckerMethod:
+    """What the Kronecker methods share: a full refresh is one refresh per factor; no eigenvalue corrections."""
+
+    corrects = False       # EK-FAC re-estimates eigenvalues from per-example gradients
+    bakes_damping = False  # the damping is fixed into the decompositions at refresh time
+
+    def reset_corrections(self, entry: FactorEntry) -> None:
+        """Restart eigenvalue corrections (nothing to do without corrections)."""
+
+    def correction_sum(self, entry: FactorEntry, a: Tensor, g: Tensor) -> Tensor | None:
+        """Per-example projections for eigenvalue corrections (``None``: this method keeps no corrections)."""
+        return None
+
+    def update_corrections(self, entry: FactorEntry, batch: Tensor, decay: float) -> None:
+        """Blend a batch estimate into the corrections (nothing to do without corrections)."""
+
+    def refresh_factor(self, entry: FactorEntry, factor: str, *, damping: float) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def refresh(self, entry: FactorEntry, *, damping: float) -> None:
+        require_factors(entry)
+        for factor in ("A", "G"):
+            self.refresh_factor(entry, factor, damping=damping)
+
+
+def require_factors(entry: FactorEntry) -> None:
+    if entry.A is None or entry.G is None:
+        raise DecompositionError(f"layer {entry.name!r} has no factors yet")

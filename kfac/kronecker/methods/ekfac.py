@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..store import FactorEntry
-from .kronecker import EigenKFAC, _right
+from .eigen import EigenKFAC
+from .structure import right
 
 __all__ = ["EigenCorrectedKFAC"]
 
@@ -65,8 +66,8 @@ class EigenCorrectedKFAC(EigenKFAC):
         a = a.to(entry.QA.dtype)
         g = g.to(entry.QG.dtype)
         t = a.shape[1]
-        aq = _right(a.reshape(-1, a.shape[-1]), entry.QA, entry.cache, "QA").reshape(a.shape)
-        gq = _right(g.reshape(-1, g.shape[-1]), entry.QG, entry.cache, "QG").reshape(g.shape)
+        aq = right(a.reshape(-1, a.shape[-1]), entry.QA, entry.cache, "QA").reshape(a.shape)
+        gq = right(g.reshape(-1, g.shape[-1]), entry.QG, entry.cache, "QG").reshape(g.shape)
         if t == 1:
             return gq[:, 0].square().T @ aq[:, 0].square()
         total = torch.zeros(entry.g_dim, entry.a_dim, dtype=aq.dtype, device=aq.device)
