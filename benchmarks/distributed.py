@@ -38,7 +38,7 @@ Part (a), "real" -- what is measured
     amortised, refreshes included) and the median refresh step. The CPU time other processes used during the
     windows (``/proc/stat`` minus the ranks' own CPU time) is reported, with a warning when it is not negligible.
 
-    Bytes: ``opt.preconditioner._comm.bytes_sent`` (float bytes by category; each rank counts its share of the
+    Bytes: ``opt.preconditioner.communicator.bytes_sent`` (float bytes by category; each rank counts its share of the
     wire volume of every collective -- ring all-reduce ``2 (N-1)/N`` payloads, reduce ``(N-1)/N``, broadcast one
     per receiver counted by the source -- so the sum over ranks is the total traffic), differenced across each
     window and summed over ranks and windows, compared per category with the plan's prediction ``plan.comm``
@@ -254,7 +254,7 @@ class Runner:
         self.losses.append(float(loss.detach()))
 
     def kfac_bytes(self) -> dict[str, float]:
-        return dict(self.pre._comm.bytes_sent) if self.pre is not None else {}
+        return dict(self.pre.communicator.bytes_sent) if self.pre is not None else {}
 
 
 def timed_window(runner: Runner, settings: dict[str, Any]) -> dict[str, Any]:

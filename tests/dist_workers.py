@@ -113,10 +113,10 @@ def equivalence(rank: int, world: int, out: Path, configs: list[dict]) -> dict:
         if rank == 0:
             torch.save([p.detach() for p in model.parameters()], out / f"params{i}.pt")
         report[str(i)] = {"strategy": opt.preconditioner.plan.strategy,
-                          "bytes": {k: float(v) for k, v in opt.preconditioner._comm.bytes_sent.items()},
+                          "bytes": {k: float(v) for k, v in opt.preconditioner.communicator.bytes_sent.items()},
                           "plan_comm": opt.preconditioner.plan.comm.to_dict(),
                           "split": opt.preconditioner.plan.split,
-                          "launched_early": opt.preconditioner._exec.reduction.launched_early,
+                          "launched_early": opt.preconditioner.executor.reduction.launched_early,
                           "memory": opt.preconditioner.memory_usage()}
     return report
 
@@ -228,8 +228,8 @@ def uneven_batches(rank: int, world: int, out: Path, strategy: str) -> dict:
         opt.step()
         held.append({n: (e.A, e.G) for n, e in opt.store.items()})
     torch.save(held, out / f"uneven_rank{rank}.pt")
-    return {"launched_early": opt.preconditioner._exec.reduction.launched_early,
-            "buckets": len(opt.preconditioner._exec.reduction.buckets)}
+    return {"launched_early": opt.preconditioner.executor.reduction.launched_early,
+            "buckets": len(opt.preconditioner.executor.reduction.buckets)}
 
 
 def influence(rank: int, world: int, out: Path, method: str) -> dict:

@@ -117,7 +117,7 @@ def shared_layer(rank: int, world: int, out: Path, strategy: str) -> dict:
         opt.step()
     if rank == 0:
         torch.save([p.detach() for p in model.parameters()], out / f"shared_{strategy}.pt")
-    return {"launched_early": opt.preconditioner._exec.reduction.launched_early}
+    return {"launched_early": opt.preconditioner.executor.reduction.launched_early}
 
 
 def empty_rank(rank: int, world: int, out: Path, method: str) -> dict:

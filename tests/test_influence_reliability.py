@@ -19,8 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from _helpers import float64_default, single_thread  # noqa: F401
-from kfac.influence import ClassificationTask, InfluenceAnalyzer
-from kfac.influence.analyzer import weights_digest
+from kfac.influence import ClassificationTask, InfluenceAnalyzer, weights_digest
 from kfac.kronecker.methods import EigenCorrectedKFAC
 from kfac.modules import Conv2dAdapter, LinearAdapter
 from kfac.kronecker.store import FactorEntry
@@ -190,7 +189,7 @@ def test_weights_digest_is_sha256_of_the_float64_parameters():
     single = mlp().float()
     assert weights_digest(single) == weights_digest(copy.deepcopy(single).double())  # same values, other dtype
     assert weights_digest(mlp(seed=1)) != want.hexdigest()
-    code = ("import torch; from torch import nn; from kfac.influence.analyzer import weights_digest; "
+    code = ("import torch; from torch import nn; from kfac.influence import weights_digest; "
             "torch.manual_seed(0); torch.set_default_dtype(torch.float64); "
             "print(weights_digest(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))))")
     other_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,7 +17,8 @@ import pytest
 from kfac.planner import (
     STRATEGIES, CostModel, LayerSpec, MemoryCapError, Plan, calibrate, default_strategy, layer_specs, make_plan,
 )
-from kfac.planner.assign import grad_receiver_rows, grad_worker_columns, kaisa_greedy, lpt, makespan, round_robin
+from kfac.planner.assign import kaisa_greedy, lpt, makespan, round_robin
+from kfac.planner.plan import grad_receiver_rows, grad_worker_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANNER_DIR = ROOT / "kfac" / "planner"
