@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Preconditioner", "flatten_blocks", "unflatten_blocks"]
+__all__ = ["Blocks", "Preconditioner", "as_named_blocks", "flatten_blocks", "unflatten_blocks"]
 
 Blocks = Mapping[str, Tensor] | Tensor
 
@@ -93,6 +93,25 @@ def unflatten_blocks(vector: Tensor, shapes: Mapping[str, tuple[int, ...]]) -> d
         out[n] = vector[offset:offset + k].reshape(shape)
         offset += k
     return out
+
+
+def as_named_blocks(grads: Blocks, shapes: Mapping[str, tuple[int, ...]], *, what: str = "ihvp",
+                    kind: str = "blocks") -> tuple[dict[str, Tensor], bool]:
+    """The argument of ``ihvp``-like queries as ``({block: tensor}, flat)``: a flat vector (``flat=True``) is split by
+    :func:`unflatten_blocks` (it must have ``Σ_b prod(shape_b)`` entries); a mapping may name any subset of
+    ``shapes``, each value a tensor of exactly its block's shape. ``ValueError`` (prefixed ``what``, naming the
+    blocks ``kind``) otherwise. Give the result back in the input's form with
+    ``flatten_blocks(out, shapes) if flat else out``."""
+    flat = isinstance(grads, Tensor)
+    named = unflatten_blocks(grads, shapes) if flat else dict(grads)
+    unknown = [n for n in named if n not in shapes]
+    if unknown:
+        raise ValueError(f"{what}: unknown {kind} {unknown}; tracked {kind} are {list(shapes)}")
+    for name, g in named.items():
+        if not isinstance(g, Tensor) or tuple(g.shape) != tuple(shapes[name]):
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(f"{what}: gradient of {name!r} has shape {got}, expected {tuple(shapes[name])}")
+    return named, flat
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -131,8 +131,8 @@ def run_world(rank: int, world: int, out: Path, modes: list[str], group) -> dict
         grad_bytes: list[float] = []
 
         def record(pre=pre, mfac_bytes=mfac_bytes, grad_bytes=grad_bytes) -> None:
-            mfac_bytes.append(pre._comm.bytes_sent["mfac"])
-            grad_bytes.append(pre._comm.bytes_sent["gradients"])
+            mfac_bytes.append(pre.communicator.bytes_sent["mfac"])
+            grad_bytes.append(pre.communicator.bytes_sent["gradients"])
 
         train(ddp, opt, range(STEPS), rank, world, after_step=record)
         state = pre.consolidated_state_dict()  # collective: complete on every rank

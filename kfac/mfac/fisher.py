@@ -16,7 +16,10 @@ so only the ``k x k`` matrix ``M`` is ever factorised. Its eigenvalues are ``>= 
 whatever the working dtype (cheap: ``m x m``) by Cholesky ``M = L L^T``, falling back to an eigendecomposition with
 the eigenvalues clamped to ``>= kλ`` when the Cholesky fails (``kλ`` below round-off of ``||K||``). Every method
 only needs ``R`` with ``R^T R = M^{-1}`` (``R = L^{-1}``, or ``diag(s)^{-1/2} Q^T``), e.g.
-``diag(F^{-1}) = (1 - Σ_i (R G)_{i,·}^2) / λ``.
+``diag(F^{-1}) = (1 - Σ_i (R G)_{i,·}^2) / λ`` (the factorisation: :class:`kfac.mfac.woodbury.GramFactor`).
+
+**Forms.** :class:`SlidingWindowFisher` (dynamic: a ring buffer of the last ``m`` gradients, defined here) and
+:class:`StaticFisher` (a fixed set of ``k`` gradients, :mod:`kfac.mfac.static`, re-exported here).
 
 **Blocks.** Parameters are grouped in named blocks, each a flat vector of size ``d_b`` (any tensor shape is
 flattened; results come back in the input's shape). ``blocks="global"``: one Fisher over the concatenation of all
@@ -34,188 +37,18 @@ called. The two phases of ``add`` and ``ihvp`` are public (``partial_gram_row``/
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .static import StaticFisher
+from .woodbury import FLAT_BLOCK, AllReduce, BlockFisher, BlockMode, GramFactor, Vectors, check_damping
+
 __all__ = ["FLAT_BLOCK", "AllReduce", "BlockMode", "SlidingWindowFisher", "StaticFisher"]
 
-AllReduce = Callable[[Tensor], Tensor | None]
-BlockMode = Literal["global", "per_block"]
-Vectors = Mapping[str, Tensor] | Tensor
 
-FLAT_BLOCK = "params"
-"""Name of the single block when a plain size or a plain gradient matrix is given instead of named blocks."""
-
-
-def _check_damping(damping: float) -> float:
-    value = float(damping)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
-    return value
-
-
-def _check_mode(blocks: str) -> BlockMode:
-    if blocks not in ("global", "per_block"):
-        raise ValueError(f"blocks must be 'global' or 'per_block', got {blocks!r}")
-    return blocks  # type: ignore[return-value]
-
-
-class _Layout:
-    """Ordered named blocks: validates ``{name: tensor}`` or flat inputs and restores the input's form on output."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self.shapes = dict(shapes)
-        self.sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
-        for name, size in self.sizes.items():
-            if size < 1 or any(s < 0 for s in self.shapes[name]):
-                raise ValueError(f"block {name!r} has shape {self.shapes[name]}; blocks need at least one element")
-        self.total = sum(self.sizes.values())
-
-    def flatten(self, values: Vectors, what: str, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-        """``{name: 1-D tensor of size d_b}`` in block order, cast to ``dtype`` on ``device``."""
-        if isinstance(values, Tensor):
-            if values.numel() != self.total:
-                raise ValueError(
-                    f"{what}: flat tensor has {values.numel()} elements, expected {self.total} (sum of block sizes)"
-                )
-            parts = values.reshape(-1).split(list(self.sizes.values())) if self.sizes else ()
-            values = dict(zip(self.sizes, parts))
-        elif not isinstance(values, Mapping):
-            raise TypeError(f"{what} must be a mapping of block name -> tensor or a flat tensor, got {type(values)}")
-        unknown = [name for name in values if name not in self.sizes]
-        if unknown:
-            raise ValueError(f"{what}: unknown block(s) {unknown}; this instance holds {list(self.sizes)}")
-        missing = [name for name in self.sizes if name not in values]
-        if missing:
-            raise ValueError(f"{what}: missing block(s) {missing}")
-        out = {}
-        for name, size in self.sizes.items():
-            t = values[name]
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{what}[{name!r}] must be a tensor, got {type(t)}")
-            if t.numel() != size:
-                raise ValueError(f"{what}[{name!r}] has shape {tuple(t.shape)}, expected {size} elements")
-            out[name] = t.reshape(-1).to(device=device, dtype=dtype)
-        return out
-
-    def restore(self, like: Vectors, flat: dict[str, Tensor]) -> Vectors:
-        """Give per-block results the container and shapes of the input ``like``."""
-        if isinstance(like, Tensor):
-            if not flat:
-                return like.new_zeros(like.shape)
-            return torch.cat([flat[name] for name in self.sizes]).reshape(like.shape)
-        return {name: flat[name].reshape(like[name].shape) for name in self.sizes}
-
-
-class _GramFactor:
-    """Factorisation of ``M = kλ I + K`` (``k x k``, float64): Cholesky, or clamped eigendecomposition fallback."""
-
-    def __init__(self, gram: Tensor, damping: float) -> None:
-        k = gram.shape[-1]
-        self.damping = damping
-        floor = k * damping
-        mat = gram.to(torch.float64) + floor * torch.eye(k, dtype=torch.float64, device=gram.device)
-        chol, info = torch.linalg.cholesky_ex(mat)
-        self.chol: Tensor | None = None
-        self.eig: tuple[Tensor, Tensor] | None = None
-        if int(info) == 0 and bool(torch.isfinite(chol).all()):
-            self.chol = chol
-        else:  # K is PSD, so the true spectrum of M is >= kλ: clamping only removes round-off
-            evals, evecs = torch.linalg.eigh((mat + mat.mT) / 2)
-            self.eig = (evecs, evals.clamp_min(floor))
-
-    def solve(self, u: Tensor) -> Tensor:
-        """``M^{-1} u`` for ``u`` of shape (k,): two triangular solves, O(k^2)."""
-        if self.chol is not None:
-            return torch.cholesky_solve(u.unsqueeze(-1), self.chol).squeeze(-1)
-        evecs, evals = self.eig  # type: ignore[misc]
-        return evecs @ ((evecs.mT @ u) / evals)
-
-    def whiten(self, x: Tensor) -> Tensor:
-        """``R x`` for ``x`` of shape (k, n), with ``R^T R = M^{-1}``: O(k^2 n)."""
-        if self.chol is not None:
-            return torch.linalg.solve_triangular(self.chol, x, upper=False)
-        evecs, evals = self.eig  # type: ignore[misc]
-        return (evecs.mT @ x) / evals.sqrt().unsqueeze(-1)
-
-
-class _BlockFisher:
-    """Shared plumbing: block layout, groups (one in global mode, one per block otherwise), reduction, wrappers."""
-
-    def __init__(
-        self,
-        shapes: Mapping[str, tuple[int, ...]],
-        *,
-        blocks: str,
-        all_reduce: AllReduce | None,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        self.mode: BlockMode = _check_mode(blocks)
-        self.dtype = dtype
-        self.device = device
-        self._all_reduce = all_reduce
-        self._layout = _Layout(shapes)
-        names = tuple(self._layout.sizes)
-        self._groups: list[tuple[str, ...]] = [names] if self.mode == "global" else [(n,) for n in names]
-
-    @property
-    def block_names(self) -> tuple[str, ...]:
-        """Names of the blocks this instance (rank) holds, in order."""
-        return tuple(self._layout.sizes)
-
-    @property
-    def block_shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._layout.shapes)
-
-    def _inputs(self, values: Vectors, what: str) -> dict[str, Tensor]:
-        return self._layout.flatten(values, what, self.dtype, self.device)
-
-    def _reduce(self, partial: Tensor) -> Tensor:
-        """Sum ``partial`` (groups, ...) over ranks in global mode (the hook sees ``partial[0]``); no-op otherwise."""
-        if self.mode != "global" or self._all_reduce is None or partial.numel() == 0:
-            return partial
-        part = partial[0]
-        out = self._all_reduce(part)
-        out = part if out is None else out
-        if not isinstance(out, Tensor) or out.shape != part.shape:
-            raise ValueError(f"all_reduce hook must return a tensor of shape {tuple(part.shape)} (or None if in place)")
-        return out.reshape(partial.shape)
-
-    def partial_projection(self, vectors: Vectors) -> Tensor:
-        raise NotImplementedError
-
-    def finish_ihvp(self, vectors: Vectors, projection: Tensor, *, damping: float | None = None) -> Vectors:
-        raise NotImplementedError
-
-    def ihvp(self, vectors: Vectors, *, damping: float | None = None) -> Vectors:
-        """``F^{-1} v`` per held block (``{name: tensor}`` in the input's shapes, or a flat tensor for a flat input).
-
-        O(d m + m^2) per call (plus a one-off O(m^3) refactor after an ``add`` or a damping change in the dynamic
-        form). Global mode: one reduction of ``k = count`` float64 elements (``G v`` summed over blocks).
-        """
-        return self.finish_ihvp(vectors, self._reduce(self.partial_projection(vectors)), damping=damping)
-
-    def ihvp_flat(self, vector: Tensor, *, damping: float | None = None) -> Tensor:
-        """:meth:`ihvp` of the concatenation of the held blocks (block order); returns a 1-D tensor."""
-        return self.ihvp(vector.reshape(-1), damping=damping)  # type: ignore[return-value]
-
-    def diag(self, *, damping: float | None = None) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def diag_flat(self, *, damping: float | None = None) -> Tensor:
-        """:meth:`diag` concatenated over the held blocks (block order)."""
-        parts = [t.reshape(-1) for t in self.diag(damping=damping).values()]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
-
-
-class SlidingWindowFisher(_BlockFisher):
+class SlidingWindowFisher(BlockFisher):
     """Dynamic M-FAC: ``F = λ I + (1/k) Σ g_i g_i^T`` over the last ``k <= m`` gradients added (ring buffer).
 
     State: an ``m x d_b`` ring buffer per block (working dtype) and one ``m x m`` float64 Gram matrix per group
@@ -259,13 +92,13 @@ class SlidingWindowFisher(_BlockFisher):
             device=torch.device(device) if device is not None else torch.device("cpu"),
         )
         self._m = num_grads
-        self._damping = _check_damping(damping)
+        self._damping = check_damping(damping)
         self._window = {
             name: torch.zeros(num_grads, size, dtype=self.dtype, device=self.device)
             for name, size in self._layout.sizes.items()
         }
         self._gram = torch.zeros(len(self._groups), num_grads, num_grads, dtype=torch.float64, device=self.device)
-        self._factors: list[_GramFactor | None] = [None] * len(self._groups)
+        self._factors: list[GramFactor | None] = [None] * len(self._groups)
         self._position = 0
         self._count = 0
 
@@ -290,16 +123,16 @@ class SlidingWindowFisher(_BlockFisher):
 
     @damping.setter
     def damping(self, value: float) -> None:
-        self._damping = _check_damping(value)
+        self._damping = check_damping(value)
 
     def _resolve(self, damping: float | None) -> float:
-        return self._damping if damping is None else _check_damping(damping)
+        return self._damping if damping is None else check_damping(damping)
 
-    def _factor(self, group: int, damping: float) -> _GramFactor:
+    def _factor(self, group: int, damping: float) -> GramFactor:
         factor = self._factors[group]
         if factor is None or factor.damping != damping:
             k = self._count
-            factor = self._factors[group] = _GramFactor(self._gram[group, :k, :k], damping)
+            factor = self._factors[group] = GramFactor(self._gram[group, :k, :k], damping)
         return factor
 
     # -- adding a gradient ------------------------------------------------------------------------------------------
@@ -450,121 +283,3 @@ class SlidingWindowFisher(_BlockFisher):
             window.copy_(state[f"window.{name}"])  # type: ignore[arg-type]
         self._position, self._count = position, count
         self._factors = [None] * len(self._groups)
-
-
-class StaticFisher(_BlockFisher):
-    """Static M-FAC: a fixed set of ``k`` gradients and fixed ``λ``; ``F = λ I + (1/k) G^T G``.
-
-    Setup, O(d k^2): ``M = kλI + G G^T = L L^T`` (float64) and ``B^T = L^{-1} G`` (``k x d``, stored in the working
-    dtype; ``G`` itself is not kept). Then ``F^{-1} v = (v - B (B^T v)) / λ`` in O(d k) and
-    ``diag(F^{-1}) = (1 - rowsum(B ∘ B)) / λ`` in O(d k).
-
-    Args:
-        grads: ``{name: (k, *block_shape) tensor}`` (the same ``k >= 1`` for every block; dtype and device are
-            taken from these) or one ``(k, d)`` tensor (a single block named ``"params"``). Under sharding, only
-            this rank's blocks (at least one).
-        damping: ``λ > 0``. blocks / all_reduce: as for :class:`SlidingWindowFisher`; in global mode the
-            constructor issues one ``k x k`` reduction (the Gram matrix) and each :meth:`ihvp` one of ``k``.
-    """
-
-    def __init__(
-        self,
-        grads: Mapping[str, Tensor] | Tensor,
-        *,
-        damping: float,
-        blocks: BlockMode = "global",
-        all_reduce: AllReduce | None = None,
-    ) -> None:
-        if isinstance(grads, Tensor):
-            if grads.dim() != 2:
-                raise ValueError(f"a flat gradient matrix must be (k, d), got shape {tuple(grads.shape)}")
-            grads = {FLAT_BLOCK: grads}
-        if not isinstance(grads, Mapping) or not grads:
-            raise ValueError(
-                "grads must be a non-empty mapping of block name -> (k, *shape) tensor, or a (k, d) tensor"
-            )
-        first = next(iter(grads.values()))
-        if not isinstance(first, Tensor) or first.dim() < 1 or first.shape[0] < 1:
-            raise ValueError("each block of grads must be a (k, *shape) tensor with k >= 1")
-        k = first.shape[0]
-        for name, g in grads.items():
-            if not isinstance(g, Tensor) or g.dim() < 1 or g.shape[0] != k:
-                raise ValueError(f"grads[{name!r}] must be a ({k}, *shape) tensor like the first block")
-            if g.dtype != first.dtype or g.device != first.device:
-                raise ValueError(
-                    f"grads[{name!r}] has dtype/device {g.dtype}/{g.device}, expected {first.dtype}/{first.device}"
-                )
-        super().__init__(
-            {name: tuple(g.shape[1:]) for name, g in grads.items()},
-            blocks=blocks,
-            all_reduce=all_reduce,
-            dtype=first.dtype,
-            device=first.device,
-        )
-        self.damping = _check_damping(damping)
-        self._k = k
-        mats = {name: g.reshape(k, -1) for name, g in grads.items()}
-        gram = torch.zeros(len(self._groups), k, k, dtype=torch.float64, device=self.device)
-        for j, names in enumerate(self._groups):
-            for name in names:
-                g64 = mats[name].to(torch.float64)
-                gram[j] += g64 @ g64.mT
-        gram = self._reduce(gram)
-        if not bool(torch.isfinite(gram).all()):
-            bad = [name for name, g in mats.items() if not bool(torch.isfinite(g).all())]
-            where = f"in block(s) {bad}" if bad else "(overflow, or a non-finite gradient on another rank)"
-            raise ValueError(f"non-finite gradient {where}")
-        self._bt: dict[str, Tensor] = {}
-        for j, names in enumerate(self._groups):
-            factor = _GramFactor(gram[j], self.damping)
-            for name in names:
-                self._bt[name] = factor.whiten(mats[name].to(torch.float64)).to(self.dtype)
-
-    @property
-    def num_grads(self) -> int:
-        """Number ``k`` of gradients (= :attr:`count`)."""
-        return self._k
-
-    @property
-    def count(self) -> int:
-        return self._k
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held (the ``k x d`` whitened gradients ``B^T``)."""
-        return sum(t.numel() * t.element_size() for t in self._bt.values())
-
-    def _check_damping_arg(self, damping: float | None) -> None:
-        if damping is not None and _check_damping(damping) != self.damping:
-            raise ValueError(f"StaticFisher is factorised for damping={self.damping}; build a new one for {damping}")
-
-    def partial_projection(self, vectors: Vectors) -> Tensor:
-        """This rank's share of ``B^T v``: (groups, k) float64; O(d k)."""
-        flat = self._inputs(vectors, "vectors")
-        proj = torch.zeros(len(self._groups), self._k, dtype=torch.float64, device=self.device)
-        for j, names in enumerate(self._groups):
-            for name in names:
-                proj[j] += (self._bt[name] @ flat[name]).to(torch.float64)
-        return proj
-
-    def finish_ihvp(self, vectors: Vectors, projection: Tensor, *, damping: float | None = None) -> Vectors:
-        """``F^{-1} v = (v - B c) / λ`` given ``c = B^T v`` summed over ranks; O(d k)."""
-        self._check_damping_arg(damping)
-        flat = self._inputs(vectors, "vectors")
-        shape = (len(self._groups), self._k)
-        if tuple(projection.shape) != shape:
-            raise ValueError(f"projection has shape {tuple(projection.shape)}, expected {shape}")
-        out = {}
-        for j, names in enumerate(self._groups):
-            c = projection[j].to(device=self.device, dtype=self.dtype)
-            for name in names:
-                out[name] = torch.addmv(flat[name], self._bt[name].mT, c, alpha=-1) / self.damping
-        return self._layout.restore(vectors, out)
-
-    def diag(self, *, damping: float | None = None) -> dict[str, Tensor]:
-        """``diag(F^{-1}) = (1 - rowsum(B ∘ B)) / λ`` per held block, in the block's shape; O(d k), no reduction."""
-        self._check_damping_arg(damping)
-        return {
-            name: ((1 - bt.square().sum(0)) / self.damping).reshape(self._layout.shapes[name])
-            for name, bt in self._bt.items()
-        }

@@ -5,12 +5,13 @@ empirical Fisher applied to ``.grad``, without ever forming a ``d x d`` matrix.
 (``k x d``) and damping ``λ > 0``::
 
     F = λ I + (1/k) Σ_i g_i g_i^T = λ I + (1/k) G^T G                     (no gradient yet: F = λ I)
-    F^{-1} v = (v - G^T (kλ I + G G^T)^{-1} G v) / λ                       (Woodbury, see kfac.mfac.fisher)
+    F^{-1} v = (v - G^T (kλ I + G G^T)^{-1} G v) / λ                       (Woodbury, see kfac.mfac.woodbury)
 
-A step first adds the current gradient ``g`` to the window (evicting the oldest once ``m`` are held), then writes
-``P g = F^{-1} g`` back into ``.grad``. Cost per step: O(d m + m^2) for the Gram row and the IHVP, plus one
-O(m^3) factorisation of the ``m x m`` matrix ``kλ I + G G^T`` per added gradient. ``blocks="global"``: one ``F``
-over all blocks; ``blocks="per_layer"``: an independent ``F_b`` per block (block-diagonal ``F``).
+A step first adds the current gradient ``g`` to the window (:class:`kfac.mfac.fisher.SlidingWindowFisher`; the
+oldest leaves once ``m`` are held), then writes ``P g = F^{-1} g`` back into ``.grad``. Cost per step: O(d m + m^2)
+for the Gram row and the IHVP, plus one O(m^3) factorisation of the ``m x m`` matrix ``kλ I + G G^T`` per added
+gradient. ``blocks="global"``: one ``F`` over all blocks; ``blocks="per_layer"``: an independent ``F_b`` per block
+(block-diagonal ``F``).
 
 With ``kl_clip`` the preconditioned gradients of all blocks are scaled, as in K-FAC, by
 ``nu = min(1, sqrt(kl_clip / |Σ_b lr_b^2 <P g_b, g_b>|))``.
@@ -20,7 +21,7 @@ names of K-FAC's factor store). Modules K-FAC supports (Linear, Conv2d, Embeddin
 matrix ``(g_dim, a_dim)`` (bias as last column); any other module (norm layers, ...) the concatenation of its
 direct parameters' flattened gradients, shape ``(d_b,)``. For an iterable of parameters (or param groups), one block
 per parameter, named ``"param{i}"``, in the parameter's shape. A parameter whose ``.grad`` is ``None`` counts as a
-zero gradient and is left ``None``.
+zero gradient and is left ``None`` (:mod:`kfac.mfac.blocks`).
 
 **Distributed** (``torch.distributed`` initialised, world size > 1, gradients already averaged over ranks, e.g. by
 DDP, so every rank sees the same ``g``). Blocks are assigned to ranks by LPT on their size ``d_b`` (verified
@@ -33,80 +34,32 @@ source rank, category ``"gradients"``), and ``kl_clip`` is computed identically 
 result.
 :meth:`~MFACPreconditioner.ihvp`, :meth:`~MFACPreconditioner.diag` and :meth:`~MFACPreconditioner.state_dict` are
 collectives there (call them on every rank with the same arguments); they return complete results on every rank.
+The assignment, the exchange and the state dict: :mod:`kfac.mfac.sharding`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
-
 import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..distributed.comm import Communicator
-from ..curvature import flatten_blocks, unflatten_blocks
 from .._tensor import all_finite, kl_clip_scale, update_dots
+from ..curvature import as_named_blocks, flatten_blocks
+from ..distributed.comm import Communicator
 from ..hparams import Hyper, block_lrs, check_positive, comparable, resolve
+from .blocks import module_blocks, param_blocks, read_grads, window_placement
 from .fisher import SlidingWindowFisher
-from ..modules import ModuleAdapter, adapter_for
-from ..tracking import SkipRules, walk
-from ..planner.assign import lpt
+from .sharding import Sharding
 
 __all__ = ["MFACPreconditioner"]
 
 logger = logging.getLogger("kfac")
 
 _MODES = {"global": "global", "per_layer": "per_block"}
-
-
-@dataclass(eq=False)
-class _Block:
-    """One named block: its parameters and the layout of its gradient (adapter matrix or flat concatenation)."""
-
-    name: str
-    params: list[nn.Parameter]
-    adapter: ModuleAdapter | None
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def grad(self) -> Tensor | None:
-        """The gradient in the block's layout (missing ``.grad`` counted as zero), or ``None`` if none has one."""
-        if all(p.grad is None for p in self.params):
-            return None
-        if self.adapter is not None:
-            mat = self.adapter.grad_matrix()
-            if mat is not None:
-                return mat
-            bias = self.params[-1]  # the weight has no gradient but the bias has
-            mat = torch.zeros(self.shape, dtype=bias.grad.dtype, device=bias.grad.device)
-            mat[:, -1] = bias.grad.reshape(-1)
-            return mat
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(self.shape)
-
-    def set_grad(self, value: Tensor) -> None:
-        """Write ``value`` (block layout) into the existing ``.grad`` tensors (in place, cast to their dtype)."""
-        if self.adapter is not None:
-            if self.params[0].grad is not None:
-                self.adapter.set_grad_matrix(value)
-            elif self.params[-1].grad is not None:
-                self.params[-1].grad.copy_(value[:, -1].reshape(self.params[-1].shape))
-            return
-        offset = 0
-        flat = value.reshape(-1)
-        for p in self.params:
-            n = p.numel()
-            if p.grad is not None:
-                p.grad.copy_(flat[offset:offset + n].view(p.shape))
-            offset += n
 
 
 class MFACPreconditioner:
@@ -162,82 +115,26 @@ class MFACPreconditioner:
         self.skipped: list[tuple[str, str]] = []
         skip = [skip_layers] if isinstance(skip_layers, str) else list(skip_layers)
         if isinstance(model_or_params, nn.Module):
-            self._blocks = self._register_modules(model_or_params, skip)
+            self._blocks = module_blocks(model_or_params, skip, self.skipped)
         else:
-            self._blocks = self._register_params(model_or_params, skip)
+            self._blocks = param_blocks(model_or_params, skip, self.skipped)
         if not self._blocks:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "no trainable parameters"
             raise ValueError(f"M-FAC found no parameters to precondition ({reasons})")
-        params = [p for b in self._blocks for p in b.params]
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"M-FAC needs all tracked parameters on one device, got {sorted(map(str, devices))}")
-        self.device = params[0].device
-        if dtype is None:
-            dtype = params[0].dtype
-            for p in params[1:]:
-                dtype = torch.promote_types(dtype, p.dtype)
-            if not dtype.is_floating_point:
-                raise ValueError(f"parameters have non-floating dtype {dtype}; pass dtype=")
-        self.dtype = dtype
+        self.device, self.dtype = window_placement(self._blocks, dtype)
         self._comm = Communicator(group=process_group)
         self._build()
         self._verify()
         for name, reason in self.skipped:
             logger.info("kfac: M-FAC not preconditioning %r: %s", name, reason)
 
-    # -- registration ---------------------------------------------------------------------------------------------
-    def _register_modules(self, model: nn.Module, skip: list[str]) -> list[_Block]:
-        """One block per module owning trainable, unshared parameters (:func:`kfac.tracking.walk`): in K-FAC's
-        ``(g_dim, a_dim)`` layout where an adapter covers exactly those parameters, else flat."""
-        rules = SkipRules(skip)
-        out: list[_Block] = []
-        for c in walk(model, rules, self.skipped):
-            adapter, _ = adapter_for(c.module)
-            if adapter is not None and not c.partly_frozen and \
-                    [id(p) for p in adapter.parameters()] == [id(p) for p in c.params]:
-                out.append(_Block(c.name, c.params, adapter, (adapter.g_dim, adapter.a_dim)))
-            else:
-                out.append(_Block(c.name, c.params, None, (sum(p.numel() for p in c.params),)))
-        rules.warn_unmatched(stacklevel=4)
-        return out
-
-    def _register_params(self, params: Iterable[Any], skip: list[str]) -> list[_Block]:
-        if isinstance(params, Tensor):
-            raise TypeError("pass an nn.Module or an iterable of parameters, not a single tensor")
-        flat: list[Tensor] = []
-        for item in params:
-            if isinstance(item, Mapping):
-                group = item["params"]
-                flat.extend([group] if isinstance(group, Tensor) else list(group))
-            else:
-                flat.append(item)
-        rules = SkipRules(skip)
-        seen: set[int] = set()
-        out: list[_Block] = []
-        for i, p in enumerate(flat):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"parameter {i} is a {type(p).__name__}, not a tensor")
-            name = f"param{i}"
-            if rules.matches(name):
-                self.skipped.append((name, "matched skip_layers"))
-            elif not p.requires_grad:
-                self.skipped.append((name, "does not require grad (frozen)"))
-            elif id(p) in seen:
-                self.skipped.append((name, "repeated parameter"))
-            else:
-                seen.add(id(p))
-                out.append(_Block(name, [p], None, tuple(p.shape)))
-        return out
-
     def _build(self) -> None:
         """Assign blocks to ranks (LPT on ``d_b``, ties by name) and create this rank's (empty) window. The
         cross-rank check runs at the next collective call (:meth:`_verify`)."""
-        names = [b.name for b in self._blocks]
-        sizes = [b.size for b in self._blocks]
-        world = self.world_size
-        self._owner = dict(zip(names, lpt(sizes, world, names=names))) if world > 1 else dict.fromkeys(names, 0)
-        self._owned = [b for b in self._blocks if self._owner[b.name] == self.rank]
+        self._sharding = Sharding.by_lpt(self._comm, self._blocks, mode=self.blocks, num_grads=self.num_grads,
+                                         dtype=self.dtype, device=self.device)
+        self._owner = self._sharding.owner
+        self._owned = self._sharding.owned
         self._fisher = SlidingWindowFisher(
             block_shapes={b.name: b.shape for b in self._owned}, num_grads=self.num_grads,
             damping=self._hparams(self.steps)["damping"], blocks=_MODES[self.blocks],
@@ -286,6 +183,11 @@ class MFACPreconditioner:
         return self._fisher.count
 
     @property
+    def communicator(self) -> Communicator:
+        """The :class:`kfac.distributed.comm.Communicator` this preconditioner's collectives go through."""
+        return self._comm
+
+    @property
     def bytes_communicated(self) -> dict[str, int]:
         """This rank's share of the bytes on the wire so far, by category (``"mfac"``: the m-sized Gram-row and
         projection sums; ``"gradients"``: preconditioned gradients; ``"ihvp"``/``"diag"``/``"state"``: queries)."""
@@ -298,6 +200,7 @@ class MFACPreconditioner:
         return m * sum(b.size for b in self._owned) * self.dtype.itemsize + groups * m * m * 8
 
     def _hparams(self, step: int) -> dict[str, Any]:
+        """``damping``, ``kl_clip`` and ``lr`` at ``step`` (schedules resolved; damping and kl_clip validated)."""
         hp = {"damping": resolve(self.damping, step, name="damping"),
               "kl_clip": resolve(self.kl_clip, step, name="kl_clip"),
               "lr": resolve(self.lr, step, name="lr")}
@@ -306,10 +209,10 @@ class MFACPreconditioner:
         return hp
 
     def _damping(self, damping: float | None) -> float:
+        """A query's ``λ``: ``damping`` if given (validated), else the damping hyperparameter at this step."""
         if damping is None:
             return float(self._hparams(self.steps)["damping"])
-        check_positive(damping, name="damping")
-        return float(damping)
+        return float(check_positive(damping, name="damping"))
 
     # -- the curvature interface (kfac.curvature.Preconditioner) -------------------------------------------------
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -342,12 +245,7 @@ class MFACPreconditioner:
         self._verify()
 
     def _gradients(self, what: str) -> dict[str, Tensor]:
-        grads = {b.name: b.grad() for b in self._blocks}
-        if all(g is None for g in grads.values()):
-            raise RuntimeError(f"MFACPreconditioner.{what}() was called before loss.backward(): no tracked "
-                               "parameter has a gradient")
-        return {b.name: g if g is not None else torch.zeros(b.shape, dtype=self.dtype, device=self.device)
-                for b, g in zip(self._blocks, grads.values())}
+        return read_grads(self._blocks, dtype=self.dtype, device=self.device, what=what)
 
     def _absorb(self, grads: Mapping[str, Tensor], grads_finite: bool) -> str | None:
         """Add ``grads`` to the window; returns ``None``, or why the step is skipped (the same on every rank)."""
@@ -400,7 +298,7 @@ class MFACPreconditioner:
         self._check_ready()
         grads = self._gradients("step")
         hp = self._hparams(self.steps)
-        lrs = self._block_lrs(hp, lr)
+        lrs = None if hp["kl_clip"] is None else block_lrs(self.layers, hp["lr"], lr)  # per block, for kl_clip
         reason = self._absorb(grads, grads_finite)
         if reason is not None:
             self._skip(reason)
@@ -424,9 +322,6 @@ class MFACPreconditioner:
         self.steps += 1
         return True
 
-    def _block_lrs(self, hp: Mapping[str, Any], lr: float | Mapping[str, float] | None) -> dict[str, float] | None:
-        return None if hp["kl_clip"] is None else block_lrs(self.layers, hp["lr"], lr)
-
     @torch.no_grad()
     def ihvp(self, grads: Mapping[str, Tensor] | Tensor, *, damping: float | None = None,
              ) -> dict[str, Tensor] | Tensor:
@@ -437,15 +332,7 @@ class MFACPreconditioner:
         lam = self._damping(damping)
         self._check_ready()
         shapes = self.block_shapes()
-        flat = isinstance(grads, Tensor)
-        named = unflatten_blocks(grads, shapes) if flat else dict(grads)
-        unknown = [n for n in named if n not in shapes]
-        if unknown:
-            raise ValueError(f"ihvp: unknown blocks {unknown}; tracked blocks are {list(shapes)}")
-        for name, g in named.items():
-            if not isinstance(g, Tensor) or tuple(g.shape) != shapes[name]:
-                got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-                raise ValueError(f"ihvp: gradient of {name!r} has shape {got}, expected {shapes[name]}")
+        named, flat = as_named_blocks(grads, shapes, what="ihvp", kind="blocks")
         if self.blocks == "global":
             missing = [n for n in shapes if n not in named]
             if missing:
@@ -470,21 +357,8 @@ class MFACPreconditioner:
         return {n: out[n] for n in named}
 
     def _exchange(self, local: Mapping[str, Tensor], names: list[str], category: str) -> dict[str, Tensor]:
-        """The tensors of blocks ``names`` on every rank: each owner broadcasts its blocks' tensors from ``local``
-        (one bucket per source rank)."""
-        if not self._comm.enabled:
-            return dict(local)
-        wanted = set(names)
-        out: dict[str, Tensor] = {}
-        for src in range(self.world_size):
-            mine = [b for b in self._blocks if self._owner[b.name] == src and b.name in wanted]
-            if not mine:
-                continue
-            tensors = ([local[b.name].reshape(b.shape).to(self.dtype) for b in mine] if src == self.rank else
-                       [torch.empty(b.shape, dtype=self.dtype, device=self.device) for b in mine])
-            for b, t in zip(mine, self._comm.broadcast(tensors, src=src, category=category)):
-                out[b.name] = t
-        return out
+        """The tensors of blocks ``names`` on every rank (see :meth:`Sharding.exchange`)."""
+        return self._sharding.exchange(local, names, category)
 
     @torch.no_grad()
     def diag(self, *, damping: float | None = None) -> dict[str, Tensor]:
@@ -514,8 +388,7 @@ class MFACPreconditioner:
                 "shard": self._shard_id(), "local": self._fisher.state_dict()}
 
     def _shard_id(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size, "owner": self._owner, "mode": self.blocks,
-                "num_grads": self.num_grads}
+        return self._sharding.shard_id()
 
     def consolidated_state_dict(self) -> dict[str, Any]:
         """Counters, the window of every block (``m x d_b``, ``window[name]``) and the float64 Gram matrices
@@ -524,29 +397,11 @@ class MFACPreconditioner:
         category ``"state"``): call it on every rank. Tensors are copies."""
         self._check_ready()
         local = self._fisher.state_dict()
-        per_block = self.blocks == "per_layer"
-        m = self.num_grads
-        windows = {b.name: local[f"window.{b.name}"] for b in self._owned}
-        grams = {b.name: local["gram"][i] for i, b in enumerate(self._owned)} if per_block else {}
-        if self._comm.enabled:
-            for src in range(self.world_size):
-                mine = [b for b in self._blocks if self._owner[b.name] == src]
-                if not mine:
-                    continue
-                mine_w = ([windows[b.name] for b in mine] if src == self.rank else
-                          [torch.empty(m, b.size, dtype=self.dtype, device=self.device) for b in mine])
-                for b, t in zip(mine, self._comm.broadcast(mine_w, src=src, category="state")):
-                    windows[b.name] = t.clone()
-                if per_block:  # a second bucket: the Gram matrices are float64 whatever the window dtype
-                    mine_g = ([grams[b.name] for b in mine] if src == self.rank else
-                              [torch.empty(m, m, dtype=torch.float64, device=self.device) for b in mine])
-                    for b, t in zip(mine, self._comm.broadcast(mine_g, src=src, category="state")):
-                        grams[b.name] = t.clone()
-        gram = torch.stack([grams[n] for n in self.layers]) if per_block else local["gram"]
+        windows, gram = self._sharding.consolidate(local)
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "method": "mfac", "blocks": self.layers,
                 "block_shapes": {n: list(s) for n, s in self.block_shapes().items()}, "mode": self.blocks,
-                "num_grads": m, "position": int(local["position"]), "count": int(local["count"]),
-                "window": {n: windows[n] for n in self.layers}, "gram": gram}
+                "num_grads": self.num_grads, "position": int(local["position"]), "count": int(local["count"]),
+                "window": windows, "gram": gram}
 
     def validate_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
@@ -554,61 +409,13 @@ class MFACPreconditioner:
             raise ValueError(f"M-FAC state must be a mapping, got {type(state).__name__}")
         if state.get("method") != "mfac":
             raise ValueError(f"state was not saved by an MFACPreconditioner (method={state.get('method')!r})")
-        if state.get("shard") is not None:
-            if state["shard"] != self._shard_id():
-                raise ValueError(f"this M-FAC state is the shard of rank {state['shard'].get('rank')} of "
-                                 f"{state['shard'].get('world_size')} (saved by state_dict()); it loads only into "
-                                 f"that rank of the same block assignment (this is rank {self.rank} of "
-                                 f"{self.world_size}). Save consolidated_state_dict() on every rank to resume "
-                                 "elsewhere")
-            return
-        missing = {"steps", "skipped_steps", "blocks", "block_shapes", "mode", "num_grads", "position", "count",
-                   "window", "gram"} - set(state)
-        if missing:
-            raise ValueError(f"M-FAC state is missing keys {sorted(missing)}")
-        if list(state["blocks"]) != self.layers:
-            expected, got = set(self.layers), set(state["blocks"])
-            raise ValueError(f"M-FAC state was saved for different blocks: missing {sorted(expected - got)}, "
-                             f"unexpected {sorted(got - expected)}" + ("" if expected != got else " (order differs)"))
-        shapes = {n: tuple(s) for n, s in state["block_shapes"].items()}
-        bad = {n: (shapes.get(n), s) for n, s in self.block_shapes().items() if shapes.get(n) != s}
-        if bad:
-            raise ValueError(f"M-FAC state has different block shapes {{block: (saved, expected)}}: {bad}")
-        m = self.num_grads
-        if state["num_grads"] != m:
-            raise ValueError(f"M-FAC state has num_grads={state['num_grads']}, this preconditioner has {m}")
-        if state["mode"] != self.blocks:
-            raise ValueError(f"M-FAC state has blocks={state['mode']!r}, this preconditioner has {self.blocks!r}")
-        position, count = state["position"], state["count"]
-        if not isinstance(position, int) or not isinstance(count, int) or not (0 <= count <= m and 0 <= position < m) \
-                or (count < m and position != count):
-            raise ValueError(f"M-FAC state has invalid position={position!r} / count={count!r} for num_grads={m}")
-        groups = 1 if self.blocks == "global" else len(self._blocks)
-        tensors = {f"window[{b.name!r}]": (state["window"].get(b.name), (m, b.size)) for b in self._blocks}
-        tensors["gram"] = (state["gram"], (groups, m, m))
-        for key, (t, shape) in tensors.items():
-            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"M-FAC state {key} must be a tensor of shape {shape}, got {got}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"M-FAC state {key} has non-finite entries")
-
-    def _local_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """This rank's share of a complete state, in :class:`SlidingWindowFisher`'s ``state_dict`` format."""
-        gram = state["gram"].to(device=self.device, dtype=torch.float64)
-        if self.blocks == "per_layer":
-            index = {n: i for i, n in enumerate(self.layers)}
-            gram = gram[[index[b.name] for b in self._owned]]
-        local: dict[str, Any] = {"num_grads": int(state["num_grads"]), "position": int(state["position"]),
-                                 "count": int(state["count"]), "gram": gram}
-        for b in self._owned:
-            local[f"window.{b.name}"] = state["window"][b.name].to(device=self.device, dtype=self.dtype)
-        return local
+        self._sharding.validate(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (from any world size); clear ``ValueError`` on a mismatch."""
         self.validate_state_dict(state)
-        self._fisher.load_state_dict(state["local"] if state.get("shard") is not None else self._local_state(state))
+        local = state["local"] if state.get("shard") is not None else self._sharding.local_state(state)
+        self._fisher.load_state_dict(local)
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
 

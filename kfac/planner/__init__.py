@@ -10,16 +10,19 @@ compare :meth:`Plan.digest` across ranks at start-up. Typical use::
     plan.owner("layer4.0.conv2", "A"), plan.grad_source("fc", rank), plan.summary()
 
 Command line: ``python -m kfac.planner --model resnet50 --world-size 64 --strategy dp-kfac --compare``.
+
+Modules (imports only point down): :mod:`~kfac.planner.cost` (layer shapes, cost model) and
+:mod:`~kfac.planner.assign` (LPT and the baselines, on plain numbers) <- :mod:`~kfac.planner.plan` (the
+:class:`Plan` data model, imports ``cost`` only) <- :mod:`~kfac.planner.search` (:func:`make_plan`).
 """
 
-from .assign import MemoryCapError
+from .assign import MemoryCapError, lpt
 from .cost import METHODS, CostModel, LayerSpec, cache_path, calibrate, layer_specs
-from .plan import (
-    ASSIGNERS, STRATEGIES, CommBytes, LayerAssignment, Plan, default_strategy, grad_workers_per_layer, make_plan,
-)
+from .plan import STRATEGIES, CommBytes, LayerAssignment, Plan, grad_workers_per_layer
+from .search import ASSIGNERS, default_strategy, make_plan
 
 __all__ = [
     "LayerSpec", "CostModel", "Plan", "LayerAssignment", "CommBytes", "make_plan", "calibrate", "layer_specs",
     "STRATEGIES", "ASSIGNERS", "METHODS", "default_strategy", "grad_workers_per_layer", "MemoryCapError",
-    "cache_path",
+    "cache_path", "lpt",
 ]

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 from .assign import MemoryCapError
 from .cost import METHODS, CostModel, LayerSpec, calibrate, layer_specs
-from .plan import ASSIGNERS, STRATEGIES, Plan, default_strategy, make_plan
+from .plan import STRATEGIES, Plan
+from .search import ASSIGNERS, default_strategy, make_plan
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}

@@ -6,10 +6,8 @@
   ``distribute_layer_factors``, which its eigen variant enables when ``N > #layers``).
 * :func:`kaisa_greedy` -- ``KAISAAssignment.greedy_assignment`` of gpauloski/kfac-pytorch (``kfac/assignment.py``).
 
-KAISA's grad-worker grid (``partition_grad_workers`` / ``partition_grad_receivers``) is :func:`grad_worker_columns`
-and :func:`grad_receiver_rows`: with ``G`` grad workers per layer and ``P = N / G``, ranks form a ``G x P`` grid,
-row-major; the columns ``{c, c+P, ..., c+(G-1)P}`` are the grad-worker groups and the rows
-``{kP, ..., kP+P-1}`` the gradient-receiver groups (each row holds exactly one member of every column).
+These place jobs on ranks and know nothing of plans; :mod:`kfac.planner.search` builds a plan with them, and
+KAISA's grad-worker grid (the groups :func:`kaisa_greedy` takes) is :func:`kfac.planner.plan.grad_worker_columns`.
 
 No function here draws on dict/set iteration order or hashing: ties are broken by rank index, then by name.
 """
@@ -18,9 +16,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-__all__ = [
-    "MemoryCapError", "lpt", "makespan", "round_robin", "kaisa_greedy", "grad_worker_columns", "grad_receiver_rows",
-]
+__all__ = ["MemoryCapError", "lpt", "makespan", "round_robin", "kaisa_greedy"]
 
 
 class MemoryCapError(ValueError):
@@ -142,22 +138,3 @@ def kaisa_greedy(
                 loads[worker] += cost
                 out[i][slot] = worker
     return tuple((a, g) for a, g in out)
-
-
-def grad_worker_columns(world_size: int, grad_workers: int) -> tuple[tuple[int, ...], ...]:
-    """KAISA's grad-worker groups: ``P = N / G`` columns ``(c, c+P, ..., c+(G-1)P)``."""
-    _check_grid(world_size, grad_workers)
-    p = world_size // grad_workers
-    return tuple(tuple(range(c, world_size, p)) for c in range(p))
-
-
-def grad_receiver_rows(world_size: int, grad_workers: int) -> tuple[tuple[int, ...], ...]:
-    """KAISA's gradient-receiver groups: ``G`` rows ``(kP, ..., kP+P-1)``."""
-    _check_grid(world_size, grad_workers)
-    p = world_size // grad_workers
-    return tuple(tuple(range(k * p, k * p + p)) for k in range(grad_workers))
-
-
-def _check_grid(world_size: int, grad_workers: int) -> None:
-    if world_size < 1 or grad_workers < 1 or world_size % grad_workers:
-        raise ValueError(f"grad workers per layer ({grad_workers}) must divide the world size ({world_size})")
