@@ -8,7 +8,8 @@ import json
 import logging
 import sys
 
-from . import _build, info
+from . import _loader
+from .ops import info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "build":
-        config = _build.BuildConfig.default(cuda=args.cuda)
+        config = _loader.BuildConfig.default(cuda=args.cuda)
         try:
-            library = _build.build(config, verbose=args.verbose)
+            library = _loader.build(config, verbose=args.verbose)
         except Exception as exc:  # noqa: BLE001 - report any failure, exit non-zero
             print(f"kfac.ext build failed: {exc}", file=sys.stderr)
             return 1

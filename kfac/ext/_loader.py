@@ -5,8 +5,11 @@ the CUDA kernels) into ``$TORCH_EXTENSIONS_DIR/<tag>`` (default ``~/.cache/torch
 names the Python, torch and CUDA versions, so that environments never share a binary. A successful build leaves a
 stamp (hash of sources and flags) next to the library; a later process loads that library directly, without
 invoking any compiler, when the stamp still matches (:func:`load_prebuilt`). Compilation happens only in
-:func:`build`, i.e. on an explicit request (``kfac.ext.load()``, ``kfac.ext.enable()``, ``python -m kfac.ext build``
-or ``KFAC_BUILD_EXT=1``).
+:func:`build`, i.e. on an explicit request (:func:`load`, :func:`enable`, ``python -m kfac.ext build`` or
+``KFAC_BUILD_EXT=1``).
+
+The process-wide load state (library, last error, CUDA kernels) lives here; :func:`loaded_ops` is what the dispatch
+in :mod:`kfac.ext.ops` asks for the compiled op namespace.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["BuildConfig", "build", "load_prebuilt", "source_dir"]
+__all__ = [
+    "BuildConfig", "build", "build_dir", "build_root", "disabled", "enable", "has_cuda_kernels", "last_error",
+    "library_path", "load", "load_prebuilt", "loaded_ops", "source_dir",
+]
 
 logger = logging.getLogger("kfac")
 
@@ -33,6 +41,8 @@ CUDA_SOURCES = ("cuda_kernels.cu",)
 HEADERS = ("kfac_ext.h",)
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")  # A100, H100; plus whatever GPUs are visible at build time
 
+
+# ---- build configuration and cache layout ---------------------------------------------------------------------------
 
 def source_dir() -> Path | None:
     """Where the C++/CUDA sources are: ``kfac/ext/csrc`` in an installed wheel, ``<repo>/csrc`` in a checkout."""
@@ -99,6 +109,7 @@ def build_root() -> Path:
 
 
 def build_dir(config: BuildConfig, root: Path | None = None) -> Path:
+    """The build folder of ``config`` under ``root`` (default :func:`build_root`)."""
     return (root if root is not None else build_root()) / config.tag
 
 
@@ -109,6 +120,8 @@ def _library(directory: Path) -> Path:
 def _stamp(directory: Path) -> Path:
     return directory / f"{NAME}.stamp.json"
 
+
+# ---- compiling and loading the library ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _quiet_cpp_extension() -> Iterator[None]:
@@ -182,3 +195,123 @@ def build(config: BuildConfig, *, root: Path | None = None, verbose: bool = Fals
                                "cuda_archs": config.cuda_archs}))
     os.replace(tmp, stamp)
     return lib
+
+
+# ---- process-wide load state ----------------------------------------------------------------------------------------
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.attempted = False  # automatic load (prebuilt library, or KFAC_BUILD_EXT) tried in this process
+        self.library: str | None = None
+        self.error: str | None = None
+        self.cuda = False
+
+
+_state = _State()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def disabled() -> bool:
+    """Whether ``KFAC_DISABLE_EXT`` forces the PyTorch path (read on every call)."""
+    return _env_flag("KFAC_DISABLE_EXT")
+
+
+def library_path() -> str | None:
+    """The loaded library's path, or ``None`` while the extension is not loaded."""
+    return _state.library
+
+
+def last_error() -> str | None:
+    """One-line summary of the last failed build or load in this process, if any."""
+    return _state.error
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded library includes the CUDA kernels."""
+    return _state.cuda
+
+
+def _summarise(exc: BaseException) -> str:
+    """One line for the log: the exception's first line; for a failed compilation, the first compiler diagnostic
+    (an "error" line, else the first line that is not a build command)."""
+    lines = [line.strip() for line in (str(exc) or type(exc).__name__).splitlines() if line.strip()]
+    head = lines[0]
+    if not head.startswith("Error building extension"):
+        return head[:300]
+    head = head.split(": [", 1)[0]
+    output = [line for line in lines[1:] if not line.startswith(("[", "FAILED:", "ninja:")) and " -c " not in line]
+    detail = next((line for line in output if "error" in line.lower()), output[0] if output else None)
+    return f"{head}: {detail[:240]}" if detail else head
+
+
+def _registered(path: Any) -> None:
+    _state.library = str(path)
+    _state.error = None
+    _state.cuda = "cuda=yes" in torch.ops.kfac_ext.build_info()
+
+
+def load(*, cuda: bool | None = None, verbose: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+         raise_errors: bool = False) -> bool:
+    """Compile (if needed) and load the extension; ``True`` once it is loaded. A failed build is logged once and
+    not retried in this process (unless ``raise_errors``).
+
+    Args:
+        cuda: include the CUDA kernels (default: whether CUDA is usable here).
+        verbose: show the compiler commands and output.
+        cache_dir: where build folders live (default ``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``).
+        raise_errors: raise on failure instead of logging it and keeping the PyTorch fallback.
+    """
+    with _state.lock:
+        if _state.library is not None:
+            return True
+        if _state.error is not None and not raise_errors:
+            return False
+        if disabled():
+            if raise_errors:
+                raise RuntimeError("kfac.ext: the extension is disabled by KFAC_DISABLE_EXT")
+            logger.info("kfac: C++ extension disabled by KFAC_DISABLE_EXT; using the PyTorch fallback")
+            return False
+        _state.attempted = True
+        root = None if cache_dir is None else Path(cache_dir)
+        try:
+            _registered(build(BuildConfig.default(cuda=cuda), verbose=verbose, root=root))
+            return True
+        except Exception as exc:  # any build/load failure means: use the fallback
+            _state.error = _summarise(exc)
+            if raise_errors:
+                raise
+            logger.warning("kfac: C++ extension unavailable, using the PyTorch fallback: %s "
+                           "(details: python -m kfac.ext build --verbose)", _state.error)
+            return False
+
+
+def enable(**kwargs: Any) -> bool:
+    """Opt in to the extension: :func:`load` (same arguments); ``True`` once it is loaded."""
+    return load(**kwargs)
+
+
+def loaded_ops() -> Any | None:
+    """``torch.ops.kfac_ext`` when the extension is loaded (loading a current prebuilt library, or building when
+    ``KFAC_BUILD_EXT=1``, on the first call), else ``None``. Honours ``KFAC_DISABLE_EXT`` on every call."""
+    if disabled():
+        return None
+    if _state.library is None and not _state.attempted:
+        with _state.lock:
+            if not _state.attempted:
+                if _env_flag("KFAC_BUILD_EXT"):
+                    load()
+                else:
+                    _state.attempted = True
+                    try:
+                        path = load_prebuilt(BuildConfig.default())
+                        if path is not None:
+                            _registered(path)
+                    except Exception as exc:  # noqa: BLE001 - a broken cache entry must not break training
+                        _state.error = _summarise(exc)
+                        logger.warning("kfac: could not load the prebuilt C++ extension, using the PyTorch "
+                                       "fallback: %s", _state.error)
+    return torch.ops.kfac_ext if _state.library is not None else None
