@@ -1,6 +1,16 @@
-"""Influence functions on the factor store (see :mod:`kfac.influence.analyzer` for the math and conventions)."""
+"""Influence functions on the factor store (see :mod:`kfac.influence.analyzer` for the math and conventions).
 
-from .analyzer import InfluenceAnalyzer, InfluenceArguments, TopK
+Layout: :mod:`~kfac.influence.analyzer` (:class:`InfluenceAnalyzer`, the composing class: set-up and the public
+methods) over :mod:`~kfac.influence.arguments` (settings), :mod:`~kfac.influence.passes` (batches and per-example
+rows), :mod:`~kfac.influence.fitting` (factors, ``Lambda``, M-FAC gradients), :mod:`~kfac.influence.scoring`
+(preconditioning, query gradients, score assembly) and :mod:`~kfac.influence.persistence` (save/load,
+:func:`weights_digest`); :mod:`~kfac.influence.task` and :mod:`~kfac.influence.gradients` are the leaves.
+"""
+
+from .analyzer import InfluenceAnalyzer
+from .arguments import InfluenceArguments
+from .persistence import weights_digest
+from .scoring import TopK
 from .task import ClassificationTask, Task
 
-__all__ = ["InfluenceAnalyzer", "InfluenceArguments", "TopK", "Task", "ClassificationTask"]
+__all__ = ["ClassificationTask", "InfluenceAnalyzer", "InfluenceArguments", "Task", "TopK", "weights_digest"]
