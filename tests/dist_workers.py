@@ -244,7 +244,7 @@ def influence(rank: int, world: int, out: Path, method: str) -> dict:
     self_scores = an.self_scores(train)
     if rank == 0:
         torch.save({"scores": scores, "self": self_scores}, out / f"influence_{method}.pt")
-    return {"bytes": an._pre.bytes_communicated}
+    return {"bytes": an.bytes_communicated}
 
 
 def influence_problem():

@@ -163,6 +163,11 @@ class InfluenceAnalyzer:
         return self._pre.layers
 
     @property
+    def bytes_communicated(self) -> dict[str, int]:
+        """This rank's share of the bytes fitting and scoring put on the wire, by category."""
+        return self._pre.bytes_communicated
+
+    @property
     def store(self) -> FactorStore:
         """The factor store (factors, eigenbases and ``Lambda`` of "ekfac"/"kfac" after :meth:`fit`)."""
         return self._pre.store
