@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from _helpers import float64_default, single_thread  # noqa: F401
+from helpers import float64_default, single_thread  # noqa: F401
 from kfac.influence import ClassificationTask, InfluenceAnalyzer, weights_digest
 from kfac.kronecker.methods import EigenCorrectedKFAC
 from kfac.modules import Conv2dAdapter, LinearAdapter

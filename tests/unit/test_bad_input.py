@@ -13,8 +13,8 @@ from torch import nn
 
 import kfac
 
-from _helpers import batch as _batch, mlp as _mlp, single_thread  # noqa: F401  (autouse fixture)
-from _helpers import grad_matrix as _gmat, loss as _loss, train as _train
+from helpers import batch as _batch, mlp as _mlp, single_thread  # noqa: F401  (autouse fixture)
+from helpers import grad_matrix as _gmat, loss as _loss, train as _train
 
 FLOAT64 = torch.float64
 

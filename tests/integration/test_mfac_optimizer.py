@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from torch import nn
 import kfac
 
 import mfac_workers as W
-from _helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
+from helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 from dist_workers import launch
 
 F64 = torch.float64
@@ -473,7 +471,6 @@ DIGITS_MARGIN = 0.7
 @pytest.fixture(scope="module")
 def digits():
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import _digits
 
     return _digits, _digits.load_data()

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from _digits import DigitsData, RunResult, load_data, train  # noqa: E402
 

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CIFAR = EXAMPLES / "torch_cifar10_resnet.py"
 IMAGENET = EXAMPLES / "torch_imagenet_resnet.py"
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 import kfac
-from _helpers import float64_default  # noqa: F401
+from helpers import float64_default  # noqa: F401
 from kfac.modules import Conv2dAdapter
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kfac
-from _helpers import float64_default, single_thread  # noqa: F401
+from helpers import float64_default, single_thread  # noqa: F401
 from kfac.influence import ClassificationTask, InfluenceAnalyzer, Task
 
 F64 = dict(factor_dtype=torch.float64, score_dtype=torch.float64, progress=False)

@@ -15,7 +15,7 @@ from test_distributed import reference
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
               pytest.mark.timeout(300)]
 
-SCRIPT = Path(__file__).with_name("torchrun_train.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "torchrun_train.py"
 
 
 def torchrun(nproc: int, *args: str) -> None:

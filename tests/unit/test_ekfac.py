@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kfac
-from _helpers import float64_default, single_thread  # noqa: F401
+from helpers import float64_default, single_thread  # noqa: F401
 
 EXACT = dict(factor_decay=0.0, correction_decay=0.0, kl_clip=None, factor_dtype=torch.float64)
 

@@ -20,7 +20,7 @@ from kfac.planner import (
 from kfac.planner.assign import kaisa_greedy, lpt, makespan, round_robin
 from kfac.planner.plan import grad_receiver_rows, grad_worker_columns
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLANNER_DIR = ROOT / "kfac" / "planner"
 UNIT = CostModel(c_eig=1.0, c_inv=1.0, c_mm=0.0)  # decomposition of d costs d^3 seconds, preconditioning is free
 

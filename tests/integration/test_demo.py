@@ -20,7 +20,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tensorboard")
 pytest.importorskip("matplotlib")
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

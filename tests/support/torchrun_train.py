@@ -6,16 +6,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).parent))
 import kfac  # noqa: E402
-import dist_workers as W  # noqa: E402
+import dist_workers as W  # the script's own folder is on sys.path
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import ast
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "kfac"
+ROOT = Path(__file__).resolve().parents[2] / "kfac"
 MODULES = sorted(p for p in ROOT.rglob("*.py"))
 MAX_LINES = 520
 

@@ -15,7 +15,7 @@ import torch
 
 from kfac import ext
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IMPLS = ["torch", "extension"]
 DTYPES = [torch.float32, torch.float64]
 DIMS = [1, 7, 129, 257]  # 129, 257: not multiples of the CPU row block (64) nor of the mirror tile (64)
