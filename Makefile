@@ -23,10 +23,12 @@ demo-digits: $(STAMP)
 	$(PY) examples/digits_demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check kfac tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/step_overhead.py --profile
+	$(PY) benchmarks/cpu/step_overhead.py --profile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,13 +16,14 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kfac", "kfac.*"]) + ["kfac.ext.csrc"],
     package_dir={"kfac.ext.csrc": "csrc"},  # the optional extension's sources ship inside the wheel: kfac/ext/csrc/
-    package_data={"kfac.ext.csrc": ["*.h", "*.cpp", "*.cu"]},
+    package_data={"kfac.ext.csrc": ["*.h", "*.cpp", "*.cu"], "kfac": ["py.typed"]},
     python_requires=">=3.9",
     # safetensors: atomic, zero-copy factor files; tqdm: progress bars of influence fitting/scoring
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require={
         "examples": ["torchvision", "tensorboard", "tqdm", "matplotlib", "scikit-learn"],
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard"],
+        # ruff and mypy run in `make test`: the layout and type rules are checked with the tests
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard", "ruff", "mypy"],
     },
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -1,11 +1,22 @@
-"""Pieces the benchmark scripts share: the model, synthetic data, schedule arithmetic and machine information."""
+"""Pieces the benchmark scripts share: the model, synthetic data, schedule arithmetic, machine information and
+how results are written (a compact summary JSON, the raw data only on request, a palette PNG).
+
+Layout: ``benchmarks/cpu/`` holds the benchmarks that run (and were measured) on CPU, ``benchmarks/gpu/`` those
+that need a CUDA device; each folder's ``results/`` holds what is committed from them. Every script runs as
+``python benchmarks/<cpu|gpu>/<name>.py`` from anywhere (it puts the repository root on ``sys.path`` itself and
+imports this module as ``benchmarks.common``), or as ``python -m benchmarks.<cpu|gpu>.<name>`` from the root.
+"""
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
+import io
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +88,90 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# outputs: a compact summary JSON (committed), the raw data only on request, a palette PNG
+# ----------------------------------------------------------------------------------------------------------
+RawKey = Sequence[str]
+"""A path of keys to raw data inside a result record, ``"*"`` standing for every key of a dict / item of a list;
+e.g. ``("report", "*", "seed_runs")``."""
+
+
+def add_raw_argument(parser: Any, stem_help: str) -> None:
+    """``--raw [PATH]``: also write the complete record (the summary plus the raw data) to PATH (default, for a
+    bare ``--raw``: ``<out-dir>/<stem>.raw.json``, git-ignored like every ``*.raw.json``)."""
+    parser.add_argument("--raw", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="also write the complete record, with the raw data the summary JSON leaves out "
+                             f"(default PATH: <out-dir>/{stem_help}.raw.json; git-ignored). --quick outputs always "
+                             "keep the raw data in their JSON")
+
+
+def _drop(node: Any, path: Sequence[str]) -> None:
+    if not path:
+        return
+    head, rest = path[0], path[1:]
+    if head == "*":
+        children: Iterable[Any] = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            _drop(child, rest)
+    elif isinstance(node, dict) and head in node:
+        if rest:
+            _drop(node[head], rest)
+        else:
+            del node[head]
+
+
+def summary_of(record: dict[str, Any], raw_keys: Iterable[RawKey]) -> dict[str, Any]:
+    """A deep copy of ``record`` without the raw data at ``raw_keys``, noting what was left out and how to get it."""
+    keys = [tuple(k) for k in raw_keys]
+    out = copy.deepcopy(record)
+    for k in keys:
+        _drop(out, k)
+    out["raw_data"] = {"omitted": [".".join(k) for k in keys],
+                       "how": "rerun with --raw [PATH] to also write the complete record"}
+    return out
+
+
+def write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
+    """Write ``data`` as JSON (plus a newline) atomically: a ``.tmp`` sibling, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, **dumps_kwargs) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(json_path: Path, record: dict[str, Any], raw_keys: Iterable[RawKey], *, raw: str | None,
+                  embed_raw: bool, **dumps_kwargs: Any) -> dict[str, Any]:
+    """Write the result JSON of a benchmark run and return what went into it.
+
+    The JSON is the summary (``record`` less ``raw_keys``, see :func:`summary_of`) unless ``embed_raw`` (``--quick``
+    smoke runs, never committed, whose raw data the tests check), when it is the complete record. ``raw`` (the
+    ``--raw`` argument: None, ``"auto"`` or a path) also writes the complete record there."""
+    keys = [tuple(k) for k in raw_keys]
+    written = record if embed_raw or not keys else summary_of(record, keys)
+    write_json(json_path, written, **dumps_kwargs)
+    print(f"wrote {json_path}", flush=True)
+    if raw is not None:
+        raw_path = json_path.with_suffix(".raw.json") if raw == "auto" else Path(raw)
+        write_json(raw_path, record, **dumps_kwargs)
+        print(f"wrote {raw_path} (complete record, raw data included)", flush=True)
+    return written
+
+
+def save_png(fig: Any, path: Path, dpi: int) -> None:
+    """``fig.savefig(path, dpi=dpi)``, stored as a 256-colour palette PNG (about a third of the bytes of matplotlib's
+    RGBA, visually the same for these plots); plain ``savefig`` when Pillow is missing."""
+    try:
+        from PIL import Image
+    except ImportError:
+        fig.savefig(path, dpi=dpi)
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        quantised = im.convert("RGB").quantize(colors=256, method=getattr(Image, "Quantize", Image).MEDIANCUT)
+    quantised.save(path, format="PNG", optimize=True)

@@ -17,11 +17,11 @@ M-FAC) exposes its curvature ``C`` over named *blocks* (tracked modules, keyed b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["Blocks", "Preconditioner", "as_named_blocks", "flatten_blocks", "unflatten_blocks"]
 
@@ -40,7 +40,7 @@ class Preconditioner(Protocol):
 
     def block_shapes(self) -> dict[str, tuple[int, ...]]: ...
 
-    def parameters_of(self) -> dict[str, list[nn.Parameter]]: ...
+    def parameters_of(self) -> Mapping[str, Sequence[Tensor]]: ...
 
     def untrack(self, names: Iterable[str], reason: str) -> list[str]: ...
 
@@ -103,7 +103,7 @@ def as_named_blocks(grads: Blocks, shapes: Mapping[str, tuple[int, ...]], *, wha
     blocks ``kind``) otherwise. Give the result back in the input's form with
     ``flatten_blocks(out, shapes) if flat else out``."""
     flat = isinstance(grads, Tensor)
-    named = unflatten_blocks(grads, shapes) if flat else dict(grads)
+    named = unflatten_blocks(grads, shapes) if isinstance(grads, Tensor) else dict(grads)
     unknown = [n for n in named if n not in shapes]
     if unknown:
         raise ValueError(f"{what}: unknown {kind} {unknown}; tracked {kind} are {list(shapes)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from collections.abc import Iterable, Mapping
-from typing import Callable, Union
+from typing import Callable, Literal, Union, overload
 
 import torch
 
@@ -43,6 +43,14 @@ def schedule_token(values: Iterable[object]) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
+@overload
+def check_positive(value: float | None, *, name: str, allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def check_positive(value: float | None, *, name: str, allow_none: bool) -> float | None: ...
+
+
 def check_positive(value: float | None, *, name: str, allow_none: bool = False) -> float | None:
     """``value`` as a float if it is a finite positive number (or ``None`` when allowed); ``ValueError`` otherwise."""
     if value is None and allow_none:
@@ -52,7 +60,7 @@ def check_positive(value: float | None, *, name: str, allow_none: bool = False) 
     return float(value)
 
 
-def check_step_count(value: int, *, name: str) -> int:
+def check_step_count(value: object, *, name: str) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

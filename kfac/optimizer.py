@@ -16,6 +16,7 @@ from torch import nn
 from .curvature import Preconditioner
 from ._tensor import all_finite
 from .kronecker.preconditioner import KFACPreconditioner
+from .kronecker.store import FactorStore
 
 __all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC", "MFAC"]
 
@@ -50,9 +51,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                                 for p in params}
 
     @property
-    def store(self):
+    def store(self) -> FactorStore:
         """The factor store (:class:`kfac.FactorStore`)."""
-        return self.preconditioner.store
+        # K-FAC / EK-FAC only, so not in the Preconditioner protocol (M-FAC raises AttributeError): duck-typed
+        store: FactorStore = getattr(self.preconditioner, "store")
+        return store
 
     def _layer_lrs(self) -> dict[str, float]:
         lrs: dict[str, float] = {}
@@ -63,7 +66,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     lrs[name] = float(group["lr"])
         return lrs
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Precondition the tracked gradients, then call the base optimizer's ``step``."""
         loss = None
         if closure is not None:
@@ -91,7 +94,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                       "preconditioned (build the wrapper after the model and its param groups are final)",
                       stacklevel=2)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus K-FAC's state under the key ``"kfac"``. Never communicates: under
         a sharded plan K-FAC's part is this rank's shard (see :meth:`consolidated_state_dict`)."""
         state = self.optimizer.state_dict()
@@ -105,7 +108,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         state["kfac"] = self.preconditioner.consolidated_state_dict()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         if "kfac" not in state:
             raise ValueError(f"state dict has no 'kfac' entry: it was not saved by kfac.{type(self).__name__}"

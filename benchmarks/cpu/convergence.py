@@ -30,13 +30,15 @@ alike; reported are the median, min and max steps and wall time to target over t
 reached it, and the ratios of the medians to SGD's. Issue 7's goal: K-FAC <= 0.6x SGD's steps and <= 0.8x its wall
 time.
 
-Writes ``benchmarks/results/convergence.json`` (every run of the sweep and of the report, plus machine information
-and load) and ``convergence.png`` (median test accuracy over the report seeds vs step and vs training wall time, per
-optimizer at its chosen lr, with the target line). ``--quick``: a 2-point grid, 1 sweep seed, 1 report seed and 60
-steps, target 0.9, writing ``convergence_quick.*``. The full run takes about 2.5 minutes on 2 CPU cores (quick: ~10 s).
+Writes ``benchmarks/cpu/results/convergence.json`` (settings, machine information and load, the sweep's score per
+lr and the report's medians and ratios; ``--raw [PATH]`` also writes the complete record: every run of the sweep
+and of the report with its accuracy curve, and the median curves) and ``convergence.png`` (median test accuracy over
+the report seeds vs step and vs training wall time, per optimizer at its chosen lr, with the target line).
+``--quick``: a 2-point grid, 1 sweep seed, 1 report seed and 60 steps, target 0.9, writing ``convergence_quick.*``
+(runs and curves included). The full run takes about 2.5 minutes on 2 CPU cores (quick: ~10 s).
 
-    python benchmarks/convergence.py [--quick] [--threads 1] [--target 0.96] [--max-steps 400] [--seeds 3,4,5,6,7]
-    python benchmarks/convergence.py --batch-size 256 --kfac-kl-clip 1e-2   # the large-batch run of the README
+    python benchmarks/cpu/convergence.py [--quick] [--threads 1] [--target 0.96] [--max-steps 400] [--seeds 3,4,5,6,7]
+    python benchmarks/cpu/convergence.py --batch-size 256 --kfac-kl-clip 1e-2   # the large-batch run of the README
 
 ``--batch-size`` other than 64 writes ``convergence_b<size>.*`` and scales every lr grid by ``sqrt(size / 64)``;
 ``--kfac-kl-clip`` / ``--kfac-damping`` replace the K-FAC family's kl_clip / damping.
@@ -45,7 +47,6 @@ steps, target 0.9, writing ``convergence_quick.*``. The full run takes about 2.5
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -57,15 +58,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _common import REPO_ROOT, machine_info  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+from benchmarks.common import add_raw_argument, machine_info, save_png, write_results  # noqa: E402
 from _digits import KFAC_DEFAULTS, DigitsData, batch_indices, evaluate, load_data, make_model  # noqa: E402
 from _digits import make_optimizer as make_digits_optimizer  # noqa: E402
 
 import kfac  # noqa: E402
 
-RESULTS = REPO_ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
+RAW_KEYS: tuple[tuple[str, ...], ...] = (("sweep", "*", "entries", "*", "seed_runs"), ("report", "*", "seed_runs"),
+                                         ("report", "*", "median_curve"))
+"""Left out of the summary JSON (``--raw`` keeps them): every run and the curves the PNG draws."""
 OPTIMIZERS = ("sgd", "adam", "kfac-eigen", "kfac-inverse", "ekfac", "mfac")
 LABELS = {"sgd": "SGD (momentum 0.9)", "adam": "Adam", "kfac-eigen": "K-FAC eigen", "kfac-inverse": "K-FAC inverse",
           "ekfac": "EK-FAC", "mfac": "M-FAC (m=32)"}
@@ -114,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"damping of the K-FAC family (default {KFAC_SETTINGS['damping']})")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where convergence[_quick].{json,png} go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_raw_argument(p, "convergence[_b<size>][_quick]")
     a = p.parse_args(argv)
     a.target = a.target if a.target is not None else (0.9 if a.quick else 0.96)
     a.max_steps = a.max_steps or (60 if a.quick else 400)
@@ -257,7 +264,7 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     fig.suptitle(f"digits CNN, batch {result['config']['batch_size']}, {m['threads']} thread(s), {m['cpu_model']}; "
                  f"seeds {result['config']['seeds']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -345,8 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = ("convergence" + (f"_b{args.batch_size}" if args.batch_size != BATCH_SIZE else "")
             + ("_quick" if args.quick else ""))
     json_path = args.out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=1, allow_nan=False, default=_json_default) + "\n")
-    print(f"wrote {json_path}")
+    write_results(json_path, result, RAW_KEYS, raw=args.raw, embed_raw=args.quick, indent=1, allow_nan=False,
+                  default=_json_default)
     if not args.no_plot:
         png = args.out_dir / f"{stem}.png"
         plot(png, result)

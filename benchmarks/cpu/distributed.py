@@ -5,14 +5,14 @@ Part (a), "real" -- what is measured
     one produced the numbers, under ``launcher``):
 
     * ``torchrun`` (default): the script re-executes itself as ``python -m torch.distributed.run --standalone
-      --nproc-per-node=N --max-restarts=0 --monitor-interval=1 benchmarks/distributed.py <same args>`` (env
+      --nproc-per-node=N --max-restarts=0 --monitor-interval=1 benchmarks/cpu/distributed.py <same args>`` (env
       ``GLOO_SOCKET_IFNAME=lo``, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``; the whole launch is
       killed ``--deadline`` + 120 s after it starts). Detecting torchrun (``TORCHELASTIC_RUN_ID``/``LOCAL_RANK``),
       each rank does ``init_process_group("gloo", timeout=--collective-timeout)`` from ``env://``, runs the
       benchmark, the reports are all-gathered (``all_gather_object``) and rank 0 summarises, prints and writes
       JSON/PNG; the other ranks exit quietly. Each rank aborts itself (exit 124) after ``--deadline`` seconds, and
       torchrun then stops the others, so a hang fails instead of blocking. The same path runs when a user starts
-      ``torchrun --standalone --nproc-per-node=4 benchmarks/distributed.py`` directly (then ``--world-size`` is
+      ``torchrun --standalone --nproc-per-node=4 benchmarks/cpu/distributed.py`` directly (then ``--world-size`` is
       ignored: the world is torchrun's).
     * ``spawn``: this process spawns the ranks itself (``torch.multiprocessing``, one fresh FileStore per launch,
       a collective timeout and a join deadline), collects their reports from files and summarises.
@@ -83,21 +83,23 @@ Caveats
       2 GB of factors and decompositions per rank for ResNet-18).
 
 Part (b), "at scale"
-    A short summary of ``benchmarks/results/planner_scale.json`` (produced by ``benchmarks/planner_scale.py``,
+    A short summary of ``benchmarks/cpu/results/planner_scale.json`` (produced by ``benchmarks/cpu/planner_scale.py``,
     the planner's cost model, not measured): dp-kfac/comm-opt bytes per step and makespan / lower bound for
     ResNet-50 at N = 8, 64, 256, and the comm-opt/dp-kfac communication and computation ratios at N = 64 next to
     the DP-KFAC paper's 2.79-3.15x and 1.55-1.65x. Nothing is recomputed here.
 
-Outputs: a table on stdout, ``<out-dir>/distributed.json`` (launcher, machine info and load, settings, raw per-step
-times per rank, bytes per rank and category, memory, plans) and ``<out-dir>/distributed.png``. ``--quick`` (tiny
-CNN, ``I=2``, a few seconds) writes ``distributed_quick.{json,png}`` instead, leaving the real results alone. The
-results in ``benchmarks/results/`` were produced by the default torchrun launcher (re-executed by this script; see
+Outputs: a table on stdout, ``<out-dir>/distributed.json`` (default ``<out-dir>``: ``benchmarks/cpu/results``;
+launcher, machine info and load, settings, per configuration the step-time statistics, bytes by category measured
+and predicted, memory per rank and the plan; ``--raw [PATH]`` also writes the complete record with every timed step
+and each rank's raw report) and ``<out-dir>/distributed.png``. ``--quick`` (tiny CNN, ``I=2``, a few seconds) writes
+``distributed_quick.{json,png}`` (raw data included) instead, leaving the real results alone. The results in
+``benchmarks/cpu/results/`` were produced by the default torchrun launcher (re-executed by this script; see
 ``launcher`` in the JSON); earlier versions of this benchmark used the spawn launcher.
 
-    python benchmarks/distributed.py                    # ResNet-18 via torchrun, ~5 minutes on an idle 2-core machine
-    python benchmarks/distributed.py --quick            # smoke test
-    python benchmarks/distributed.py --launcher spawn   # the same, ranks spawned by torch.multiprocessing
-    torchrun --standalone --nproc-per-node=4 benchmarks/distributed.py   # what the default launcher runs
+    python benchmarks/cpu/distributed.py                   # ResNet-18 via torchrun, ~5 minutes on an idle 2-core VM
+    python benchmarks/cpu/distributed.py --quick           # smoke test
+    python benchmarks/cpu/distributed.py --launcher spawn  # the same, ranks spawned by torch.multiprocessing
+    torchrun --standalone --nproc-per-node=4 benchmarks/cpu/distributed.py   # what the default launcher runs
 """
 
 from __future__ import annotations
@@ -126,13 +128,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from _common import IMAGE, build_model, count_events, machine_info, make_batches
+from benchmarks.common import (IMAGE, add_raw_argument, build_model, count_events, machine_info,  # noqa: E402
+                               make_batches, save_png, write_results)
 
-import kfac
+import kfac  # noqa: E402
 
 SGD_KWARGS: dict[str, float] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 KFAC_KWARGS: dict[str, float] = {"damping": 1e-3}  # factor_decay, kl_clip: kfac defaults (0.95, 1e-3)
@@ -146,6 +149,11 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
 }
 PLAN_CATEGORIES: dict[str, str] = {  # bytes_sent category -> Plan.comm field
     "factors": "factor_reduction", "decompositions": "decomposition_broadcast", "gradients": "gradient_broadcast"}
+RESULTS = Path(__file__).resolve().parent / "results"
+RAW_KEYS: tuple[tuple[str, ...], ...] = (("summary", "*", "step_ms"), ("summary", "*", "window_seconds"),
+                                         ("summary", "*", "refresh_step_ms_all"), ("raw_per_rank",))
+"""Left out of the summary JSON (``--raw`` keeps them): every timed step and window, each rank's raw report.
+``--replot`` needs none of them."""
 
 
 def byte_unit(largest: float) -> tuple[str, float]:
@@ -544,9 +552,9 @@ def format_tables(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 def at_scale_summary(path: Path, model: str = "resnet50", world_sizes: tuple[int, ...] = (8, 64, 256)
                      ) -> tuple[dict[str, Any] | None, str]:
-    pointer = "(planner cost model, not measured; recompute with: python benchmarks/planner_scale.py)"
+    pointer = "(planner cost model, not measured; recompute with: python benchmarks/cpu/planner_scale.py)"
     if not path.exists():
-        return None, f"Part (b): {path} not found; run python benchmarks/planner_scale.py to produce it."
+        return None, f"Part (b): {path} not found; run python benchmarks/cpu/planner_scale.py to produce it."
     data = json.loads(path.read_text())
     ratios: dict[int, dict[int, float]] = {}
     for r in data.get("dp_over_comm_opt_bytes_fu1", []):
@@ -569,7 +577,7 @@ def at_scale_summary(path: Path, model: str = "resnet50", world_sizes: tuple[int
             continue
         lines.append(f"  {n:>5d} " + " ".join(f"{ratios.get(n, {}).get(i, float('nan')):13.3f}" for i in ius) + " "
                      + " ".join(f"{imb.get(n, {}).get(s, float('nan')):16.3f}" for s in strategies))
-    summary = {"source": str(path), "model": model, "note": pointer,
+    summary = {"source": str(shown), "model": model, "note": pointer,
                "cost_model": (data.get("cost_model") or {}).get("source"),
                "fu_iu_of_rows": [data.get("factor_update_steps"), data.get("inv_update_steps")],
                "dp_over_comm_opt_bytes_fu1": {str(n): {str(i): v for i, v in d.items()} for n, d in ratios.items()},
@@ -674,7 +682,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -739,7 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--replot", action="store_true",
                    help="only print the tables and redraw the PNG from the existing JSON (with --quick: the quick one)")
-    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    add_raw_argument(p, "distributed[_quick]")
     p.add_argument("--scale-json", type=Path, default=None,
                    help="planner_scale results for part (b) (default <out-dir>/planner_scale.json)")
     args = p.parse_args(argv)
@@ -851,10 +860,8 @@ def finish(args: argparse.Namespace, settings: dict[str, Any], info: dict[str, A
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"distributed{suffix}.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    os.replace(tmp, json_path)
-    log(f"\nwrote {json_path}")
+    log("")
+    write_results(json_path, result, RAW_KEYS, raw=args.raw, embed_raw=args.quick, indent=1, default=str)
     if not args.no_plot:
         png_path = args.out_dir / f"distributed{suffix}.png"
         plot(rows, png_path, title=plot_title(result))
@@ -865,7 +872,7 @@ def finish(args: argparse.Namespace, settings: dict[str, Any], info: dict[str, A
 def spawn_main(args: argparse.Namespace) -> int:
     """``--launcher spawn``: this process spawns the ranks (torch.multiprocessing) and summarises."""
     launcher = {"name": "spawn", "how": "torch.multiprocessing.start_processes(start_method='spawn'), FileStore "
-                "rendezvous, started by benchmarks/distributed.py"}
+                "rendezvous, started by benchmarks/cpu/distributed.py"}
     settings, info = prepare(args, args.world_size, launcher)
     t0 = time.monotonic()
     reports = launch(args.world_size, settings, args.deadline)
@@ -940,7 +947,7 @@ def torchrun_rank_main(args: argparse.Namespace) -> int:
         launcher = {
             "name": "torchrun",
             "how": ("python -m torch.distributed.run --standalone (c10d rendezvous, env://), "
-                    + ("re-executed by benchmarks/distributed.py --launcher torchrun"
+                    + ("re-executed by benchmarks/cpu/distributed.py --launcher torchrun"
                        if os.environ.get("KFAC_BENCH_RELAUNCHED") == "1" else "invoked directly by the user")),
             "relaunched_by_script": os.environ.get("KFAC_BENCH_RELAUNCHED") == "1",
             "run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "world_size": world,

@@ -12,9 +12,10 @@ of the repeats is reported (and the minimum, the better estimate on a busy machi
 Sizes: ``d`` in {256, 1152, 2304, 4608} and ``rows`` in {256, 4096}, float32, CPU (and CUDA when available); then
 small problems (``d`` in {64, 128, 192}, ``rows`` in {32, 256, 2048}) that locate the sizes from which
 ``kfac.ext.PREFERRED`` uses the extension.
-Writes ``benchmarks/results/fused_ops.json`` and ``fused_ops.png`` (``--quick``: small sizes, ``fused_ops_quick.*``).
+Writes ``benchmarks/cpu/results/fused_ops.json`` (settings, machine, the median/min ms and ratios of every case, and
+their summary per op; no per-repeat timings) and ``fused_ops.png`` (``--quick``: small sizes, ``fused_ops_quick.*``).
 
-    python benchmarks/fused_ops.py --threads 2
+    python benchmarks/cpu/fused_ops.py --threads 2
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, machine_info
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.common import machine_info, save_png  # noqa: E402
 
-from kfac import ext
+from kfac import ext  # noqa: E402
 
-RESULTS = REPO_ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 0.6  # issue 6: "factor update + pack" on CPU at <= 0.6x the PyTorch time
 DAMPING = 1e-3
 
@@ -258,7 +261,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         row[0].set_ylabel("ext / PyTorch time (lower is better)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -34,18 +34,19 @@ every layer) is reported separately; its LDS uses the same subset models.
 Reference only: kronfluence reports EK-FAC LDS of about 0.32 (RTE, BERT) and 0.44 (WikiText-2, GPT-2), as quoted in
 issue 5 -- other tasks, models, measurements and retraining noise; not comparable with the numbers here.
 
-Writes ``benchmarks/results/influence.json`` and ``influence.png`` (``--quick``: 10 subsets, 20 queries, a
+Writes ``benchmarks/cpu/results/influence.json`` and ``influence.png`` (``--quick``: 10 subsets, 20 queries, a
 two-point sweep, ``influence_quick.*``; ``--model cnn``: ``influence_cnn*``, 40 subsets by default since each CNN
-takes ~10x longer to retrain than the MLP); ``--out-dir`` puts them elsewhere. The default (MLP) run takes about
-1-2 minutes on 2 CPU cores.
+takes ~10x longer to retrain than the MLP); ``--out-dir`` puts them elsewhere. The JSON is the summary (settings,
+machine, model, per-method LDS, timings, memory, paired differences, damping sweep); ``--raw [PATH]`` also writes
+the complete record with the per-query LDS, every timing repeat and the query indices (``--quick`` keeps them in its
+JSON). The default (MLP) run takes about 1-2 minutes on 2 CPU cores.
 
-    python benchmarks/influence.py [--quick] [--threads 1] [--model mlp|cnn] [--subsets 100] [--queries 100]
+    python benchmarks/cpu/influence.py [--quick] [--threads 1] [--model mlp|cnn] [--subsets 100] [--queries 100]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -58,15 +59,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _common import REPO_ROOT, machine_info  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+from benchmarks.common import add_raw_argument, machine_info, save_png, write_results  # noqa: E402
 from _digits import load_data  # noqa: E402
 from _digits import make_model as make_cnn  # noqa: E402
 
 from kfac.influence import ClassificationTask, InfluenceAnalyzer  # noqa: E402
 
-RESULTS = REPO_ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
+RAW_KEYS: tuple[tuple[str, ...], ...] = (("methods", "*", "lds_per_query"), ("methods", "*", "fit_s_all"),
+                                         ("methods", "*", "score_s_all"), ("queries", "test_indices"))
+"""Left out of the summary JSON (``--raw`` keeps them): per-query LDS, every timing repeat, which test examples."""
 METHODS = ("identity", "kfac", "ekfac", "mfac")
 SWEEP_METHODS = ("kfac", "ekfac", "mfac")  # identity ignores damping
 REFERENCE = {
@@ -101,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (tiny matrices: on a shared 2-core machine 2 threads mostly add waiting)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where influence[_quick].{json,png} go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_raw_argument(p, "influence[_cnn][_quick]")
     a = p.parse_args(argv)
     a.subsets = a.subsets or ((10 if a.quick else 100) if a.model == "mlp" else (4 if a.quick else 40))
     a.queries = a.queries or (20 if a.quick else 100)
@@ -325,7 +332,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"influence on digits: {results['model']['description']}, {cfg['queries']} queries, "
                  f"{results['machine']['cpu_model']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -439,10 +446,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "influence" + ("_cnn" if args.model == "cnn" else "") + ("_quick" if args.quick else "")
     json_path = args.out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(results, indent=1))
+    write_results(json_path, results, RAW_KEYS, raw=args.raw, embed_raw=args.quick, indent=1)
     if not args.no_plot:
         plot(results, args.out_dir / f"{stem}.png")
-    print(f"wrote {json_path}{'' if args.no_plot else ' and ' + stem + '.png'} ({time.perf_counter() - t0:.1f}s)")
+        print(f"wrote {args.out_dir / (stem + '.png')}")
+    print(f"({time.perf_counter() - t0:.1f}s)")
     return results
 
 

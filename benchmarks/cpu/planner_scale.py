@@ -3,8 +3,8 @@
 For each model, world size, strategy (dp-kfac, comm-opt, mem-opt, hybrid f=0.5) and assigner (the planner's LPT,
 DP-KFAC's round-robin, KAISA's greedy) it prints makespan / lower bound, the largest per-rank memory and the bytes
 sent per step, as predicted by the planner's cost model (``CostModel.default()``, or ``--calibrate`` to time this
-device; the fit is cached by :func:`kfac.planner.calibrate`). Writes ``benchmarks/results/planner_scale.json``
-and ``planner_scale.png``.
+device; the fit is cached by :func:`kfac.planner.calibrate`). Writes ``benchmarks/cpu/results/planner_scale.json``
+(the cost model's tables: nothing is timed but the planner itself) and ``planner_scale.png``.
 
 "vs the DP-KFAC paper". The paper (DP-KFAC, distributed preconditioning) reports, on 64 GPUs, 2.79-3.15x less
 communication and 1.55-1.65x less computation than D-KFAC, whose scheme -- factors all-reduced, each inverse
@@ -20,17 +20,23 @@ time communication takes and any overlap -- so its computation ratio is not the 
 The issue's targets are checked and printed at the end: dp-kfac bytes per step <= 0.4x comm-opt at
 ``factor_update_steps=1``, and the planner's (LPT) makespan <= 1.05x the lower bound for ResNet-50 at N = 8..256.
 
-    python benchmarks/planner_scale.py [--factor-update-steps 1] [--inv-update-steps 10] [--calibrate]
+    python benchmarks/cpu/planner_scale.py [--factor-update-steps 1] [--inv-update-steps 10] [--calibrate]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from kfac.planner import CostModel, LayerSpec, cache_path, calibrate, layer_specs, make_plan
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.common import save_png  # noqa: E402
+
+from kfac.planner import CostModel, LayerSpec, cache_path, calibrate, layer_specs, make_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD_SIZES = (8, 64, 256, 1024)
@@ -297,7 +303,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"K-FAC sharding plans (fu={result['factor_update_steps']}, iu={result['inv_update_steps']}, "
                  f"cost model: {result['cost_model']['source']})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

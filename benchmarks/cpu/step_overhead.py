@@ -42,9 +42,11 @@ backward, factor statistics computed in the hooks, factor update, eigendecomposi
 preconditioning, base optimizer step and the remaining K-FAC bookkeeping, and amortises them over the
 schedule.
 
-Outputs: a table on stdout, ``<out-dir>/step_overhead.json`` (machine info and every raw timing) and
-``<out-dir>/step_overhead.png`` (ratio vs SGD per schedule and method). ``--quick`` runs a tiny CNN smoke
-configuration and writes ``step_overhead_quick.{json,png}`` instead, leaving the real results alone.
+Outputs: a table on stdout, ``<out-dir>/step_overhead.json`` (default ``<out-dir>``: ``benchmarks/cpu/results``;
+settings, machine info, the summary table and the profile; ``--raw [PATH]`` also writes the complete record with
+every timed window) and ``<out-dir>/step_overhead.png`` (ratio vs SGD per schedule and method). ``--quick`` runs a
+tiny CNN smoke configuration and writes ``step_overhead_quick.{json,png}`` (raw windows included) instead, leaving
+the real results alone.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 import statistics
 import sys
@@ -66,21 +67,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 import kfac  # noqa: E402
+from benchmarks.common import (IMAGE, add_raw_argument, build_model, count_events, machine_info,  # noqa: E402
+                               make_batches, save_png, write_results)
 
 SCHEDULES: tuple[tuple[int, int], ...] = ((1, 10), (10, 100))
 QUICK_SCHEDULES: tuple[tuple[int, int], ...] = ((1, 2), (2, 4))
 METHODS: tuple[str, ...] = ("sgd", "eigen", "inverse")
 BATCH = 32
-from _common import IMAGE, build_model, count_events, machine_info, make_batches  # noqa: E402
 SGD_KWARGS: dict[str, float] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 KFAC_KWARGS: dict[str, float] = {"damping": 1e-3, "factor_decay": 0.95, "kl_clip": 1e-3}
 # KAISA / kfac-pytorch, eigen method, ResNet-18, same 2-core machine class (given as context; NOT measured here).
 KAISA_REFERENCE: dict[tuple[int, int], float] = {(10, 100): 9.2, (1, 10): 23.0}
+RESULTS = Path(__file__).resolve().parent / "results"
+RAW_KEYS: tuple[tuple[str, ...], ...] = (("raw",),)
+"""Left out of the summary JSON (``--raw`` keeps them): every timed window, per configuration."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,7 +273,10 @@ def instrument(opt: kfac.KFAC, timer: PhaseTimer) -> None:
     pre = opt.preconditioner
     pre._update_factors = timer.wrap("factor_update", pre._update_factors)
     pre._refresh = timer.wrap("refresh", pre._refresh)
-    pre._precondition = timer.wrap("precondition", pre._precondition)
+    if hasattr(pre, "_preconditioned"):  # newer kfac: the preconditioned gradients, staged before they are written
+        pre._preconditioned = timer.wrap("precondition", pre._preconditioned)
+    else:
+        pre._precondition = timer.wrap("precondition", pre._precondition)
     entry_name: Callable[..., str] = lambda entry, *a, **k: entry.name  # noqa: E731
     if hasattr(pre.method, "refresh_factor"):  # newer kfac: one call per (layer, factor)
         factor_name: Callable[..., str] = lambda entry, factor, *a, **k: f"{entry.name}:{factor}"  # noqa: E731
@@ -426,7 +434,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: 
     ax.set_ylim(0, max([r["ratio_vs_sgd_paired_max"] for r in rows] + (
         list(KAISA_REFERENCE.values()) if show_reference else [])) * 1.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -461,7 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also print/store a phase breakdown of eigen K-FAC at (10,100) ((2,4) with --quick)")
     p.add_argument("--profile-steps", type=int, default=20, help="steps profiled with --profile (default 20)")
     p.add_argument("--no-bench", action="store_true", help="skip the timing benchmark (e.g. with --profile)")
-    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    add_raw_argument(p, "step_overhead[_quick]")
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first K-FAC step does the initial refresh)")
@@ -524,10 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_end"] = os.getloadavg()
 
     json_path = args.out_dir / f"step_overhead{suffix}.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, json_path)
-    log(f"\nwrote {json_path}")
+    log("")
+    write_results(json_path, result, RAW_KEYS, raw=args.raw, embed_raw=args.quick, indent=2, default=str)
     if rows:
         png_path = args.out_dir / f"step_overhead{suffix}.png"
         plot(rows, png_path, title=plot_title(result), show_reference=not args.quick)

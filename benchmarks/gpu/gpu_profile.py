@@ -1,6 +1,6 @@
 """Where K-FAC's time goes on a GPU: torch.profiler and the CUDA sync detector around single steps.
 
-The companion of ``benchmarks/gpu_step.py`` (same model, data and K-FAC settings): it warms up a ResNet-50 with
+The companion of ``benchmarks/gpu/gpu_step.py`` (same model, data and K-FAC settings): it warms up a ResNet-50 with
 ``kfac.KFAC(method=...)`` at schedule (10, 100), then profiles one plain step, one factor-update step and one
 refresh step, and for each prints
 
@@ -8,9 +8,11 @@ refresh step, and for each prints
 * every host-device synchronisation that K-FAC code triggers (``torch.cuda.set_sync_debug_mode``), by location;
 * the operators and kernels with the most GPU time (self), and the first K-FAC frame that synchronises.
 
-Full profiler tables go to ``--out-dir`` (``gpu_profile_<method>.txt``)::
+The report goes to ``--out-dir`` as ``gpu_profile_<method>.txt`` (a few KB; the committed ones are
+``benchmarks/gpu/results/gpu_profile_<method>_h100.txt``), the full profiler table of each step as
+``gpu_profile_<method>_<kind>.txt`` (raw: not committed)::
 
-    python benchmarks/gpu_profile.py --method eigen --out-dir /tmp/prof
+    python benchmarks/gpu/gpu_profile.py --method eigen --out-dir /tmp/prof
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO_ROOT))
 import kfac  # noqa: E402
 
 
@@ -44,7 +48,7 @@ def main() -> int:
     import torchvision
 
     torch.backends.cudnn.benchmark = True
-    torch.set_float32_matmul_precision("high")  # as benchmarks/gpu_step.py
+    torch.set_float32_matmul_precision("high")  # as benchmarks/gpu/gpu_step.py
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = torchvision.models.resnet50().to(dev)

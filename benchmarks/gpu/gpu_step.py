@@ -5,13 +5,15 @@ Goal (issue 7): at (factor_update_steps, inv_update_steps) = (10, 100), the amor
 
 What a GPU session should run (one H100/H200; each command stays well under 10 minutes)::
 
-    python benchmarks/gpu_step.py                  # float32 (TF32 convolutions: PyTorch defaults)
-    python benchmarks/gpu_step.py --amp            # bf16 autocast
-    python benchmarks/gpu_step.py --amp --ext      # (optional) also K-FAC with kfac.ext forced off ("torch")
-    python benchmarks/gpu_step.py --amp --amp-dtype fp16 --out-dir /tmp/x   # (optional) fp16 + GradScaler
+    python benchmarks/gpu/gpu_step.py                  # float32 (TF32 convolutions: PyTorch defaults)
+    python benchmarks/gpu/gpu_step.py --amp            # bf16 autocast
+    python benchmarks/gpu/gpu_step.py --amp --ext      # (optional) also K-FAC with kfac.ext forced off ("torch")
+    python benchmarks/gpu/gpu_step.py --amp --amp-dtype fp16 --out-dir /tmp/x   # (optional) fp16 + GradScaler
 
-Each run writes ``benchmarks/results/gpu_step.json`` and ``gpu_step.png`` (``gpu_step_amp.*`` with ``--amp``,
-``gpu_step_amp_fp16.*`` with fp16, ``_cl`` appended with ``--channels-last``), so run both and keep both.
+Each run writes ``benchmarks/gpu/results/gpu_step.json`` and ``gpu_step.png`` (``gpu_step_amp.*`` with ``--amp``,
+``gpu_step_amp_fp16.*`` with fp16, ``_cl`` appended with ``--channels-last``), so run both and keep both. The JSON
+keeps the per-step times of the timed windows (``raw``: ``repeats x periods x inv_update_steps`` numbers per
+configuration, a few KB) next to the summary.
 What to copy into the README: the table printed at the end of each run (columns: config, amortised ms/step,
 ratio vs SGD, goal <= 1.25x met?, ms of a plain step, of a factor-update step, of a refresh step, peak memory)
 together with the line "GPU: <name>, driver <x>, CUDA <y>, torch <z>" printed above it, and the PNG.
@@ -61,8 +63,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -76,14 +76,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
     sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info
+from benchmarks.common import machine_info, save_png, write_json  # noqa: E402
 
-import kfac
+import kfac  # noqa: E402
 
 GOAL = 1.25
 ALL_CONFIGS: tuple[str, ...] = ("sgd", "kfac-eigen", "kfac-inverse", "ekfac", "mfac")
@@ -435,7 +434,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -464,7 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (allowed on CPU); writes gpu_step_quick.*")
     p.add_argument("--allow-cpu", action="store_true", help="run the full benchmark on CPU when there is no CUDA")
-    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
@@ -509,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         log("NOTE: no CUDA device; running on CPU (timings say nothing about the GPU goal)")
     else:
-        log("ERROR: benchmarks/gpu_step.py needs a CUDA device (none found: torch.cuda.is_available() is False).\n"
+        log("ERROR: benchmarks/gpu/gpu_step.py needs a CUDA device (none found: torch.cuda.is_available() is False).\n"
             "Run it in a session with a GPU, or pass --quick (smoke test) or --allow-cpu (full benchmark on CPU).")
         return 2
     setup = QUICK if args.quick else FULL
@@ -598,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_s": time.perf_counter() - t_run,
     }
     json_path = args.out_dir / f"{stem}.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, json_path)
+    write_json(json_path, result, indent=2, default=str, allow_nan=False)
     log(f"\nwrote {json_path}")
     png_path = args.out_dir / f"{stem}.png"
     where = (f"{machine.get('gpu_name')}, CUDA {machine.get('torch_cuda')}" if device.type == "cuda"

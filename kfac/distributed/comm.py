@@ -21,7 +21,7 @@ import json
 from collections import Counter
 import datetime
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -109,11 +109,24 @@ class Communicator:
     def _count(self, category: str, buffer: Tensor, factor: float = 1.0, control: int = 0) -> None:
         """Account ``factor`` copies of ``buffer``, of which ``control`` elements (status flags) go to "control"."""
         size = buffer.element_size()
-        self.bytes_sent[category] += (buffer.numel() - control) * size * factor
+        # typeshed types Counter values as int; these byte counts are fractional by design (see __init__)
+        self.bytes_sent[category] += (buffer.numel() - control) * size * factor  # type: ignore[assignment]
         if control:
-            self.bytes_sent["control"] += control * size * factor
+            self.bytes_sent["control"] += control * size * factor  # type: ignore[assignment]
 
     # -- collectives ---------------------------------------------------------------------------------------
+    @overload
+    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False,
+                       async_op: Literal[False] = False, wire_dtype: torch.dtype | None = None) -> list[Tensor]: ...
+
+    @overload
+    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False,
+                       async_op: Literal[True], wire_dtype: torch.dtype | None = None) -> Pending: ...
+
+    @overload
+    def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False,
+                       async_op: bool, wire_dtype: torch.dtype | None = None) -> list[Tensor] | Pending: ...
+
     def all_reduce_sum(self, tensors: Sequence[Tensor], *, category: str, exact: bool = False,
                        async_op: bool = False, wire_dtype: torch.dtype | None = None) -> list[Tensor] | Pending:
         """Element-wise sums over ranks of ``tensors`` (new tensors; inputs are not modified). ``exact`` keeps
@@ -128,6 +141,18 @@ class Communicator:
         pending = Pending([work] if async_op else [], lambda: self._unflatten(buffer, tensors))
         return pending if async_op else pending.wait()
 
+    @overload
+    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str, async_op: Literal[False] = False,
+                   wire_dtype: torch.dtype | None = None) -> list[Tensor] | None: ...
+
+    @overload
+    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str, async_op: Literal[True],
+                   wire_dtype: torch.dtype | None = None) -> Pending: ...
+
+    @overload
+    def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str, async_op: bool,
+                   wire_dtype: torch.dtype | None = None) -> list[Tensor] | None | Pending: ...
+
     def reduce_sum(self, tensors: Sequence[Tensor], *, dst: int, category: str, async_op: bool = False,
                    wire_dtype: torch.dtype | None = None) -> list[Tensor] | None | Pending:
         """Sums over ranks, delivered to rank ``dst`` only (other ranks get ``None``); ``async_op`` and
@@ -135,7 +160,7 @@ class Communicator:
         if not self.enabled:
             return _Done(list(tensors)) if async_op else list(tensors)
         if not tensors:
-            out = [] if self.rank == dst else None
+            out: list[Tensor] | None = [] if self.rank == dst else None
             return _Done(out) if async_op else out
         buffer = self._flatten(tensors, dtype=wire_dtype)
         self._count(category, buffer, (self.world_size - 1) / self.world_size)
@@ -248,6 +273,7 @@ def _group_timeout(group: Any | None) -> datetime.timedelta | None:
         pg = group if group is not None else dist.group.WORLD
         backend = dist.get_backend(pg)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        assert pg is not None  # no default group: handled below like any other failure
         timeout = pg._get_backend(device).options._timeout
         return timeout if isinstance(timeout, datetime.timedelta) else None
     except Exception:  # private API: fall back to torch's default timeout

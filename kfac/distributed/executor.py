@@ -110,21 +110,26 @@ class Executor:
     def widen_factor_wire(self) -> None:
         """Send factor statistics in ``factor_dtype`` from now on (call on every rank together)."""
         self.factor_wire_dtype = self.factor_dtype
+        assert self.reduction is not None  # set by replan(), which __init__ runs
         self.reduction.wire_dtype = self.factor_dtype
 
     def mark_final(self, name: str) -> None:
         """Layer ``name`` has its final statistics of this step (may launch its bucket's reduction)."""
+        assert self.reduction is not None  # set by replan(), which __init__ runs
         self.reduction.mark_final(name)
 
     def launch_statistics(self) -> None:
         """Launch the factor reductions the backward pass did not (call before any other collective of a step)."""
+        assert self.reduction is not None  # set by replan(), which __init__ runs
         self.reduction.launch_remaining()
 
     def reduce_statistics(self) -> dict[str, Reduced]:
         """``(A_batch, G_batch, seen)`` per layer (see :class:`kfac.distributed.reduction.FactorReduction`)."""
+        assert self.reduction is not None  # set by replan(), which __init__ runs
         return self.reduction.collect()
 
     def discard_statistics(self) -> None:
+        assert self.reduction is not None  # set by replan(), which __init__ runs
         self.reduction.drain()
 
     # -- 2. decompositions ---------------------------------------------------------------------------------

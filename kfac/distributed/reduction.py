@@ -124,20 +124,23 @@ class FactorReduction:
         else:
             scale = torch.tensor([self._previous[n] for n in names], dtype=torch.float64)
         scale[:, 1] *= world2
-        payload: dict[tuple[str, str], Tensor | None] = {}
+        means: dict[tuple[str, str], Tensor | None] = {}  # without overlaps: nothing travels
+        payload: dict[tuple[str, str], Tensor] = {}  # with overlaps: what travels
         for i, (n, s) in enumerate(zip(names, stats)):
             e = self.entries[n]
             used = s.a_count > 0 and s.g_count > 0
             for j, (f, total) in enumerate((("A", s.a_sum), ("G", s.g_sum))):
                 shape = factor_shape(e, f)
                 mean = _scaled(total if used else None, float(scale[i, j]), f == "A" and e.a_diagonal)
-                payload[(n, f)] = (wire(mean, shape, len(shape) == 2, self.dtype, self.devices[n])
-                                   if self.overlaps else mean)
-        keys = list(payload)
+                if self.overlaps:
+                    payload[(n, f)] = wire(mean, shape, len(shape) == 2, self.dtype, self.devices[n])
+                else:
+                    means[(n, f)] = mean
+        keys = list(payload if self.overlaps else means)
         data: list[tuple[list[tuple[str, str]], Pending]] = []
         if not self.overlaps:  # nothing travels: this rank's means are the result (for the factors it holds)
             mine = [k for k in keys if self.plan.holds_factor(*k, self.comm.rank)]
-            data.append((mine, Pending((), lambda: [payload[k] for k in mine])))
+            data.append((mine, Pending((), lambda: [means[k] for k in mine])))
         elif self.plan.factor_communication == "allreduce":
             data.append((keys, self.comm.all_reduce_sum([payload[k] for k in keys], category="factors",
                                                          async_op=True, wire_dtype=self.wire_dtype)))

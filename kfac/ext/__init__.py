@@ -2,7 +2,7 @@
 
 Each public op dispatches to the compiled extension (``torch.ops.kfac_ext``, sources in ``csrc/``) when it is
 loaded and is the faster implementation for the device and size (see :data:`PREFERRED`, measured by
-``benchmarks/fused_ops.py``), and otherwise runs its ``*_torch`` counterpart, which defines the semantics. Callers
+``benchmarks/cpu/fused_ops.py``), and otherwise runs its ``*_torch`` counterpart, which defines the semantics. Callers
 never need to know which one ran; inputs are validated identically (``ValueError``, or ``TypeError`` for a
 non-tensor).
 

@@ -34,11 +34,11 @@ __all__ = [  # noqa: RUF022 - grouped: dispatch control, fused ops
 OPS = ("sym_outer_update", "sym_outer_pack", "pack_symmetric_many", "unpack_symmetric_many", "eigen_scale")
 
 PREFERRED: dict[str, dict[str, int]] = {
-    # Measured on CPU (benchmarks/fused_ops.py, results/fused_ops.json): the extension wins from these sizes on;
+    # Measured on CPU (benchmarks/cpu/fused_ops.py, benchmarks/cpu/results/fused_ops.json): the extension wins from these sizes on;
     # below them the call overhead outweighs the gain.
     "cpu": {"sym_outer_update": 2 ** 21, "sym_outer_pack": 32 * 32, "pack_symmetric_many": 0,
             "unpack_symmetric_many": 0, "eigen_scale": 2 ** 15},
-    # Not measured on a GPU yet: PyTorch until benchmarks/fused_ops.py shows a win there (see set_preferred).
+    # Not measured on a GPU yet: PyTorch until benchmarks/cpu/fused_ops.py shows a win there (see set_preferred).
     "cuda": {},
 }
 """Per device type: op -> the smallest problem size from which the extension is used by default (when loaded);

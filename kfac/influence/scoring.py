@@ -41,7 +41,7 @@ def precondition(mats: dict[str, Tensor], *, method: str, damping: Mapping[str, 
         assert mfac is not None  # fitted with the method
         n = next(iter(mats.values())).shape[0]
         outs = [mfac.ihvp({k: v[i] for k, v in mats.items()}) for i in range(n)]
-        return {k: torch.stack([o[k] for o in outs]) if n else v.clone()  # type: ignore[index]  # dicts in, dicts out
+        return {k: torch.stack([o[k] for o in outs]) if n else v.clone()
                 for k, v in mats.items()}
     return {name: kfac.precondition(store[name], v, damping=damping[name])
             for name, v in mats.items()}  # EK-FAC's map with this fit's Lambda (K-FAC's: T outer(dG, dA))

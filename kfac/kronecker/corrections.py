@@ -46,6 +46,7 @@ def update(layers: Sequence["LayerState"], method: Any, executor: Executor, comm
             continue
         total = layer.corr_sum
         if total is None:
+            assert entry.QG is not None  # a ready eigenbasis method's non-diagonal layer has QG
             total = torch.zeros(entry.g_dim, entry.a_dim, dtype=entry.QG.dtype, device=entry.QG.device)
         names.append(layer)
         sums.append(total)

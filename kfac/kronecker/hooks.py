@@ -188,7 +188,7 @@ class StatisticsHooks:
             sampled = sampled / self.accumulation_steps
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             sampled = self.grad_scaler.scale(sampled)
-        weights = [layer.module.weight for layer in self.layers if layer.handles]
+        weights = [layer.adapter.weight for layer in self.layers if layer.handles]
         self.in_mc_backward = True
         try:
             torch.autograd.grad(sampled, weights, retain_graph=True, allow_unused=True)

@@ -160,7 +160,7 @@ class KFACPreconditioner(StateMixin):
                    "factor_dtype": str(factor_dtype), "method": method}
         self.engine = CurvatureEngine.create(
             store=self.store, method=self.method, factor_dtype=factor_dtype, config=config, options=options,
-            devices={layer.name: layer.module.weight.device for layer in self._layers},
+            devices={layer.name: layer.adapter.weight.device for layer in self._layers},
             intervals={k: self.hparams.constant_interval(k) for k in ("factor_update_steps", "inv_update_steps")},
             stats=lambda name: self._by_name[name].pending())
         self._comm, self._exec = self.engine.comm, self.engine.executor

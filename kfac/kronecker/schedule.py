@@ -41,7 +41,7 @@ class KFACHyperparameters:
 
     def at(self, step: int) -> dict[str, Any]:
         """Every hyperparameter at ``step``, validated (``ValueError`` naming the first invalid one)."""
-        hp = {
+        hp: dict[str, Any] = {
             "factor_update_steps": self.interval("factor_update_steps", step),
             "inv_update_steps": self.interval("inv_update_steps", step),
             "damping": resolve(self.damping, step, name="damping"),

@@ -88,7 +88,8 @@ class StateMixin:
         (clear error otherwise)."""
         self.validate_state_dict(state)
         self._drop_unexecuted(state.get("not_executed", ()))
-        self.engine.load_store_state(state["store"], {layer.name: layer.module.weight.device for layer in self._layers})
+        self.engine.load_store_state(state["store"],
+                                     {layer.name: layer.adapter.weight.device for layer in self._layers})
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._seen = set(state.get("seen", self.layers)) & set(self.layers)

@@ -12,7 +12,7 @@ is never written.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ class Block:
     """One named block: its parameters and the layout of its gradient (adapter matrix or flat concatenation)."""
 
     name: str
-    params: list[nn.Parameter]
+    params: Sequence[Tensor]  # parameters, or plain leaf tensors from param_blocks
     adapter: ModuleAdapter | None
     shape: tuple[int, ...]
 
@@ -48,6 +48,7 @@ class Block:
             if mat is not None:
                 return mat
             bias = self.params[-1]  # the weight has no gradient but the bias has
+            assert bias.grad is not None  # some parameter has one, and not the weight
             mat = torch.zeros(self.shape, dtype=bias.grad.dtype, device=bias.grad.device)
             mat[:, -1] = bias.grad.reshape(-1)
             return mat

@@ -52,14 +52,14 @@ from ..curvature import as_named_blocks, flatten_blocks
 from ..distributed.comm import Communicator
 from ..hparams import Hyper, block_lrs, check_positive, comparable, resolve
 from .blocks import module_blocks, param_blocks, read_grads, window_placement
-from .fisher import SlidingWindowFisher
+from .fisher import BlockMode, SlidingWindowFisher
 from .sharding import Sharding
 
 __all__ = ["MFACPreconditioner"]
 
 logger = logging.getLogger("kfac")
 
-_MODES = {"global": "global", "per_layer": "per_block"}
+_MODES: dict[str, BlockMode] = {"global": "global", "per_layer": "per_block"}
 
 
 class MFACPreconditioner:
@@ -220,7 +220,7 @@ class MFACPreconditioner:
         shape for a parameter iterable."""
         return {b.name: b.shape for b in self._blocks}
 
-    def parameters_of(self) -> dict[str, list[nn.Parameter]]:
+    def parameters_of(self) -> dict[str, list[Tensor]]:
         return {b.name: list(b.params) for b in self._blocks}
 
     def untrack(self, names: Iterable[str], reason: str) -> list[str]:
@@ -252,9 +252,10 @@ class MFACPreconditioner:
         owned = {b.name: grads[b.name] for b in self._owned}
         finite = grads_finite and all_finite(grads.values())
         rows = self._fisher.partial_gram_row(owned) if finite else None
-        finite = finite and bool(torch.isfinite(rows).all())
+        finite = rows is not None and bool(torch.isfinite(rows).all())  # rows is None exactly when not finite
         if not self._comm.all_true(finite):
             return "non-finite gradients" if not finite else "non-finite gradients on another rank"
+        assert rows is not None  # finite on every rank, so on this one
         if self.blocks == "global" and self._comm.enabled:
             rows = self._all_reduce(rows[0]).reshape(rows.shape)
         try:

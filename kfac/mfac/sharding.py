@@ -142,12 +142,13 @@ class Sharding:
                 or (count < m and position != count):
             raise ValueError(f"M-FAC state has invalid position={position!r} / count={count!r} for num_grads={m}")
         groups = 1 if self.mode == "global" else len(self.blocks)
-        tensors = {f"window[{b.name!r}]": (state["window"].get(b.name), (m, b.size)) for b in self.blocks}
+        tensors: dict[str, tuple[Any, tuple[int, ...]]] = {
+            f"window[{b.name!r}]": (state["window"].get(b.name), (m, b.size)) for b in self.blocks}
         tensors["gram"] = (state["gram"], (groups, m, m))
         for key, (t, shape) in tensors.items():
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"M-FAC state {key} must be a tensor of shape {shape}, got {got}")
+                found = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"M-FAC state {key} must be a tensor of shape {shape}, got {found}")
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"M-FAC state {key} has non-finite entries")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -183,6 +183,12 @@ class BlockFisher:
         """``F^{-1} v`` given the projection of ``v`` summed over ranks."""
         raise NotImplementedError
 
+    @overload
+    def ihvp(self, vectors: Tensor, *, damping: float | None = None) -> Tensor: ...
+
+    @overload
+    def ihvp(self, vectors: Mapping[str, Tensor], *, damping: float | None = None) -> dict[str, Tensor]: ...
+
     def ihvp(self, vectors: Vectors, *, damping: float | None = None) -> Vectors:
         """``F^{-1} v`` per held block (``{name: tensor}`` in the input's shapes, or a flat tensor for a flat input).
 
@@ -193,7 +199,7 @@ class BlockFisher:
 
     def ihvp_flat(self, vector: Tensor, *, damping: float | None = None) -> Tensor:
         """:meth:`ihvp` of the concatenation of the held blocks (block order); returns a 1-D tensor."""
-        return self.ihvp(vector.reshape(-1), damping=damping)  # type: ignore[return-value]
+        return self.ihvp(vector.reshape(-1), damping=damping)
 
     def diag(self, *, damping: float | None = None) -> dict[str, Tensor]:
         """``diag(F^{-1})`` per held block, in the block's declared shape."""

@@ -15,6 +15,7 @@ Conventions (shared by every adapter, and equal to KAISA / kfac-pytorch 0.4.2):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,17 @@ class ModuleAdapter(ABC):
     @property
     def has_bias(self) -> bool:
         return getattr(self.module, "bias", None) is not None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The module's weight (every supported layer type registers one)."""
+        # nn.Module.__getattr__ is typed ``Tensor | Module``; a supported layer's ``weight`` is a parameter
+        return cast(nn.Parameter, self.module.weight)
+
+    @property
+    def bias(self) -> nn.Parameter:
+        """The module's bias; only valid when :attr:`has_bias`."""
+        return cast(nn.Parameter, self.module.bias)  # as for :attr:`weight`
 
     @property
     @abstractmethod
@@ -101,19 +113,19 @@ class ModuleAdapter(ABC):
         return 1.0
 
     def parameters(self) -> list[nn.Parameter]:
-        params = [self.module.weight]
+        params = [self.weight]
         if self.has_bias:
-            params.append(self.module.bias)
+            params.append(self.bias)
         return params
 
     def grad_matrix(self) -> Tensor | None:
         """The gradient as a ``(g_dim, a_dim)`` matrix, or ``None`` if the weight has no gradient."""
-        w = self.module.weight
+        w = self.weight
         if w.grad is None:
             return None
         mat = w.grad.reshape(w.shape[0], -1)
         if self.has_bias:
-            b = self.module.bias.grad
+            b = self.bias.grad
             b = torch.zeros_like(w.grad[:, :1].reshape(-1)) if b is None else b
             mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat
@@ -121,12 +133,13 @@ class ModuleAdapter(ABC):
     def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``(parameter .grad, matching view of mat)`` pairs that :meth:`set_grad_matrix` copies (batched by the
         preconditioner into one ``_foreach_copy_``)."""
-        w = self.module.weight
+        w = self.weight
+        assert w.grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
         if not self.has_bias:
             return [(w.grad, mat.reshape(w.shape))]
         out = [(w.grad, mat[:, :-1].reshape(w.shape))]
-        if self.module.bias.grad is not None:
-            out.append((self.module.bias.grad, mat[:, -1].reshape(self.module.bias.shape)))
+        if self.bias.grad is not None:
+            out.append((self.bias.grad, mat[:, -1].reshape(self.bias.shape)))
         return out
 
     def set_grad_matrix(self, mat: Tensor) -> None:

@@ -51,4 +51,6 @@ class EmbeddingAdapter(ModuleAdapter):
         return None if w.grad is None else w.grad.T
 
     def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return [(self.module.weight.grad, mat.T)]
+        grad = self.module.weight.grad
+        assert grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
+        return [(grad, mat.T)]

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .assign import MemoryCapError
 from .cost import METHODS, CostModel, LayerSpec, calibrate, layer_specs
@@ -90,7 +90,7 @@ def _compare(plans: dict[str, Optional[Plan]], max_ranks: int) -> str:
     width = max(14, *(len(n) + 2 for n in names))
     rows: list[tuple[str, list[str]]] = []
 
-    def row(label: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def row(label: str, fn: Callable[[Plan], str]) -> None:
         rows.append((label, [fn(p) if p is not None else "infeasible" for p in plans.values()]))
 
     row("split A/G", lambda p: "yes" if p.split else "no")
@@ -108,7 +108,9 @@ def _compare(plans: dict[str, Optional[Plan]], max_ranks: int) -> str:
     n = first.world_size
     if n <= max_ranks:
         for r in range(n):
-            row(f"rank {r} load ms", lambda p, r=r: f"{p.rank_load[r] * 1e3:.3f}")
+            def load(p: Plan, r: int = r) -> str:
+                return f"{p.rank_load[r] * 1e3:.3f}"
+            row(f"rank {r} load ms", load)
     else:
         for q, label in ((0.0, "max"), (0.1, "p90"), (0.5, "median"), (1.0, "min")):
             def pick(p: Plan, q: float = q) -> str:

@@ -27,7 +27,7 @@ def lpt(
     costs: Sequence[float],
     num_ranks: int,
     *,
-    names: Optional[Sequence[str]] = None,
+    names: Optional[Sequence[str | tuple[str, ...]]] = None,
     memory: Optional[Sequence[int]] = None,
     memory_cap: Optional[int] = None,
     base_load: Optional[Sequence[float]] = None,
@@ -65,6 +65,7 @@ def lpt(
             if best < 0 or load[r] < load[best]:
                 best = r
         if best < 0:
+            assert memory_cap is not None  # without a cap every rank fits (num_ranks >= 1)
             raise MemoryCapError(
                 f"job {keys[j]!r} needs {need} bytes but no rank has room under memory_cap={memory_cap} bytes "
                 f"(most free: {memory_cap - min(mem)} bytes)")

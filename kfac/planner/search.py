@@ -26,7 +26,7 @@ Determinism: every sum runs over the layers in name order, so a plan's floats do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from .assign import MemoryCapError, kaisa_greedy, lpt, round_robin
 from .cost import METHODS, CostModel, LayerSpec
@@ -35,6 +35,8 @@ from .plan import (
 )
 
 __all__ = ["ASSIGNERS", "make_plan", "default_strategy"]
+
+_T = TypeVar("_T")
 
 ASSIGNERS = ("lpt", "round-robin", "kaisa-greedy")
 """Assignment algorithms: the planner's LPT and the two baselines (see :mod:`kfac.planner.assign`)."""
@@ -78,18 +80,19 @@ class _Costs:
 
 def _layer_costs(spec: LayerSpec, cm: CostModel, method: str) -> _Costs:
     """Price one layer under ``cm``; pairs are ``(A, G)``, a diagonal ``A`` is priced as a vector."""
-    dims = (spec.a_dim, spec.g_dim)
-    diag = (spec.a_diagonal, False)
-    dec = tuple(cm.decomposition_seconds(d, diagonal=g, method=method) for d, g in zip(dims, diag))
+    def pair(price: Callable[[int, bool], _T]) -> tuple[_T, _T]:
+        """``(price(A), price(G))`` from ``(dim, diagonal)``."""
+        return price(spec.a_dim, spec.a_diagonal), price(spec.g_dim, False)
+
+    dec = pair(lambda d, g: cm.decomposition_seconds(d, diagonal=g, method=method))
     return _Costs(
-        spec=spec, dec=dec, pre=cm.precondition_seconds(spec, method=method),  # type: ignore[arg-type]
-        fac_bytes=tuple(cm.factor_elements(d, diagonal=g) * cm.bytes_per_element for d, g in zip(dims, diag)),
-        dec_bytes=tuple(cm.decomposition_elements(d, diagonal=g, method=method) * cm.bytes_per_element
-                        for d, g in zip(dims, diag)),
-        packed=tuple(cm.packed_elements(d, diagonal=g) for d, g in zip(dims, diag)),
-        dec_comm=tuple(cm.decomposition_comm_elements(d, diagonal=g, method=method) for d, g in zip(dims, diag)),
+        spec=spec, dec=dec, pre=cm.precondition_seconds(spec, method=method),
+        fac_bytes=pair(lambda d, g: cm.factor_elements(d, diagonal=g) * cm.bytes_per_element),
+        dec_bytes=pair(lambda d, g: cm.decomposition_elements(d, diagonal=g, method=method) * cm.bytes_per_element),
+        packed=pair(lambda d, g: cm.packed_elements(d, diagonal=g)),
+        dec_comm=pair(lambda d, g: cm.decomposition_comm_elements(d, diagonal=g, method=method)),
         primary=0 if dec[0] < dec[1] else 1,
-    )  # type: ignore[arg-type]
+    )
 
 
 def make_plan(
@@ -327,8 +330,8 @@ def _lower_bound(ctx: _Context, *, split_allowed: bool) -> float:
     if g == 1:
         costs = _g1_jobs(ctx, split_allowed)[0]
         total = 0.0
-        for c in costs:
-            total += c
+        for cost in costs:
+            total += cost
         return max(max(costs), total / n)
     dec_jobs: list[float] = []
     units: list[float] = []

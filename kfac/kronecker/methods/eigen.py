@@ -54,12 +54,14 @@ class EigenKFAC(KroneckerMethod):
 
     def eigenvalues(self, entry: FactorEntry) -> Tensor:
         """The curvature's eigenvalues in the Kronecker eigenbasis ``QA (x) QG``, as a ``g_dim x a_dim`` matrix."""
+        assert entry.dG is not None and entry.dA is not None  # callers check ready(entry) first
         return torch.outer(entry.dG, entry.dA)
 
     def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
         """``v / (eigenvalues + damping)`` in the eigenbasis (fused by :func:`kfac.ext.eigen_scale`; a batch
         ``(b, g_dim, a_dim)`` broadcasts)."""
         if v.dim() == 2 and ext.uses_extension("eigen_scale", v, v.numel()):
+            assert entry.dG is not None and entry.dA is not None  # callers check ready(entry) first
             return ext.eigen_scale(v, entry.dG, entry.dA, damping)
         # One multiply by 1 / (eigenvalues + damping), cached until the decomposition or the damping changes
         # (instead of outer, add and divide at every step: fewer kernel launches on a GPU).
@@ -73,6 +75,7 @@ class EigenKFAC(KroneckerMethod):
         """The damped inverse applied to a ``(g_dim, a_dim)`` gradient matrix, or to a batch ``(b, g_dim,
         a_dim)`` of them."""
         QG, cache = entry.QG, entry.cache
+        assert QG is not None  # callers check ready(entry) first
         v = left(QG, grad.to(QG.dtype), cache, "QG", transpose=True)
         if entry.QA is not None:
             v = right(v, entry.QA, cache, "QA")
@@ -85,5 +88,6 @@ class EigenKFAC(KroneckerMethod):
     def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
         """Diagonal of the damped inverse, ``diag(P)[i, j] = sum_kl QG[i,k]^2 QA[j,l]^2 / (eig[k,l] + damping)``."""
         inv = 1.0 / (self.eigenvalues(entry) + damping)
+        assert entry.QG is not None  # callers check ready(entry) first
         out = entry.QG.square() @ inv
         return out if entry.QA is None else out @ entry.QA.square().T

@@ -46,7 +46,10 @@ class EigenCorrectedKFAC(EigenKFAC):
     def eigenvalues(self, entry: FactorEntry) -> Tensor:
         """The curvature's eigenvalues in the Kronecker eigenbasis (``Lambda``, or ``outer(dG, dA)``)."""
         lam = entry.extras.get("Lambda")
-        return lam if lam is not None else torch.outer(entry.dG, entry.dA)
+        if lam is not None:
+            return lam
+        assert entry.dG is not None and entry.dA is not None  # callers check ready(entry) first
+        return torch.outer(entry.dG, entry.dA)
 
     def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
         return v / (self.eigenvalues(entry) + damping)
@@ -54,6 +57,7 @@ class EigenCorrectedKFAC(EigenKFAC):
     def reset_corrections(self, entry: FactorEntry) -> None:
         """Restart ``Lambda`` from the K-FAC eigenvalues (after the eigenbases changed)."""
         if self.ready(entry):
+            assert entry.dG is not None and entry.dA is not None  # ready(entry)
             entry.extras["Lambda"] = torch.outer(entry.dG, entry.dA)
         else:
             entry.extras.pop("Lambda", None)
@@ -63,6 +67,7 @@ class EigenCorrectedKFAC(EigenKFAC):
         ``None`` where the layer keeps its K-FAC eigenvalues."""
         if entry.a_diagonal or not self.ready(entry):
             return None
+        assert entry.QA is not None and entry.QG is not None  # ready(entry) and not a_diagonal
         a = a.to(entry.QA.dtype)
         g = g.to(entry.QG.dtype)
         t = a.shape[1]

@@ -42,10 +42,12 @@ class InverseKFAC(KroneckerMethod):
         return entry.A_inv is not None and entry.G_inv is not None
 
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
+        assert entry.G_inv is not None and entry.A_inv is not None  # callers check ready(entry) first
         v = left(entry.G_inv, grad.to(entry.G_inv.dtype), entry.cache, "G_inv")
         return v * entry.A_inv if entry.a_diagonal else right(v, entry.A_inv, entry.cache, "A_inv")
 
     def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
         """Diagonal of ``G_inv (x) A_inv`` (the damping baked in at the last refresh)."""
+        assert entry.G_inv is not None and entry.A_inv is not None  # callers check ready(entry) first
         a = entry.A_inv if entry.a_diagonal else entry.A_inv.diagonal()
         return torch.outer(entry.G_inv.diagonal(), a)

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_step.py (issue 7): the CPU smoke run writes well-formed outputs; the real run on a GPU."""
+"""benchmarks/gpu/gpu_step.py (issue 7): the CPU smoke run writes well-formed outputs; the real run on a GPU."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_step.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu" / "gpu_step.py"
 QUICK_CONFIGS = ("sgd", "kfac-eigen", "kfac-inverse", "ekfac", "mfac")
 
 

@@ -1,4 +1,4 @@
-"""The influence example (examples/influence_digits.py) and the influence benchmark (benchmarks/influence.py --quick).
+"""The influence example (examples/influence_digits.py) and the influence benchmark (benchmarks/cpu/influence.py --quick).
 
 Both scripts run as subprocesses, as a user would run them (offline: scikit-learn's bundled digits), writing into
 a temporary directory; the LDS helper is also checked on constructed cases.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_script(rel: str, *args: str, timeout: float = 120) -> str:
@@ -58,7 +58,7 @@ def test_influence_example_writes_a_grid_and_a_sane_table(tmp_path):
 
 
 def test_influence_benchmark_quick_run(tmp_path):
-    out = run_script("benchmarks/influence.py", "--quick", "--out-dir", str(tmp_path), timeout=240)
+    out = run_script("benchmarks/cpu/influence.py", "--quick", "--out-dir", str(tmp_path), timeout=240)
     assert "LDS" in out and "kronfluence" in out
     assert_png(tmp_path / "influence_quick.png")
     res = json.loads((tmp_path / "influence_quick.json").read_text())
@@ -85,7 +85,7 @@ def test_influence_benchmark_quick_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("influence_benchmark", ROOT / "benchmarks" / "influence.py")
+    spec = importlib.util.spec_from_file_location("influence_benchmark", ROOT / "benchmarks" / "cpu" / "influence.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

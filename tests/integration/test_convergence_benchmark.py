@@ -1,4 +1,4 @@
-"""benchmarks/convergence.py --quick (issue 7): runs end to end and writes a well-formed JSON and a PNG."""
+"""benchmarks/cpu/convergence.py --quick (issue 7): runs end to end and writes a well-formed JSON and a PNG."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "convergence.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "cpu" / "convergence.py"
 OPTIMIZERS = ("sgd", "adam", "kfac-eigen", "kfac-inverse", "ekfac", "mfac")
 
 

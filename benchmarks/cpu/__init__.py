@@ -1,0 +1,1 @@
+"""Benchmarks that run on CPU (their committed results: ``benchmarks/cpu/results/``)."""

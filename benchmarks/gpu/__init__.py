@@ -1,0 +1,1 @@
+"""Benchmarks that need a CUDA device (their committed results: ``benchmarks/gpu/results/``)."""
