@@ -23,7 +23,7 @@ setup(
     extras_require={
         "examples": ["torchvision", "tensorboard", "tqdm", "matplotlib", "scikit-learn"],
         # ruff and mypy run in `make test`: the layout and type rules are checked with the tests
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard", "ruff", "mypy"],
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
     },
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
