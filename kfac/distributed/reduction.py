@@ -214,9 +214,10 @@ def _buckets(entries: Sequence[FactorEntry], dtype: torch.dtype, cap: int) -> li
 
 
 def factor_shape(e: FactorEntry, factor: str) -> tuple[int, ...]:
-    if factor == "A":
-        return (e.a_dim,) if e.a_diagonal else (e.a_dim, e.a_dim)
-    return (e.g_dim, e.g_dim)
+    """The shape of factor ``"A"`` or ``"G"`` of ``e`` (see :meth:`kfac.kronecker.store.FactorEntry.shape_of`)."""
+    shape = e.shape_of(factor)
+    assert shape is not None  # A and G always have one
+    return shape
 
 
 def _wire_numel(shape: tuple[int, ...]) -> int:

@@ -53,6 +53,16 @@ class FactorEntry:
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """Derived, never persisted data (e.g. the block structure of a decomposition), keyed by field name."""
 
+    def shape_of(self, field: str) -> tuple[int, ...] | None:
+        """The shape of a factor (``"A"``, ``"G"``) or decomposition field (``None`` for extras): the one place
+        the layout is encoded (a diagonal ``A`` and its inverse are vectors)."""
+        a, g = self.a_dim, self.g_dim
+        return {
+            "A": (a,) if self.a_diagonal else (a, a), "G": (g, g),
+            "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,),
+            "A_inv": (a,) if self.a_diagonal else (a, a), "G_inv": (g, g),
+        }.get(field)
+
     def tensors(self) -> dict[str, Tensor]:
         out = {k: getattr(self, k) for k in TENSOR_FIELDS if getattr(self, k) is not None}
         out.update({f"extras.{k}": v for k, v in self.extras.items()})
@@ -254,15 +264,9 @@ def _check_uniform_dtype(entry: FactorEntry) -> None:
 
 
 def _check_shape(entry: FactorEntry, key: str, t: Tensor) -> None:
-    a, g = entry.a_dim, entry.g_dim
-    expected = {
-        "A": (a,) if entry.a_diagonal else (a, a), "G": (g, g),
-        "QA": (a, a), "dA": (a,), "QG": (g, g), "dG": (g,),
-        "A_inv": (a,) if entry.a_diagonal else (a, a), "G_inv": (g, g),
-    }.get(key)
+    expected = entry.shape_of(key)
     if expected is not None and tuple(t.shape) != expected:
         raise FactorFileError(f"layer {entry.name!r}: field {key} has shape {tuple(t.shape)}, expected {expected}")
-
 
 
 def _default_file_mode(path: Path) -> int:
