@@ -11,7 +11,7 @@ from torch import nn
 from ..modules import adapter_for
 from .hooks import LayerState
 
-__all__ = ["check_modules", "grad_versions"]
+__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused"]
 
 
 def check_modules(model: nn.Module, layers: Sequence[LayerState], at_start: MutableSet[nn.Module] | set[nn.Module],
@@ -37,3 +37,30 @@ def grad_versions(layers: Sequence[LayerState]) -> tuple[tuple[int, int], ...]:
     write) touched the gradients since they were taken."""
     return tuple((id(p.grad), p.grad._version) for layer in layers for p in layer.adapter.parameters()
                  if p.grad is not None)
+
+
+def check_some_layer_ran(layers: Sequence[LayerState]) -> None:
+    """At the first step: a clear error if no tracked layer ran (e.g. a model left in eval mode)."""
+    if not any(layer.forward_calls > 0 for layer in layers):
+        raise RuntimeError("no tracked layer ran forward() in training mode with gradients enabled since the "
+                           "preconditioner was created: call model.train() and run the forward pass before step()")
+
+
+def warn_unused(unused: Sequence[str]) -> None:
+    """After the first factor update (decided from globally reduced counts, so on every rank alike): the tracked
+    layers that ran on no rank yet."""
+    if unused:
+        warnings.warn(f"kfac: tracked layers {list(unused)} ran no forward pass in training mode on any rank before "
+                      "the first factor update (a branch not taken yet, or a module called functionally); "
+                      "their gradients are used as they are until they run and their factors are refreshed",
+                      stacklevel=6)
+
+
+def warn_fallback(name: str, step: int, warned: set[str]) -> None:
+    """Layer ``name`` keeps its plain gradient at ``step`` (non-finite preconditioned gradient): warned once per
+    refresh (``warned`` is cleared at each refresh)."""
+    if name not in warned:
+        warned.add(name)
+        warnings.warn(f"kfac: non-finite preconditioned gradient for layer {name!r} at step {step} (its factors "
+                      "are too ill-conditioned for the damping, or its decompositions are not finite); it uses its "
+                      "plain gradient (warned once per refresh; counted in fallbacks)", stacklevel=6)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -226,9 +225,6 @@ class KFACPreconditioner(StateMixin):
             self._hooks.unhook(layer)
 
     # -- schedule --------------------------------------------------------------------------------------------
-    def _hparams(self, step: int) -> dict[str, Any]:
-        return self.hparams.at(step)
-
     def capturing(self) -> bool:
         """Whether this step updates factors (statistics are only collected then)."""
         self._schedule()
@@ -283,9 +279,7 @@ class KFACPreconditioner(StateMixin):
         model must still hold the tracked modules."""
         if self._checked_execution:
             return
-        if not any(layer.forward_calls > 0 for layer in self._layers):
-            raise RuntimeError("no tracked layer ran forward() in training mode with gradients enabled since the "
-                               "preconditioner was created: call model.train() and run the forward pass before step()")
+        guards.check_some_layer_ran(self._layers)
         self._check_modules()
         self._checked_execution = True
 
@@ -349,7 +343,7 @@ class KFACPreconditioner(StateMixin):
                                "no tracked parameter has a gradient")
         self._check_fresh_gradients()
         self._check_execution()
-        hp = self._hparams(self.steps)
+        hp = self.hparams.at(self.steps)
         lrs = self._layer_lrs(hp, lr)
         update = self.steps % hp["factor_update_steps"] == 0
         refresh = self.steps % hp["inv_update_steps"] == 0
@@ -382,7 +376,7 @@ class KFACPreconditioner(StateMixin):
         if refresh:
             self._refresh(hp["damping"])  # new eigenbases: this step's corrections (in the old ones) are dropped
         elif correct:
-            self._update_corrections(hp["correction_decay"])
+            corrections.update(self._layers, self.method, self._exec, self._comm, hp["correction_decay"])
         self.discard_pending_statistics()
         if staged is not None:
             bad = staged_bad
@@ -397,11 +391,7 @@ class KFACPreconditioner(StateMixin):
     def _fall_back(self, name: str) -> None:
         """Layer ``name`` keeps its plain gradient this step (its preconditioned gradient is non-finite)."""
         self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
-        if name not in self._warned_fallback:
-            self._warned_fallback.add(name)
-            warnings.warn(f"kfac: non-finite preconditioned gradient for layer {name!r} at step {self.steps} (its "
-                          "factors are too ill-conditioned for the damping, or its decompositions are not finite); "
-                          "it uses its plain gradient (warned once per refresh; counted in fallbacks)", stacklevel=4)
+        guards.warn_fallback(name, self.steps, self._warned_fallback)
 
 
     def _preconditioned(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
@@ -417,21 +407,13 @@ class KFACPreconditioner(StateMixin):
         self._seen.update(name for name, (_, _, seen) in batches.items() if seen)
         if not self._reported_unused:  # once, from globally reduced counts: the same on every rank
             self._reported_unused = True
-            unused = self.unused_layers
-            if unused:
-                warnings.warn(f"kfac: tracked layers {unused} ran no forward pass in training mode on any rank before "
-                              "the first factor update (a branch not taken yet, or a module called functionally); "
-                              "their gradients are used as they are until they run and their factors are refreshed",
-                              stacklevel=4)
+            guards.warn_unused(self.unused_layers)
         self.engine.absorb([layer.entry for layer in self._layers], batches, decay)
 
     def _refresh(self, damping: float) -> None:
         self.engine.refresh(damping, [layer.entry for layer in self._layers])
         self._refreshed_damping = damping
         self._warned_fallback.clear()
-
-    def _update_corrections(self, decay: float) -> None:
-        corrections.update(self._layers, self.method, self._exec, self._comm, decay)
 
     def skip_step(self, reason: str) -> None:
         """Record a skipped step: statistics since the last step are dropped, nothing else changes."""
@@ -466,19 +448,19 @@ class KFACPreconditioner(StateMixin):
         """Absorb the statistics collected since the last call (factors, and EK-FAC corrections on their
         schedule) and advance the step counter, without touching gradients (e.g. to fit factors for influence)."""
         self._check_execution()
-        hp = self._hparams(self.steps)
+        hp = self.hparams.at(self.steps)
         if self.capturing():
             self._exec.launch_statistics()
             self._update_factors(hp["factor_decay"])
         if self.correcting():
-            self._update_corrections(hp["correction_decay"])
+            corrections.update(self._layers, self.method, self._exec, self._comm, hp["correction_decay"])
         self.discard_pending_statistics()
         self.steps += 1
 
     @torch.no_grad()
     def refresh(self, *, damping: float | None = None) -> None:
         """Recompute the decompositions from the current factors (``damping``: default the current one)."""
-        self._refresh(self._hparams(self.steps)["damping"] if damping is None else check_positive(
+        self._refresh(self.hparams.at(self.steps)["damping"] if damping is None else check_positive(
             damping, name="damping"))
 
     @torch.no_grad()
@@ -499,7 +481,7 @@ class KFACPreconditioner(StateMixin):
         return self.engine.diag(self.layers, self._query_damping(damping))
 
     def _query_damping(self, damping: float | None) -> float:
-        value = self._hparams(self.steps)["damping"] if damping is None else check_positive(damping, name="damping")
+        value = self.hparams.at(self.steps)["damping"] if damping is None else check_positive(damping, name="damping")
         if self.method.bakes_damping and self._refreshed_damping is not None and value != self._refreshed_damping:
             raise ValueError(f"method={self.method.name!r} bakes the damping into its inverses at refresh time "
                              f"({self._refreshed_damping}); call refresh(damping={value}) first")
