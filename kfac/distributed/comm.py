@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import ext
 
-__all__ = ["Communicator", "Pending", "pack_symmetric", "unpack_symmetric"]
+__all__ = ["Communicator", "Communicating", "Pending", "pack_symmetric", "unpack_symmetric"]
 
 
 class Pending:
@@ -258,6 +258,32 @@ class Communicator:
         if backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+class Communicating:
+    """The communication properties of an object whose collectives go through ``self._comm`` (both
+    preconditioners)."""
+
+    _comm: Communicator
+
+    @property
+    def communicator(self) -> Communicator:
+        """The :class:`Communicator` this object's collectives go through."""
+        return self._comm
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def bytes_communicated(self) -> dict[str, int]:
+        """This rank's share of the bytes on the wire so far, by category (e.g. factors, decompositions, gradients,
+        control flags; M-FAC: ``"mfac"`` Gram-row sums); summed over ranks it is the total traffic."""
+        return {k: int(round(v)) for k, v in self._comm.bytes_sent.items()}
 
 
 def _short(text: str | None, limit: int = 120) -> str:

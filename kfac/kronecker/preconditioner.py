@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._tensor import all_finite, copy_all
 from ..curvature import as_named_blocks, flatten_blocks
-from ..distributed.comm import Communicator
+from ..distributed.comm import Communicating
 from ..distributed.config import DistributedConfig
 from ..distributed.executor import Executor
 from ..hparams import Hyper, block_lrs, check_positive, check_step_count, schedule_token
@@ -41,7 +41,7 @@ __all__ = ["KFACPreconditioner"]
 logger = logging.getLogger("kfac")
 
 
-class KFACPreconditioner(StateMixin):
+class KFACPreconditioner(Communicating, StateMixin):
     """Kronecker-factored preconditioner for the supported layers of ``model``.
 
     Usage (own training loop, KAISA style)::
@@ -177,28 +177,12 @@ class KFACPreconditioner(StateMixin):
         return self._exec.plan
 
     @property
-    def communicator(self) -> Communicator:
-        """The :class:`kfac.distributed.comm.Communicator` this preconditioner's collectives go through."""
-        return self._comm
-
-    @property
     def executor(self) -> Executor:
         """The :class:`kfac.distributed.executor.Executor` carrying out :attr:`plan` on this rank."""
         return self._exec
 
-    @property
-    def rank(self) -> int:
-        return self._comm.rank
 
-    @property
-    def world_size(self) -> int:
-        return self._comm.world_size
 
-    @property
-    def bytes_communicated(self) -> dict[str, int]:
-        """This rank's share of the bytes on the wire so far, by category (factors, decompositions, gradients,
-        control flags, ...); summed over ranks it is the total traffic, comparable with ``plan.comm``."""
-        return {k: int(round(v)) for k, v in self._comm.bytes_sent.items()}
 
     # -- registration ---------------------------------------------------------------------------------------
     def _register(self, model: nn.Module, skip: Iterable[str] | str) -> None:
@@ -392,7 +376,6 @@ class KFACPreconditioner(StateMixin):
         """Layer ``name`` keeps its plain gradient this step (its preconditioned gradient is non-finite)."""
         self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
         guards.warn_fallback(name, self.steps, self._warned_fallback)
-
 
     def _preconditioned(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
                         lrs: Mapping[str, float] | None) -> Staged:

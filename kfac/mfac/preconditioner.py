@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .._tensor import all_finite, kl_clip_scale, update_dots
 from ..curvature import as_named_blocks, flatten_blocks
-from ..distributed.comm import Communicator
+from ..distributed.comm import Communicating, Communicator
 from ..hparams import Hyper, block_lrs, check_positive, comparable, resolve
 from .blocks import module_blocks, param_blocks, read_grads, window_placement
 from .fisher import BlockMode, SlidingWindowFisher
@@ -62,7 +62,7 @@ logger = logging.getLogger("kfac")
 _MODES: dict[str, BlockMode] = {"global": "global", "per_layer": "per_block"}
 
 
-class MFACPreconditioner:
+class MFACPreconditioner(Communicating):
     """M-FAC preconditioner: ``.grad <- (λ I + (1/k) Σ_{last k <= m} g_i g_i^T)^{-1} .grad`` (see the module
     docstring for the math, the blocks and the distributed protocol).
 
@@ -165,14 +165,6 @@ class MFACPreconditioner:
         return [b.name for b in self._blocks]
 
     @property
-    def rank(self) -> int:
-        return self._comm.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._comm.world_size
-
-    @property
     def owners(self) -> dict[str, int]:
         """``{block: rank holding its window}`` (all 0 in a single process)."""
         return dict(self._owner)
@@ -181,17 +173,6 @@ class MFACPreconditioner:
     def count(self) -> int:
         """Number ``k <= m`` of gradients in the window."""
         return self._fisher.count
-
-    @property
-    def communicator(self) -> Communicator:
-        """The :class:`kfac.distributed.comm.Communicator` this preconditioner's collectives go through."""
-        return self._comm
-
-    @property
-    def bytes_communicated(self) -> dict[str, int]:
-        """This rank's share of the bytes on the wire so far, by category (``"mfac"``: the m-sized Gram-row and
-        projection sums; ``"gradients"``: preconditioned gradients; ``"ihvp"``/``"diag"``/``"state"``: queries)."""
-        return {k: round(v) for k, v in self._comm.bytes_sent.items()}
 
     def memory_usage(self) -> int:
         """Bytes of this rank's window (``m x d_b`` per held block) and float64 Gram matrices (``m x m`` each)."""
