@@ -11,10 +11,11 @@ import warnings
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .curvature import Preconditioner
 from ._tensor import all_finite
+from .adaptive.controller import AdaptiveConfig, AdaptiveController
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorStore
 
@@ -142,13 +143,118 @@ class KFAC(PreconditionedOptimizer):
 
     All keyword arguments are those of :class:`kfac.KFACPreconditioner` (except ``lr``, which comes from the
     base optimizer's param groups).
+
+    ``adaptive=True`` (or a :class:`kfac.adaptive.controller.AdaptiveConfig`) turns on adaptive K-FAC: step size,
+    momentum and damping from the exact quadratic model of each batch, no ``damping``/``kl_clip`` to tune. Then
+    ``optimizer`` must be ``torch.optim.SGD(params, lr=1.0)`` without momentum (it applies the update and any
+    weight decay), and each step is ``opt.step(closure)`` with a closure that runs the forward pass and returns the
+    batch's mean loss without calling ``backward`` (see :mod:`kfac.adaptive.controller`)::
+
+        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True)
+        for x, y in loader:
+            opt.step(lambda: F.cross_entropy(model(x), y))
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 adaptive: bool | AdaptiveConfig = False, **kwargs: Any) -> None:
         _no_lr(kwargs, type(self).__name__)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        super().__init__(KFACPreconditioner(model, lr=None, **kwargs), optimizer)
+        self.adaptive: AdaptiveController | None = None
+        if adaptive:
+            controller = _adaptive_controller(model, optimizer, adaptive, kwargs)
+            kwargs.update(damping=controller.damping_at, kl_clip=None)
+            self.adaptive = controller
+        self.kfac = KFACPreconditioner(model, lr=None, **kwargs)
+        super().__init__(self.kfac, optimizer)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.adaptive is None:
+            return super().step(closure)
+        if closure is None:
+            raise RuntimeError("adaptive K-FAC needs opt.step(closure): a closure that runs the forward pass and "
+                               "returns the batch's mean loss (without calling backward)")
+        controller, pre = self.adaptive, self.kfac
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()
+        if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.requires_grad):
+            raise TypeError("adaptive K-FAC: the closure must return the batch's mean loss as a scalar tensor that "
+                            "requires grad (and must not call backward)")
+        loss.backward()
+        g = controller.gradient()
+        comm = pre.communicator
+        device = next(iter(g.values())).device
+
+        def reduce(tensors: list[Tensor]) -> list[Tensor]:
+            if not comm.enabled:
+                return tensors
+            summed = comm.all_reduce_sum([t.to(device) for t in tensors], category="adaptive", exact=True)
+            return [t.cpu() / comm.world_size for t in summed]
+
+        def precondition() -> bool:
+            others = [p.grad for group in self.param_groups for p in group["params"]
+                      if p.grad is not None and id(p) not in self._param_to_layer]
+            return pre.step(grads_finite=all_finite(others))
+
+        def evaluate() -> float:
+            with torch.no_grad():
+                value = closure()
+            return float(reduce([torch.as_tensor(value, dtype=torch.float64).reshape(1)])[0])
+
+        def apply(update: dict[str, Tensor]) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    name = controller.names.get(id(p))
+                    if name is not None and name in update:
+                        p.grad = (-update[name] / group["lr"]).to(p.dtype)
+            self.optimizer.step()
+
+        mean_loss = reduce([loss.detach().double().reshape(1)])[0]
+        controller.update(g, precondition, mean_loss, evaluate, apply, reduce)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.adaptive is not None:
+            state["kfac_adaptive"] = self.adaptive.state_dict()
+        return state
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        state = super().consolidated_state_dict()
+        if self.adaptive is not None:
+            state["kfac_adaptive"] = self.adaptive.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        adaptive = state.pop("kfac_adaptive", None)
+        if (adaptive is None) != (self.adaptive is None):
+            raise ValueError("this state was saved with" + ("out" if adaptive is None else "") + " adaptive K-FAC; "
+                             "build the optimizer the same way to load it")
+        super().load_state_dict(state)
+        if self.adaptive is not None and adaptive is not None:
+            self.adaptive.load_state_dict(adaptive, ((n, p.device) for n, p in self.adaptive.params.items()))
+
+
+def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, adaptive: bool | AdaptiveConfig,
+                         kwargs: dict[str, Any]) -> AdaptiveController:
+    """Validate an adaptive set-up (clear errors) and build its controller."""
+    config = adaptive if isinstance(adaptive, AdaptiveConfig) else AdaptiveConfig()
+    if type(optimizer) is not torch.optim.SGD or any(g.get("momentum", 0) or g.get("nesterov") for g in
+                                                      optimizer.param_groups):
+        raise ValueError("adaptive K-FAC computes the whole update (momentum included): use "
+                         "torch.optim.SGD(params, lr=1.0) without momentum as the base optimizer")
+    fixed = sorted(k for k in ("damping", "kl_clip") if k in kwargs)
+    if fixed:
+        raise ValueError(f"adaptive K-FAC sets {fixed} itself (Levenberg-Marquardt damping, no kl_clip)")
+    if kwargs.get("method", "eigen") == "inverse":
+        raise ValueError("adaptive K-FAC needs method='eigen' or 'ekfac' (the inverse method fixes the damping at "
+                         "refresh time, the adaptive damping changes every few steps)")
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    params = {n: p for n, p in inner.named_parameters() if id(p) in stepped}
+    return AdaptiveController(model=model, config=config, params=params)
 
 
 class EKFAC(KFAC):

@@ -255,3 +255,23 @@ def influence_problem():
     x, y = torch.randn(35, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (35,), generator=g)
     train = [(x[i:i + 6], y[i:i + 6]) for i in range(0, 35, 6)]  # 6 batches, the last one short
     return model, train, [(x[:5], y[:5])]
+
+
+def adaptive(rank: int, world: int, out: Path, strategy: str) -> dict:
+    """Adaptive K-FAC under DDP: the quadratic model's scalars are averaged over ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from kfac.adaptive.controller import AdaptiveConfig
+
+    model = make_model(pooled=True)
+    ddp = DDP(model)
+    opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=1.0), adaptive=AdaptiveConfig(adapt_every=2),
+                    factor_dtype=torch.float64, strategy=strategy)
+    per = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        opt.step(lambda: F.cross_entropy(ddp(x), y))
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], out / f"adaptive_{strategy}.pt")
+    return {"damping": opt.adaptive.damping}

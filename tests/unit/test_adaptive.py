@@ -1,0 +1,163 @@
+"""Adaptive K-FAC (kfac.KFAC(..., adaptive=True)) against dense float64 math: each update is the minimiser of the
+damped quadratic model built from the exact GGN (torch.func) on span{Δ, δ₀}; Δ is the K-FAC direction at the current
+damping; the damping follows the Levenberg-Marquardt rule; resume is bit-exact; misuse is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import kfac
+from kfac.adaptive.controller import AdaptiveConfig
+from kfac.adaptive.quadratic import levenberg_marquardt
+
+from helpers import single_thread  # noqa: F401  (autouse fixture)
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+
+def _opt(model, **config):
+    return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=AdaptiveConfig(**config),
+                     factor_dtype=torch.float64)
+
+
+def _dense_ggn(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(flat):
+        return functional_call(model, dict(zip(names, (t.reshape(s) for t, s in zip(flat.split(sizes), shapes)))),
+                               (x,))
+
+    z = outputs(theta)
+    jac = jacrev(lambda t: outputs(t).reshape(-1))(theta)
+    h = hessian(lambda zz: F.cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
+    return jac.T @ h @ jac, names
+
+
+def _flat(d, names):
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direction_and_previous_update():
+    model = _model()
+    opt = _opt(model, adapt_every=100)  # damping fixed over these steps
+    ctl = opt.adaptive
+    previous = None
+    for step in range(3):
+        x, y = _batch(step)
+        ggn, names = _dense_ggn(model, x, y)
+        g = _flat(dict(zip(names, torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))),
+                  names)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        damping = ctl.damping
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        delta = _flat(ctl.direction, names)
+        dirs = [delta] if previous is None else [delta, previous]
+        a = torch.stack([torch.stack([u @ ggn @ v + damping * u @ v for v in dirs]) for u in dirs])
+        c = -torch.linalg.solve(a, torch.stack([g @ u for u in dirs]))
+        want = sum(ci * u for ci, u in zip(c, dirs))
+        torch.testing.assert_close(after - before, want, rtol=1e-8, atol=1e-12)
+        assert ctl.last["alpha"] == pytest.approx(float(c[0]), rel=1e-8)
+        if previous is not None:
+            assert ctl.last["mu"] == pytest.approx(float(c[1]), rel=1e-8)
+        previous = after - before
+
+
+def test_direction_is_the_kfac_direction_at_the_current_damping():
+    model = _model()
+    opt = _opt(model)
+    x, y = _batch(0)
+    g = dict(zip([n for n, _ in model.named_parameters()],
+                 torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))))
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    e, lam = opt.store["2"], opt.adaptive.config.initial_damping
+    raw = torch.cat([g["2.weight"], g["2.bias"][:, None]], 1)
+    want = -(e.QG @ ((e.QG.T @ raw @ e.QA) / (torch.outer(e.dG, e.dA) + lam)) @ e.QA.T)
+    got = torch.cat([opt.adaptive.direction["2.weight"], opt.adaptive.direction["2.bias"][:, None]], 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_damping_follows_the_levenberg_marquardt_rule_and_training_makes_progress():
+    model = _model()
+    opt = _opt(model, adapt_every=2, initial_damping=1.0)
+    ctl = opt.adaptive
+    x, y = _batch(0)
+    first = float(F.cross_entropy(model(x), y))
+    for step in range(8):
+        before = ctl.damping
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        if ctl.steps % 2 == 0:
+            assert ctl.damping == pytest.approx(levenberg_marquardt(before, ctl.last["rho"], omega=(19 / 20) ** 2))
+        else:
+            assert ctl.damping == before
+    assert float(F.cross_entropy(model(x), y)) < 0.7 * first  # a fixed batch: the loss must go down steadily
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_is_bit_exact():
+    def run(model, opt, steps):
+        for step in steps:
+            x, y = _batch(step)
+            opt.step(lambda: F.cross_entropy(model(x), y))
+
+    ref = _model()
+    ref_opt = _opt(ref, adapt_every=2)
+    run(ref, ref_opt, range(7))
+    model = _model()
+    opt = _opt(model, adapt_every=2)
+    run(model, opt, range(4))
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+    opt.preconditioner.remove()
+    model2 = _model(seed=5)
+    opt2 = _opt(model2, adapt_every=2)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    run(model2, opt2, range(4, 7))
+    for p, q in zip(model2.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.adaptive.damping == ref_opt.adaptive.damping
+
+
+def test_misuse_is_a_clear_error():
+    model = _model()
+    with pytest.raises(ValueError, match="without momentum"):
+        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), adaptive=True)
+    with pytest.raises(ValueError, match="without momentum"):
+        kfac.KFAC(model, torch.optim.Adam(model.parameters()), adaptive=True)
+    with pytest.raises(ValueError, match="sets"):
+        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, damping=1e-3)
+    with pytest.raises(ValueError, match="inverse"):
+        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, method="inverse")
+    with pytest.raises(ValueError, match="adaptive loss"):
+        AdaptiveConfig(loss="hinge")
+    opt = _opt(model)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    x, y = _batch(0)
+    with pytest.raises(TypeError, match="scalar tensor"):
+        opt.step(lambda: float(F.cross_entropy(model(x), y)))
+
+
+def test_a_non_finite_update_is_never_applied():
+    model = _model()
+    opt = _opt(model)
+    x, y = _batch(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(lambda: F.cross_entropy(model(x), y) * float("nan"))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.preconditioner.skipped_steps == 1
