@@ -164,6 +164,8 @@ class KFAC(PreconditionedOptimizer):
         if adaptive:
             controller = _adaptive_controller(model, optimizer, adaptive, kwargs)
             kwargs.update(damping=controller.damping_at, kl_clip=None)
+            # the damping is applied at preconditioning time (eigen bases), so bases may be refreshed less often
+            kwargs.setdefault("inv_update_steps", ADAPTIVE_INV_UPDATE_STEPS)
             self.adaptive = controller
         self.kfac = KFACPreconditioner(model, lr=None, **kwargs)
         super().__init__(self.kfac, optimizer)
@@ -237,6 +239,11 @@ class KFAC(PreconditionedOptimizer):
             self.adaptive.load_state_dict(adaptive, ((n, p.device) for n, p in self.adaptive.params.items()))
 
 
+ADAPTIVE_INV_UPDATE_STEPS = 10
+"""Adaptive K-FAC's default refresh interval (Martens & Grosse refresh every 20 steps; the adaptive damping is
+applied at every step on top of the eigenbases of the last refresh)."""
+
+
 def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, adaptive: bool | AdaptiveConfig,
                          kwargs: dict[str, Any]) -> AdaptiveController:
     """Validate an adaptive set-up (clear errors) and build its controller."""
@@ -248,6 +255,10 @@ def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, ada
     fixed = sorted(k for k in ("damping", "kl_clip") if k in kwargs)
     if fixed:
         raise ValueError(f"adaptive K-FAC sets {fixed} itself (Levenberg-Marquardt damping, no kl_clip)")
+    unsupported = sorted(k for k in ("grad_scaler", "accumulation_steps") if kwargs.get(k) not in (None, 1))
+    if unsupported:
+        raise ValueError(f"adaptive K-FAC does not support {unsupported} yet: its closure evaluates one full batch "
+                         "in full precision per step")
     if kwargs.get("method", "eigen") == "inverse":
         raise ValueError("adaptive K-FAC needs method='eigen' or 'ekfac' (the inverse method fixes the damping at "
                          "refresh time, the adaptive damping changes every few steps)")

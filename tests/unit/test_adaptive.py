@@ -143,6 +143,8 @@ def test_misuse_is_a_clear_error():
         kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, damping=1e-3)
     with pytest.raises(ValueError, match="inverse"):
         kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, method="inverse")
+    with pytest.raises(ValueError, match="does not support"):
+        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, accumulation_steps=2)
     with pytest.raises(ValueError, match="adaptive loss"):
         AdaptiveConfig(loss="hinge")
     opt = _opt(model)
