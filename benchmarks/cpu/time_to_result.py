@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,8 +155,10 @@ def reached(run_: dict[str, Any], target: float, wl: Workload) -> tuple[float, f
 
 
 def median(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.median(finite) if len(finite) == len(values) else float("nan")
+    """Median over seeds, a run that never reached the target counting as infinitely late (nan: the median run
+    did not reach it)."""
+    value = statistics.median(math.inf if math.isnan(v) else v for v in values)
+    return float("nan") if math.isinf(value) else value
 
 
 GRIDS = {"sgd": [0.03, 0.1, 0.3, 1.0], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "muon": [0.01, 0.03, 0.1, 0.3],
