@@ -33,7 +33,8 @@ def test_demo_quick(tmp_path):
 
     # the table: a header and one row per optimizer
     assert "optimizer" in stdout and "test acc" in stdout and "K-FAC MiB/step" in stdout
-    rows = {line.split()[0]: line.split() for line in stdout.splitlines()
+    first = stdout.split("steps to AdamW final")[0]  # the ResNet table comes before the payoff stage's
+    rows = {line.split()[0]: line.split() for line in first.splitlines()
             if line.split() and line.split()[0] in ("sgd", "kfac", "ekfac")}
     assert set(rows) == {"sgd", "kfac", "ekfac"}, stdout
     assert rows["sgd"][-1] == "-"  # no K-FAC traffic for SGD
@@ -61,3 +62,17 @@ def test_demo_quick(tmp_path):
     if data["nproc"] > 1:  # factors are all-reduced between the ranks
         for name in ("kfac", "ekfac"):
             assert results[name]["comm_MiB_per_step"] > 0 and math.isfinite(results[name]["comm_MiB_per_step"])
+    # the payoff stage: the autoencoder by SGD, AdamW and adaptive K-FAC on the same processes, seed and budget
+    assert "steps to AdamW final" in stdout and str(out / "demo_payoff.png") in stdout
+    payoff = {r["optimizer"]: r for r in data["payoff"]}
+    assert list(payoff) == ["sgd", "adamw", "adaptive"]
+    for name, r in payoff.items():
+        assert r["steps"] == 20 and r["world_size"] == data["nproc"], (name, r)
+        assert [s for s, _ in r["curve"]] == [0, 5, 10, 15, 20]
+        assert all(math.isfinite(v) and v > 0 for _, v in r["curve"]), (name, r["curve"])
+        assert r["curve"][0][1] == payoff["sgd"]["curve"][0][1]  # same initial weights
+    target = payoff["adamw"]["curve"][-1][1]
+    for r in payoff.values():  # the reported step is the first evaluation at or below AdamW's final loss
+        hit = next((s for s, v in r["curve"] if v <= target), None)
+        assert r["steps_to_adamw_final"] == hit
+    assert (out / "demo_payoff.png").stat().st_size > 10_000
