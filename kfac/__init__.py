@@ -2,7 +2,7 @@
 
 from .curvature import Preconditioner
 from .kronecker.methods import CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC
-from .mfac.preconditioner import MFACPreconditioner
+from .mfac.mfac_preconditioner import MFACPreconditioner
 from .optimizer import EKFAC, KFAC, MFAC, PreconditionedOptimizer
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorEntry, FactorFileError, FactorStore

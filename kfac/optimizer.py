@@ -298,7 +298,7 @@ class MFAC(PreconditionedOptimizer):
     """
 
     def __init__(self, model_or_params: Any, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
-        from .mfac.preconditioner import MFACPreconditioner
+        from .mfac.mfac_preconditioner import MFACPreconditioner
 
         _no_lr(kwargs, type(self).__name__)
         if not isinstance(optimizer, torch.optim.Optimizer):

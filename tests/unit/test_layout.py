@@ -48,8 +48,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
 
 def test_module_file_names_are_unique():
     names = Counter(p.name for p in MODULES if p.name not in ("__init__.py", "__main__.py", "base.py"))
-    # the two preconditioners (K-FAC and M-FAC) are siblings of one protocol, each in its own package
-    dupes = {n: c for n, c in names.items() if c > 1 and n != "preconditioner.py"}
+    dupes = {n: c for n, c in names.items() if c > 1}
     assert not dupes, dupes
 
 
