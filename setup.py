@@ -22,6 +22,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require={
         "examples": ["torchvision", "tensorboard", "tqdm", "matplotlib", "scikit-learn"],
+        # peers of the time-to-result suite only (SOAP): a maintained implementation rather than our own copy
+        "benchmarks": ["pytorch-optimizer>=3.5", "matplotlib", "scikit-learn"],
         # ruff and mypy run in `make test`: the layout and type rules are checked with the tests
         "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
     },

@@ -9,7 +9,8 @@ Workloads (real data, offline: scikit-learn's bundled digits, 1797 8x8 images sc
   Measured: test accuracy.
 
 Optimizers: SGD with momentum 0.9, AdamW (weight decay 0), ``torch.optim.Muon`` on the weight matrices with AdamW
-on the rest (as its docs recommend; where this torch has it), K-FAC eigen around SGD momentum 0.9 (library
+on the rest (as its docs recommend; where this torch has it), SOAP from ``pytorch-optimizer`` (its default betas
+and preconditioning frequency, weight decay 0; the ``benchmarks`` extra, skipped with a note without it), K-FAC eigen around SGD momentum 0.9 (library
 defaults otherwise), each at its own learning rate chosen from a grid on a separate tuning seed (best final
 metric), and adaptive K-FAC (``kfac.KFAC(..., adaptive=True)``) with no tuning at all. Every optimizer gets the same
 model initialisation, data order and step budget per seed; evaluation seeds differ from the tuning seed.
@@ -96,6 +97,10 @@ def make(kind: str, model: nn.Module, lr: float | None, wl: Workload) -> Any:
         mats = [p for p in model.parameters() if p.dim() == 2]
         rest = [p for p in model.parameters() if p.dim() != 2]
         return [torch.optim.Muon(mats, lr=lr), torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.0)]
+    if kind == "soap":
+        from pytorch_optimizer import SOAP
+
+        return SOAP(model.parameters(), lr=lr, weight_decay=0.0)
     if kind == "kfac":
         return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     if kind == "adaptive":
@@ -162,8 +167,21 @@ def median(values: list[float]) -> float:
 
 
 GRIDS = {"sgd": [0.03, 0.1, 0.3, 1.0], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "muon": [0.01, 0.03, 0.1, 0.3],
-         "kfac": [0.03, 0.1, 0.3, 1.0]}
-PEERS = ("sgd", "adamw", "muon")
+         "soap": [1e-3, 3e-3, 1e-2, 3e-2], "kfac": [0.03, 0.1, 0.3, 1.0]}
+PEERS = ("sgd", "adamw", "muon", "soap")
+
+
+def available(kind: str) -> bool:
+    """Muon needs torch >= 2.9; SOAP needs the ``benchmarks`` extra (``pip install -e '.[benchmarks]'``)."""
+    if kind == "muon":
+        return hasattr(torch.optim, "Muon")
+    if kind == "soap":
+        import importlib.util
+
+        if importlib.util.find_spec("pytorch_optimizer") is None:
+            print("note: SOAP skipped (pip install -e '.[benchmarks]' for pytorch-optimizer)")
+            return False
+    return True
 
 
 def main() -> None:
@@ -174,7 +192,7 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    kinds = [k for k in ("sgd", "adamw", "muon", "kfac", "adaptive") if k != "muon" or hasattr(torch.optim, "Muon")]
+    kinds = [k for k in ("sgd", "adamw", "muon", "soap", "kfac", "adaptive") if available(k)]
     seeds = list(range(1 if args.quick else args.seeds))
     record: dict[str, Any] = {"machine": machine_info(), "workloads": {}, "seeds": seeds, "tuning_seed": 100}
     for name in args.workloads:

@@ -53,6 +53,9 @@ class KFACPreconditioner(Communicating, StateMixin):
         factor_update_steps: steps between factor updates.
         inv_update_steps: steps between decomposition refreshes.
         damping: Tikhonov damping added to the Kronecker eigenvalue products (eigen) or to each factor (inverse).
+        relative_damping: the damping is in units of each layer's mean eigenvalue ``tr(A) tr(G) / (a_dim g_dim)``
+            (eigen and EK-FAC): one value means the same for every layer, batch size and loss normalisation
+            (the absolute damping of KAISA's conventions scales with ``1 / batch²``). Default ``False`` (KAISA).
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
@@ -85,6 +88,7 @@ class KFACPreconditioner(Communicating, StateMixin):
         factor_update_steps: Hyper = 1,
         inv_update_steps: Hyper = 1,
         damping: Hyper = 1e-3,
+        relative_damping: bool = False,
         factor_decay: Hyper = 0.95,
         kl_clip: Hyper | None = 1e-3,
         lr: Hyper | None = 0.1,
@@ -112,7 +116,7 @@ class KFACPreconditioner(Communicating, StateMixin):
             raise TypeError(f"KFACPreconditioner got unexpected keyword arguments {unknown}")
         config = dataclasses.replace(distributed or DistributedConfig(), **distributed_options)
         self.config = config
-        self.method = make_method(method)
+        self.method = make_method(method, relative_damping=relative_damping)
         self.hparams = KFACHyperparameters(
             factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps, damping=damping,
             factor_decay=factor_decay, kl_clip=kl_clip, lr=lr, correction_update_steps=correction_update_steps,
@@ -156,7 +160,7 @@ class KFACPreconditioner(Communicating, StateMixin):
         if hooks:
             self._hooks.install()
         options = {**self.hparams.comparable(), "fisher": fisher, "accumulation_steps": self.accumulation_steps,
-                   "factor_dtype": str(factor_dtype), "method": method}
+                   "factor_dtype": str(factor_dtype), "method": method, "relative_damping": relative_damping}
         self.engine = CurvatureEngine.create(
             store=self.store, method=self.method, factor_dtype=factor_dtype, config=config, options=options,
             devices={layer.name: layer.adapter.weight.device for layer in self._layers},

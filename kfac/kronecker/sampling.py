@@ -8,6 +8,10 @@ per-example output Hessian of the loss (the GGN/Fisher), with the same batch red
 * ``"mse"``: per example, ``F.mse_loss`` with ``reduction="mean"`` is the negative log-likelihood of a Gaussian with
   variance ``D/2`` per output (``D`` outputs per example); with ``"sum"`` the variance is ``1/2``. We sample
   ``y = out + sqrt(variance) * eps`` and apply ``F.mse_loss(out, y, reduction=...)``.
+* ``"bernoulli"``: ``y ~ Bernoulli(sigmoid(out))`` elementwise, loss
+  ``F.binary_cross_entropy_with_logits(out, y, reduction=...)``; with ``"mean"`` (over all elements) it is scaled by
+  ``sqrt(D)`` so that, like the ``"mse"`` case, the statistics match the element-mean loss's GGN
+  ``diag(s (1 - s)) / numel`` (``D`` outputs per example).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["sampled_loss", "LOSSES"]
 
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "bernoulli")
 
 
 def sampled_loss(outputs: Tensor, *, loss: str = "cross_entropy", reduction: str = "mean",
@@ -41,4 +45,9 @@ def sampled_loss(outputs: Tensor, *, loss: str = "cross_entropy", reduction: str
         variance = per_example / 2 if reduction == "mean" else 0.5
         noise = torch.randn(detached.shape, generator=generator, dtype=detached.dtype, device=detached.device)
         return F.mse_loss(outputs, detached + math.sqrt(variance) * noise, reduction=reduction)
+    if loss == "bernoulli":
+        probabilities = torch.sigmoid(detached.float())
+        labels = torch.bernoulli(probabilities, generator=generator).to(outputs.dtype)
+        scale = math.sqrt(detached[0].numel() if detached.dim() > 1 else 1) if reduction == "mean" else 1.0
+        return scale * F.binary_cross_entropy_with_logits(outputs, labels, reduction=reduction)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

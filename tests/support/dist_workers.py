@@ -257,7 +257,7 @@ def influence_problem():
     return model, train, [(x[:5], y[:5])]
 
 
-def adaptive(rank: int, world: int, out: Path, strategy: str) -> dict:
+def adaptive(rank: int, world: int, out: Path, strategy: str, fisher: str = "empirical") -> dict:
     """Adaptive K-FAC under DDP: the quadratic model's scalars are averaged over ranks."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -266,7 +266,7 @@ def adaptive(rank: int, world: int, out: Path, strategy: str) -> dict:
     model = make_model(pooled=True)
     ddp = DDP(model)
     opt = kfac.KFAC(ddp, torch.optim.SGD(ddp.parameters(), lr=1.0), adaptive=AdaptiveConfig(adapt_every=2),
-                    factor_dtype=torch.float64, strategy=strategy)
+                    factor_dtype=torch.float64, strategy=strategy, fisher=fisher)
     per = GLOBAL_BATCH // world
     for step in range(STEPS):
         x, y = batch(step)
@@ -274,4 +274,5 @@ def adaptive(rank: int, world: int, out: Path, strategy: str) -> dict:
         opt.step(lambda: F.cross_entropy(ddp(x), y))
     if rank == 0:
         torch.save([p.detach() for p in model.parameters()], out / f"adaptive_{strategy}.pt")
-    return {"damping": opt.adaptive.damping}
+    return {"damping": opt.adaptive.damping,
+            "params": [p.detach().flatten().tolist() for p in model.parameters()]}

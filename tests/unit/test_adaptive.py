@@ -27,9 +27,9 @@ def _batch(step: int):
     return torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
 
 
-def _opt(model, **config):
+def _opt(model, inv_update_steps=10, **config):
     return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=AdaptiveConfig(**config),
-                     factor_dtype=torch.float64)
+                     factor_dtype=torch.float64, inv_update_steps=inv_update_steps)
 
 
 def _dense_ggn(model, x, y):
@@ -78,16 +78,19 @@ def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direc
         previous = after - before
 
 
-def test_direction_is_the_kfac_direction_at_the_current_damping():
+def test_direction_is_the_kfac_direction_at_the_relative_factor_damping():
+    """``Δ = -(A ⊗ G + γ mean(eig) I)^{-1} g`` per layer, ``γ`` relative to the layer's mean eigenvalue."""
     model = _model()
-    opt = _opt(model)
+    opt = _opt(model, factor_damping=0.05)
     x, y = _batch(0)
     g = dict(zip([n for n, _ in model.named_parameters()],
                  torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))))
     opt.step(lambda: F.cross_entropy(model(x), y))
-    e, lam = opt.store["2"], opt.adaptive.config.initial_damping
+    e = opt.store["2"]
     raw = torch.cat([g["2.weight"], g["2.bias"][:, None]], 1)
-    want = -(e.QG @ ((e.QG.T @ raw @ e.QA) / (torch.outer(e.dG, e.dA) + lam)) @ e.QA.T)
+    eig = torch.outer(e.dG, e.dA)
+    assert float(eig.mean()) == pytest.approx(float(torch.trace(e.A) * torch.trace(e.G)) / eig.numel(), rel=1e-10)
+    want = -(e.QG @ ((e.QG.T @ raw @ e.QA) / (eig + 0.05 * eig.mean())) @ e.QA.T)
     got = torch.cat([opt.adaptive.direction["2.weight"], opt.adaptive.direction["2.bias"][:, None]], 1)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -115,16 +118,17 @@ def test_resume_is_bit_exact():
             x, y = _batch(step)
             opt.step(lambda: F.cross_entropy(model(x), y))
 
+    # refreshes on the resumed steps use factors from labels sampled after the checkpoint (Monte-Carlo Fisher)
     ref = _model()
-    ref_opt = _opt(ref, adapt_every=2)
+    ref_opt = _opt(ref, adapt_every=2, inv_update_steps=2)
     run(ref, ref_opt, range(7))
     model = _model()
-    opt = _opt(model, adapt_every=2)
+    opt = _opt(model, adapt_every=2, inv_update_steps=2)
     run(model, opt, range(4))
     state = {"model": model.state_dict(), "opt": opt.state_dict()}
     opt.preconditioner.remove()
     model2 = _model(seed=5)
-    opt2 = _opt(model2, adapt_every=2)
+    opt2 = _opt(model2, adapt_every=2, inv_update_steps=2)
     model2.load_state_dict(state["model"])
     opt2.load_state_dict(state["opt"])
     run(model2, opt2, range(4, 7))
@@ -163,3 +167,22 @@ def test_a_non_finite_update_is_never_applied():
     opt.step(lambda: F.cross_entropy(model(x), y) * float("nan"))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.preconditioner.skipped_steps == 1
+
+
+
+def test_a_step_after_which_the_batch_loss_rose_is_undone():
+    """On a step where ρ is measured, a loss increase takes the step back exactly, drops the momentum direction
+    and raises λ (here the closure reports a higher loss when evaluated after the update)."""
+    model = _model()
+    opt = _opt(model, adapt_every=1)
+    x, y = _batch(0)
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    before = [p.detach().clone() for p in model.parameters()]
+    damping = opt.adaptive.damping
+    opt.step(lambda: F.cross_entropy(model(x), y) + (0.0 if torch.is_grad_enabled() else 1.0))
+    assert opt.adaptive.undone == 1 and opt.adaptive.last["rho"] < 0
+    assert opt.adaptive.previous is None
+    assert opt.adaptive.damping == pytest.approx(damping / (19 / 20))
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-15)
+    assert opt.state_dict()["kfac_adaptive"]["undone"] == 1

@@ -293,7 +293,7 @@ def test_gradient_accumulation_equals_concatenated_batch(method):
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bernoulli"])
 def test_mc_fisher_G_is_unbiased_for_the_output_hessian(loss, chunks):
     """E[G_mc] = (1/B) sum_n H_n / B^2, H_n the per-example output Hessian (the GGN's middle term); the same
     when the batch is split into accumulated micro-batches."""
@@ -312,15 +312,18 @@ def test_mc_fisher_G_is_unbiased_for_the_output_hessian(loss, chunks):
         for _ in range(samples):
             pre.mc_backward(out, loss=loss, generator=gen)
         user_loss = F.cross_entropy(out, torch.zeros(len(xb), dtype=torch.long)) if loss == "cross_entropy" \
-            else out.pow(2).mean()
+            else out.pow(2).mean() if loss == "mse" else F.binary_cross_entropy_with_logits(out, torch.rand(out.shape))
         (user_loss / chunks).backward()
     pre.step()
     out = torch.cat(outs)
     if loss == "cross_entropy":
         p = torch.softmax(out.detach(), -1)
         hessians = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    else:  # F.mse_loss(mean): per-example loss (1/D)||out - y||^2 has Hessian (2/D) I
+    elif loss == "mse":  # F.mse_loss(mean): per-example loss (1/D)||out - y||^2 has Hessian (2/D) I
         hessians = (2.0 / d) * torch.eye(d).expand(b, d, d)
+    else:  # element-mean BCE with logits: per-example loss (1/D) sum BCE has Hessian diag(s (1 - s)) / D
+        s = torch.sigmoid(out.detach())
+        hessians = torch.diag_embed(s * (1 - s)) / d
     expected = hessians.sum(0) / b / b**2
     rel = torch.linalg.matrix_norm(pre.store[""].G - expected) / torch.linalg.matrix_norm(expected)
     assert rel < 0.05, rel

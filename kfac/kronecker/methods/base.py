@@ -24,6 +24,7 @@ class CurvatureMethod(Protocol):
     decomposition: str     # what the planner's cost model prices: "eigen" or "inverse"
     corrects: bool         # re-estimates eigenvalues from per-example gradients (EK-FAC)
     bakes_damping: bool    # the damping is fixed into the decompositions at refresh time (inverse)
+    relative_damping: bool  # the damping is in units of each layer's mean eigenvalue
 
     def refresh(self, entry: FactorEntry, *, damping: float) -> None:
         """Recompute ``entry``'s decompositions from its factors; raise :class:`DecompositionError` on failure."""
@@ -77,6 +78,12 @@ class KroneckerMethod:
 
     corrects = False       # EK-FAC re-estimates eigenvalues from per-example gradients
     bakes_damping = False  # the damping is fixed into the decompositions at refresh time
+    relative_damping = False  # the damping is in units of each layer's mean curvature eigenvalue
+
+    def damped(self, eigenvalues: Tensor, damping: float) -> Tensor:
+        """``eigenvalues + damping`` (absolute), or ``eigenvalues + damping * mean(eigenvalues)`` (relative: the
+        same damping means the same for every layer, batch size and loss normalisation)."""
+        return eigenvalues + (damping * eigenvalues.mean() if self.relative_damping else damping)
 
     def reset_corrections(self, entry: FactorEntry) -> None:
         """Restart eigenvalue corrections (nothing to do without corrections)."""

@@ -3,6 +3,7 @@
 For a gradient matrix ``V`` (``g_dim x a_dim``; ``vec`` is column-major, so ``(A (x) G) vec(V) = vec(G V A)``), with
 ``A = QA diag(dA) QA^T`` and ``G = QG diag(dG) QG^T`` (eigenvalues clamped at 0),
 ``P(V) = QG [(QG^T V QA) / (dG dA^T + damping)] QA^T``, i.e. exactly ``(A (x) G + damping I)^-1 vec(V)``.
+With ``relative_damping`` the damping is ``damping * mean(dG dA^T)`` (``tr(A) tr(G) / (a_dim g_dim)``) per layer.
 """
 
 from __future__ import annotations
@@ -60,14 +61,14 @@ class EigenKFAC(KroneckerMethod):
     def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
         """``v / (eigenvalues + damping)`` in the eigenbasis (fused by :func:`kfac.ext.eigen_scale`; a batch
         ``(b, g_dim, a_dim)`` broadcasts)."""
-        if v.dim() == 2 and ext.uses_extension("eigen_scale", v, v.numel()):
+        if v.dim() == 2 and not self.relative_damping and ext.uses_extension("eigen_scale", v, v.numel()):
             assert entry.dG is not None and entry.dA is not None  # callers check ready(entry) first
             return ext.eigen_scale(v, entry.dG, entry.dA, damping)
         # One multiply by 1 / (eigenvalues + damping), cached until the decomposition or the damping changes
         # (instead of outer, add and divide at every step: fewer kernel launches on a GPU).
         hit = entry.cache.get("inv_eigenvalues")
         if hit is None or hit[0] is not entry.dG or hit[1] is not entry.dA or hit[2] != damping:
-            hit = (entry.dG, entry.dA, damping, (self.eigenvalues(entry) + damping).reciprocal_())
+            hit = (entry.dG, entry.dA, damping, self.damped(self.eigenvalues(entry), damping).reciprocal_())
             entry.cache["inv_eigenvalues"] = hit
         return v * hit[3]
 
@@ -87,7 +88,7 @@ class EigenKFAC(KroneckerMethod):
 
     def diag(self, entry: FactorEntry, *, damping: float) -> Tensor:
         """Diagonal of the damped inverse, ``diag(P)[i, j] = sum_kl QG[i,k]^2 QA[j,l]^2 / (eig[k,l] + damping)``."""
-        inv = 1.0 / (self.eigenvalues(entry) + damping)
+        inv = 1.0 / self.damped(self.eigenvalues(entry), damping)
         assert entry.QG is not None  # callers check ready(entry) first
         out = entry.QG.square() @ inv
         return out if entry.QA is None else out @ entry.QA.square().T

@@ -52,7 +52,7 @@ class EigenCorrectedKFAC(EigenKFAC):
         return torch.outer(entry.dG, entry.dA)
 
     def scale(self, entry: FactorEntry, v: Tensor, damping: float) -> Tensor:
-        return v / (self.eigenvalues(entry) + damping)
+        return v / self.damped(self.eigenvalues(entry), damping)
 
     def reset_corrections(self, entry: FactorEntry) -> None:
         """Restart ``Lambda`` from the K-FAC eigenvalues (after the eigenbases changed)."""
