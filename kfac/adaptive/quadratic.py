@@ -12,15 +12,18 @@ The Levenberg-Marquardt rule then compares the actual change of ``f`` with ``M(c
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from .losses import hessian_vector_product
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["QuadraticModel", "output_jvps", "quadratic_model", "levenberg_marquardt"]
 
@@ -31,7 +34,8 @@ left out are zero along it."""
 
 def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Direction],
                 kwargs: Mapping[str, Any] | None = None) -> tuple[Tensor, list[Tensor]]:
-    """The outputs ``z = model(*args, **kwargs)`` and ``J v`` for each direction ``v`` (one forward-mode pass each).
+    """The outputs ``z = model(*args, **kwargs)`` and ``J v`` for each direction ``v`` (forward-mode AD, one pass
+    batched over the directions where ``vmap`` can batch the model, else one pass each).
     Batch-norm layers in training mode use the batch statistics as in training, without updating their running
     statistics (nothing of the model changes)."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -44,18 +48,23 @@ def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Dire
             raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
         return out
 
-    z: Tensor | None = None
-    products = []
+    tangents = [{n: d[n].to(p.dtype) if n in d else torch.zeros_like(p) for n, p in params.items()}
+                for d in directions]
     with _batch_statistics_only(model):
-        for d in directions:
-            tangents = {n: d[n].to(p.dtype) if n in d else torch.zeros_like(p) for n, p in params.items()}
-            result = jvp(outputs, (params,), (tangents,))  # (outputs, J v)
-            z = result[0]
-            products.append(result[1])
-        if z is None:
+        if not tangents:
             with torch.no_grad():
-                z = outputs(params)
-    return z, products
+                return outputs(params), []
+        if len(tangents) > 1:
+            # one forward pass for all directions (vmap over the tangents; the primal is computed once)
+            stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
+            try:
+                dims: Any = (None, 0)  # the outputs are the same for every direction
+                result = vmap(lambda t: jvp(outputs, (params,), (t,)), randomness="same", out_dims=dims)(stacked)
+                return result[0], list(result[1].unbind(0))
+            except (RuntimeError, NotImplementedError, ValueError) as exc:  # an op vmap cannot batch
+                logger.debug("kfac: batched JVPs failed (%s); one pass per direction", exc)
+        results = [jvp(outputs, (params,), (t,)) for t in tangents]
+    return results[0][0], [r[1] for r in results]
 
 
 @contextlib.contextmanager
