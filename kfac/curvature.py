@@ -56,6 +56,9 @@ class Preconditioner(Protocol):
 
     def discard_stale_statistics(self) -> None: ...
 
+    def remove(self) -> None:
+        """Remove every hook the preconditioner registered on the model."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def consolidated_state_dict(self) -> dict[str, Any]: ...

@@ -8,14 +8,15 @@ One mechanism, :class:`PreconditionedOptimizer`, for all of them: it drives any 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .curvature import Preconditioner
 from ._tensor import all_finite
-from .adaptive.controller import AdaptiveConfig, AdaptiveController
+from .adaptive.controller import AdaptiveConfig, AdaptiveController, Inputs
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorStore
 
@@ -42,12 +43,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.state = optimizer.state
         self._kfac_ready = True
         stepped = {id(p) for group in self.param_groups for p in group["params"]}
-        self.preconditioner.untrack(
-            [name for name, params in self.preconditioner.parameters_of().items()
-             if not all(id(p) in stepped for p in params)],
-            "parameters are not (all) in the optimizer's param groups")
-        if not self.preconditioner.layers:
+        outside = [name for name, params in self.preconditioner.parameters_of().items()
+                   if not all(id(p) in stepped for p in params)]
+        if len(outside) == len(self.preconditioner.layers):
+            self.preconditioner.remove()  # its hooks must not outlive this failed construction
             raise ValueError("none of the supported layers has its parameters in the optimizer")
+        self.preconditioner.untrack(outside, "parameters are not (all) in the optimizer's param groups")
         self._param_to_layer = {id(p): name for name, params in self.preconditioner.parameters_of().items()
                                 for p in params}
 
@@ -167,29 +168,51 @@ class KFAC(PreconditionedOptimizer):
             for key, value in ADAPTIVE_DEFAULTS.items():
                 kwargs.setdefault(key, value)
             self.adaptive = controller
-        self.kfac = KFACPreconditioner(model, lr=None, **kwargs)
-        super().__init__(self.kfac, optimizer)
+        try:
+            self.kfac = KFACPreconditioner(model, lr=None, **kwargs)
+            super().__init__(self.kfac, optimizer)
+        except Exception:
+            if self.adaptive is not None:
+                self.adaptive.remove()  # no hooks outlive a failed construction
+            raise
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | Sequence[Callable[[], Any]] | None = None) -> Any:
+        """Without ``adaptive``: the base optimizer's step on the preconditioned gradients. With it: ``closure``
+        (or one closure per micro-batch when ``accumulation_steps > 1``) returns the batch's mean loss; K-FAC
+        runs the backward passes (through ``grad_scaler`` if one was given) and applies the whole update.
+        Returns the batch's mean loss (detached) in adaptive mode."""
         if self.adaptive is None:
+            if closure is not None and not callable(closure):
+                raise TypeError("several closures per step are for adaptive K-FAC with accumulation_steps > 1")
             return super().step(closure)
-        if closure is None:
-            raise RuntimeError("adaptive K-FAC needs opt.step(closure): a closure that runs the forward pass and "
-                               "returns the batch's mean loss (without calling backward)")
         controller, pre = self.adaptive, self.kfac
+        closures = _closures(closure, pre.accumulation_steps)
+        scaler = pre.grad_scaler if pre.grad_scaler is not None and pre.grad_scaler.is_enabled() else None
         self.zero_grad()
-        with torch.enable_grad():
-            loss = closure()
-        if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.requires_grad):
-            raise TypeError("adaptive K-FAC: the closure must return the batch's mean loss as a scalar tensor that "
-                            "requires grad (and must not call backward)")
-        if pre.fisher == "mc" and pre.capturing():
-            if controller.outputs is None:
-                raise RuntimeError("adaptive K-FAC: the model's forward pass must return its outputs as a tensor")
-            generator = controller.sampling_generator(controller.outputs.device, pre.communicator.rank)
-            pre.mc_backward(controller.outputs, loss=controller.config.loss, generator=generator)
-        controller.outputs = None
-        loss.backward()
+        batches: list[Inputs] = []
+        losses: list[Tensor] = []
+        for c in closures:
+            controller.inputs = controller.outputs = None
+            with torch.enable_grad():
+                loss = c()
+            if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.requires_grad):
+                raise TypeError("adaptive K-FAC: the closure must return the batch's mean loss as a scalar tensor "
+                                "that requires grad (and must not call backward)")
+            if controller.inputs is None:
+                raise RuntimeError("adaptive K-FAC: the closure must run the forward pass of the model K-FAC was "
+                                   "built on (no forward pass was seen)")
+            if pre.fisher == "mc" and pre.capturing():
+                if controller.outputs is None:
+                    raise RuntimeError("adaptive K-FAC: the model's forward pass must return its outputs as a tensor")
+                generator = controller.sampling_generator(controller.outputs.device, pre.communicator.rank)
+                pre.mc_backward(controller.outputs, loss=controller.config.loss, generator=generator)
+            controller.outputs = None
+            part = loss / len(closures)
+            (scaler.scale(part) if scaler is not None else part).backward()
+            batches.append(controller.inputs)
+            losses.append(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # an overflow leaves non-finite gradients: the step is skipped
         g = controller.gradient()
         comm = pre.communicator
         device = next(iter(g.values())).device
@@ -207,8 +230,8 @@ class KFAC(PreconditionedOptimizer):
 
         def evaluate() -> float:
             with torch.no_grad():
-                value = closure()
-            return float(reduce([torch.as_tensor(value, dtype=torch.float64).reshape(1)])[0])
+                value = sum(float(c()) for c in closures) / len(closures)
+            return float(reduce([torch.tensor([value], dtype=torch.float64)])[0])
 
         def apply(update: dict[str, Tensor]) -> None:
             for group in self.param_groups:
@@ -224,9 +247,12 @@ class KFAC(PreconditionedOptimizer):
                     if n in update:
                         p.sub_(update[n].to(p.dtype))
 
-        mean_loss = reduce([loss.detach().double().reshape(1)])[0]
-        controller.update(g, precondition, mean_loss, evaluate, apply, undo, reduce)
-        return loss
+        mean = torch.stack(losses).mean()
+        controller.update(g, precondition, batches, reduce([mean.double().reshape(1)])[0], evaluate, apply, undo,
+                          reduce)
+        if scaler is not None:
+            scaler.update()
+        return mean
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -270,10 +296,6 @@ def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, ada
     if fixed:
         raise ValueError(f"adaptive K-FAC sets {fixed} itself (Levenberg-Marquardt damping, relative factor "
                          "damping AdaptiveConfig.factor_damping, no kl_clip)")
-    unsupported = sorted(k for k in ("grad_scaler", "accumulation_steps") if kwargs.get(k) not in (None, 1))
-    if unsupported:
-        raise ValueError(f"adaptive K-FAC does not support {unsupported} yet: its closure evaluates one full batch "
-                         "in full precision per step")
     if kwargs.get("method", "eigen") == "inverse":
         raise ValueError("adaptive K-FAC needs method='eigen' or 'ekfac' (the inverse method fixes the damping at "
                          "refresh time, the adaptive damping changes every few steps)")
@@ -281,6 +303,18 @@ def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, ada
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     params = {n: p for n, p in inner.named_parameters() if id(p) in stepped}
     return AdaptiveController(model=model, config=config, params=params)
+
+
+def _closures(closure: Any, accumulation_steps: int) -> list[Callable[[], Any]]:
+    """The adaptive step's closures: one per micro-batch (clear errors otherwise)."""
+    if closure is None:
+        raise RuntimeError("adaptive K-FAC needs opt.step(closure): a closure that runs the forward pass and "
+                           "returns the batch's mean loss (without calling backward)")
+    closures = [closure] if callable(closure) else list(closure)
+    if len(closures) != accumulation_steps or not all(callable(c) for c in closures):
+        raise ValueError(f"adaptive K-FAC with accumulation_steps={accumulation_steps} takes {accumulation_steps} "
+                         f"closure(s) per step, one per micro-batch of equal size (got {len(closures)})")
+    return closures
 
 
 class EKFAC(KFAC):

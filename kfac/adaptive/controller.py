@@ -27,7 +27,7 @@ decay, if any).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,10 @@ from torch import Tensor, nn
 from .losses import LOSSES
 from .quadratic import Direction, levenberg_marquardt, output_jvps, quadratic_model
 
-__all__ = ["AdaptiveConfig", "AdaptiveController"]
+__all__ = ["AdaptiveConfig", "AdaptiveController", "Inputs"]
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+"""The positional and keyword arguments of one forward pass of the model."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,13 @@ class AdaptiveController:
         self.outputs: Tensor | None = None              # the outputs of the closure's forward pass
         self.generator: torch.Generator | None = None   # labels of the Monte-Carlo Fisher (created on first use)
         self._generator_state: Tensor | None = None     # loaded before the generator exists
-        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self.inputs: Inputs | None = None  # of the closure's last forward pass
         self._handles = [self.model.register_forward_pre_hook(self._capture, with_kwargs=True),
                          self.model.register_forward_hook(self._capture_outputs)]
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if torch.is_grad_enabled():
-            self._inputs = (args, dict(kwargs))
+            self.inputs = (args, dict(kwargs))
 
     def _capture_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor):
@@ -137,15 +140,13 @@ class AdaptiveController:
         """``-.grad`` of the trained parameters: the K-FAC direction ``Δ`` after preconditioning."""
         return {n: -p.grad.detach().clone() for n, p in self.params.items() if p.grad is not None}
 
-    def update(self, g: dict[str, Tensor], precondition: Callable[[], bool], loss: Tensor | float,
-               evaluate: Callable[[], float], apply: Callable[[dict[str, Tensor]], None],
+    def update(self, g: dict[str, Tensor], precondition: Callable[[], bool], batches: Sequence[Inputs],
+               loss: Tensor | float, evaluate: Callable[[], float], apply: Callable[[dict[str, Tensor]], None],
                undo: Callable[[dict[str, Tensor]], None], reduce: Callable[[list[Tensor]], list[Tensor]]) -> bool:
         """One adaptive step: ``precondition()`` turns ``.grad`` into ``(F̂ + γ I)^{-1} g`` (``False``: skipped),
+        ``batches`` are the model's inputs of each micro-batch (equal sizes: the batch's curvature is their mean),
         ``apply(δ)`` applies the update (``undo(δ)`` takes it back), ``evaluate()`` gives the loss at the new
         parameters, ``reduce`` averages the model's scalars over ranks. Returns whether an update was kept."""
-        if self._inputs is None:
-            raise RuntimeError("adaptive K-FAC: the closure must run the forward pass of the model K-FAC was built "
-                               "on (no forward pass was seen)")
         if not precondition():
             return False
         config = self.config
@@ -154,9 +155,11 @@ class AdaptiveController:
         directions: list[Direction] = [delta]
         if config.momentum and self.previous is not None:
             directions.append(self.previous)
-        args, kwargs = self._inputs
-        outputs, products = output_jvps(self.model, args, directions, kwargs)
-        model = quadratic_model(config.loss, outputs, products, directions, g)
+        models = [quadratic_model(config.loss, *output_jvps(self.model, args, directions, kwargs), directions, g)
+                  for args, kwargs in batches]
+        model = models[0]
+        if len(models) > 1:
+            model.curvature = torch.stack([m.curvature for m in models]).mean(0)
         model.curvature, model.linear = reduce([model.curvature, model.linear])
         coefficients = model.solve(self.damping)
         predicted = float(model.value(coefficients, self.damping))

@@ -269,6 +269,9 @@ class MFACPreconditioner(Communicating):
     def discard_stale_statistics(self) -> None:
         """No-op: M-FAC collects nothing outside ``step()``/``update()``."""
 
+    def remove(self) -> None:
+        """No-op: M-FAC registers no hooks (it reads ``.grad``)."""
+
     @torch.no_grad()
     def step(self, *, lr: float | Mapping[str, float] | None = None, grads_finite: bool = True) -> bool:
         """Add the current gradients to the window, then replace them by ``F^{-1} g`` (scaled by ``kl_clip``).

@@ -27,9 +27,10 @@ def _batch(step: int):
     return torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
 
 
-def _opt(model, inv_update_steps=10, **config):
+def _opt(model, inv_update_steps=10, fisher="mc", accumulation_steps=1, grad_scaler=None, **config):
     return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=AdaptiveConfig(**config),
-                     factor_dtype=torch.float64, inv_update_steps=inv_update_steps)
+                     factor_dtype=torch.float64, inv_update_steps=inv_update_steps, fisher=fisher,
+                     accumulation_steps=accumulation_steps, grad_scaler=grad_scaler)
 
 
 def _dense_ggn(model, x, y):
@@ -147,8 +148,8 @@ def test_misuse_is_a_clear_error():
         kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, damping=1e-3)
     with pytest.raises(ValueError, match="inverse"):
         kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, method="inverse")
-    with pytest.raises(ValueError, match="does not support"):
-        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, accumulation_steps=2)
+    with pytest.raises(ValueError, match="relative"):
+        kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True, relative_damping=False)
     with pytest.raises(ValueError, match="adaptive loss"):
         AdaptiveConfig(loss="hinge")
     opt = _opt(model)
@@ -157,6 +158,16 @@ def test_misuse_is_a_clear_error():
     x, y = _batch(0)
     with pytest.raises(TypeError, match="scalar tensor"):
         opt.step(lambda: float(F.cross_entropy(model(x), y)))
+    with pytest.raises(ValueError, match="one per micro-batch"):
+        opt.step([lambda: F.cross_entropy(model(x), y)] * 2)
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        opt.step(lambda: model[0].weight.sum())
+    other = _model()
+    with pytest.raises(ValueError, match="none of the supported layers"):
+        kfac.KFAC(other, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=True)
+    acc = kfac.KFAC(other, torch.optim.SGD(other.parameters(), lr=1.0), adaptive=True, accumulation_steps=2)
+    with pytest.raises(ValueError, match="2 closure"):  # (and the failed construction left no hooks behind)
+        acc.step(lambda: F.cross_entropy(other(x), y))
 
 
 def test_a_non_finite_update_is_never_applied():
@@ -186,3 +197,56 @@ def test_a_step_after_which_the_batch_loss_rose_is_undone():
     for p, q in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-15)
     assert opt.state_dict()["kfac_adaptive"]["undone"] == 1
+
+
+def _run(opt, model, steps, micro=1):
+    for step in range(steps):
+        x, y = _batch(step)
+        if micro == 1:
+            opt.step(lambda: F.cross_entropy(model(x), y))
+        else:
+            opt.step([lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb) for xb, yb in zip(x.chunk(micro),
+                                                                                           y.chunk(micro))])
+
+
+def test_accumulated_micro_batches_equal_one_full_batch():
+    """Two equal micro-batches (two closures per step, ``accumulation_steps=2``) give the full batch's update:
+    the same gradient, factors and quadratic model (the curvature is the micro-batches' mean)."""
+    ref = _model()
+    ref_opt = _opt(ref, adapt_every=2, inv_update_steps=2, fisher="empirical")
+    _run(ref_opt, ref, 6)
+    model = _model()
+    opt = _opt(model, adapt_every=2, inv_update_steps=2, fisher="empirical", accumulation_steps=2)
+    _run(opt, model, 6, micro=2)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert opt.adaptive.damping == pytest.approx(ref_opt.adaptive.damping, rel=1e-12)
+    assert opt.adaptive.last["alpha"] == pytest.approx(ref_opt.adaptive.last["alpha"], rel=1e-8)
+
+
+def _scaler(**kwargs):
+    try:
+        return torch.amp.GradScaler("cpu", **kwargs)
+    except (AttributeError, TypeError, RuntimeError) as exc:  # torch without a CPU GradScaler
+        pytest.skip(f"no CPU GradScaler in this torch: {exc}")
+
+
+def test_grad_scaler_gives_the_unscaled_run_and_skips_overflowing_steps():
+    """A power-of-two loss scale is exact: the run equals the one without a scaler; an overflow skips the step
+    (parameters unchanged) and halves the scale."""
+    ref = _model()
+    ref_opt = _opt(ref, adapt_every=2, inv_update_steps=2, fisher="empirical")
+    _run(ref_opt, ref, 5)
+    model = _model()
+    scaler = _scaler(init_scale=2.0 ** 10, growth_interval=1000)
+    opt = _opt(model, adapt_every=2, inv_update_steps=2, fisher="empirical", grad_scaler=scaler)
+    _run(opt, model, 5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch(9)
+    opt.step(lambda: F.cross_entropy(model(x), y) * 1e308)  # scaled by 2^10: overflows to inf
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler.get_scale() == 2.0 ** 9
+    _run(opt, model, 1)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
