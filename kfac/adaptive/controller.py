@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._tensor import all_finite
 from .losses import LOSSES
 from .quadratic import Direction, levenberg_marquardt, output_jvps, quadratic_model
 
@@ -165,7 +166,7 @@ class AdaptiveController:
         predicted = float(model.value(coefficients, self.damping))
         step = {n: sum((float(c) * d[n] for c, d in zip(coefficients, directions) if n in d),
                        torch.zeros_like(v)) for n, v in delta.items()}
-        if not (math.isfinite(predicted) and all(bool(torch.isfinite(v).all()) for v in step.values())):
+        if not (math.isfinite(predicted) and all_finite(step.values())):
             return self._reject()
         apply(step)
         self.previous = step

@@ -108,18 +108,14 @@ def quadratic_model(loss: str, outputs: Tensor, products: Sequence[Tensor], dire
                     gradient: Direction) -> QuadraticModel:
     """The model over ``directions`` from the outputs, their Jacobian-vector products along each direction and the
     gradient (all float64 reductions)."""
-    k = len(directions)
     hv = [hessian_vector_product(loss, outputs, jv) for jv in products]
-    rows = [jv.reshape(hvi.shape) for jv, hvi in zip(products, hv)]
-    curvature = torch.empty(k, k, dtype=torch.float64)
-    gram = torch.empty(k, k, dtype=torch.float64)
-    linear = torch.empty(k, dtype=torch.float64)
-    for i in range(k):
-        linear[i] = _dot(gradient, directions[i])
-        for j in range(i, k):
-            curvature[i, j] = curvature[j, i] = (rows[i].double() * hv[j].double()).sum()
-            gram[i, j] = gram[j, i] = _dot(directions[i], directions[j])
-    return QuadraticModel(curvature=curvature, gram=gram, linear=linear)
+    rows = torch.stack([jv.reshape(-1).double() for jv in products])      # J v_i
+    hrows = torch.stack([h.reshape(-1).double() for h in hv])             # H J v_i
+    curvature = rows @ hrows.T
+    flat = _flatten([gradient, *directions])
+    vectors = flat[1:]
+    return QuadraticModel(curvature=(0.5 * (curvature + curvature.T)).cpu(), gram=(vectors @ vectors.T).cpu(),
+                          linear=(vectors @ flat[0]).cpu())
 
 
 def levenberg_marquardt(damping: float, rho: float, *, omega: float, lower: float = 0.25, upper: float = 0.75,
@@ -135,10 +131,12 @@ def levenberg_marquardt(damping: float, rho: float, *, omega: float, lower: floa
     return min(max(damping, min_damping), max_damping)
 
 
-def _dot(u: Direction, v: Direction) -> Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for n, a in u.items():
-        b = v.get(n)
-        if b is not None:
-            total = total + (a.double() * b.double()).sum().cpu()
-    return total
+def _flatten(directions: Sequence[Direction]) -> Tensor:
+    """The directions as rows of one float64 matrix over the union of their parameters (zeros where absent)."""
+    shapes: dict[str, Tensor] = {}
+    for d in directions:
+        for n, t in d.items():
+            shapes.setdefault(n, t)
+    device = next(iter(shapes.values())).device
+    return torch.stack([torch.cat([(d[n] if n in d else torch.zeros_like(ref)).reshape(-1).to(device, torch.float64)
+                                   for n, ref in shapes.items()]) for d in directions])
