@@ -29,10 +29,12 @@ def test_time_to_result_quick(tmp_path: Path) -> None:
     for name, w in data["workloads"].items():
         rows = w["rows"]
         higher = name == "classification"
-        peers = {k: r for k, r in rows.items() if k in ("sgd", "adamw", "muon")}
+        peers = {k: r for k, r in rows.items() if k in ("sgd", "adamw", "muon", "soap")}
         best = max(peers.values(), key=lambda r: r["final"]) if higher else min(peers.values(), key=lambda r: r["final"])
         assert w["target"] == best["final"] and rows[w["best_peer"]]["final"] == w["target"]
         assert rows[w["best_peer"]]["steps_ratio"] == 1.0
+        reached = [r["steps_to_target"] for r in peers.values() if not math.isnan(r["steps_to_target"])]
+        assert rows[w["fastest_peer"]]["steps_to_target"] == min(reached)  # the best peer reaches its own final
         for k, r in rows.items():
             if k in ("kfac", "adaptive"):
                 assert r["diverged_or_non_finite"] == 0, (name, k)
