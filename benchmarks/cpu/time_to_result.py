@@ -166,8 +166,8 @@ def median(values: list[float]) -> float:
     return float("nan") if math.isinf(value) else value
 
 
-GRIDS = {"sgd": [0.03, 0.1, 0.3, 1.0, 3.0], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "muon": [0.01, 0.03, 0.1, 0.3],
-         "soap": [1e-3, 3e-3, 1e-2, 3e-2], "kfac": [0.03, 0.1, 0.3, 1.0, 3.0]}
+GRIDS = {"sgd": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "muon": [0.01, 0.03, 0.1, 0.3],
+         "soap": [1e-3, 3e-3, 1e-2, 3e-2], "kfac": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]}
 PEERS = ("sgd", "adamw", "muon", "soap")
 
 
@@ -262,6 +262,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(w["metric"])
         if name == "autoencoder":
             ax.set_yscale("log")
+        else:  # the interesting part: the last few percent
+            ax.set_ylim(max(0.0, w["target"] - 0.08), 1.0)
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
