@@ -456,7 +456,7 @@ def test_replacing_a_tracked_module_raises_at_the_next_refresh():
 
 def test_module_and_param_group_added_after_construction_warn():
     model = _mlp()
-    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1), inv_update_steps=1)  # checked at refreshes
     _train(model, opt, 1)
     model.append(nn.Linear(3, 3))
     with pytest.warns(UserWarning, match="add_param_group"):
