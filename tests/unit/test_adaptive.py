@@ -250,3 +250,24 @@ def test_grad_scaler_gives_the_unscaled_run_and_skips_overflowing_steps():
     assert scaler.get_scale() == 2.0 ** 9
     _run(opt, model, 1)
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_ekfac_adaptive_direction_uses_the_corrected_eigenvalues():
+    """``kfac.EKFAC(..., adaptive=True)``: ``Δ = -B (Λ + γ mean(Λ))^{-1} B^T g`` with ``B = QA ⊗ QG`` and ``Λ`` the
+    eigenvalues corrected from per-example gradients (dense float64 check after a correction step)."""
+    model = _model()
+    opt = kfac.EKFAC(model, torch.optim.SGD(model.parameters(), lr=1.0), adaptive=AdaptiveConfig(factor_damping=0.05),
+                     factor_dtype=torch.float64, fisher="empirical")
+    for step in range(2):  # step 0 refreshes the eigenbases, step 1 corrects the eigenvalues
+        x, y = _batch(step)
+        g = dict(zip([n for n, _ in model.named_parameters()],
+                     torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))))
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    e = opt.store["2"]
+    lam = e.extras["Lambda"]
+    assert not torch.allclose(lam, torch.outer(e.dG, e.dA))  # corrected, not the K-FAC eigenvalues
+    basis = torch.kron(e.QA, e.QG)
+    raw = torch.cat([g["2.weight"], g["2.bias"][:, None]], 1).T.reshape(-1)  # column-major vec
+    want = -(basis @ ((basis.T @ raw) / (lam.T.reshape(-1) + 0.05 * lam.mean())))
+    got = torch.cat([opt.adaptive.direction["2.weight"], opt.adaptive.direction["2.bias"][:, None]], 1)
+    torch.testing.assert_close(got.T.reshape(-1), want, rtol=1e-9, atol=1e-12)
