@@ -6,11 +6,13 @@ from .mfac.mfac_preconditioner import MFACPreconditioner
 from .optimizer import EKFAC, KFAC, MFAC, PreconditionedOptimizer
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorEntry, FactorFileError, FactorStore
+from .modules import ModuleAdapter, register_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KFAC", "EKFAC", "MFAC", "PreconditionedOptimizer", "KFACPreconditioner", "MFACPreconditioner", "Preconditioner",
     "FactorStore", "FactorEntry", "FactorFileError",
-    "CurvatureMethod", "DecompositionError", "EigenKFAC", "InverseKFAC", "EigenCorrectedKFAC", "__version__",
+    "CurvatureMethod", "DecompositionError", "EigenKFAC", "InverseKFAC", "EigenCorrectedKFAC", "ModuleAdapter",
+    "register_adapter", "__version__",
 ]

@@ -5,7 +5,7 @@ model and influence.
 expressions matched in full against the name; a skipped module's children are skipped too), frozen parameters and
 parameters shared with an earlier module -- and yields the remaining modules that own parameters.
 :func:`track_layers` adds K-FAC's rule: a module is a *layer* if :func:`kfac.modules.adapter_for` supports it (it
-also skips ``nn.MultiheadAttention.out_proj``, which its parent applies functionally, and refuses meta tensors).
+adapts ``nn.MultiheadAttention.out_proj``, which its parent applies functionally, and refuses meta tensors).
 Every skipped module with parameters is reported as ``(name, reason)``.
 """
 
@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import ModuleAdapter, adapter_for
+from .modules import ModuleAdapter, OutProjectionAdapter, adapter_for
 
-__all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers"]
+__all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped"]
+
+CHOSEN = ("matched skip_layers", "parent module", "parameters do not require grad")
+"""Reasons that follow from the user's own choices (skip_layers, frozen parameters): not warned about."""
 
 
 class SkipRules:
@@ -119,14 +122,15 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
     exactly the candidate's (see the module docstring)."""
     rules = SkipRules(skip_layers)
     out = Tracking()
-    functional = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+    functional = {f"{n}.out_proj" if n else "out_proj": m for n, m in model.named_modules()
                   if isinstance(m, nn.MultiheadAttention)}
     for c in walk(model, rules, out.skipped):
-        if c.name in functional:
-            out.skipped.append((c.name, "applied functionally by its parent nn.MultiheadAttention (forward hooks "
-                                        "never fire); its gradient is left unpreconditioned"))
-            continue
-        adapter, reason = adapter_for(c.module)
+        parent = functional.get(c.name)
+        if parent is not None and parent.out_proj is c.module:  # applied functionally: observed via its parent
+            adapter: ModuleAdapter | None
+            adapter, reason = OutProjectionAdapter(c.module, parent), None
+        else:
+            adapter, reason = adapter_for(c.module)
         if adapter is None:
             out.skipped.append((c.name, reason or "unsupported"))
             continue
@@ -143,3 +147,16 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
     if warn_unmatched:
         rules.warn_unmatched(stacklevel=3)
     return out
+
+
+def warn_skipped(skipped: list[tuple[str, str]], *, stacklevel: int = 3) -> None:
+    """One warning naming the modules with trainable parameters left unpreconditioned for a reason the user did
+    not choose (unsupported types, functional uses, shared weights); ``skipped`` lists all of them."""
+    unchosen = [(n, r) for n, r in skipped if not r.startswith(CHOSEN)]
+    if not unchosen:
+        return
+    shown = "; ".join(f"{n or '<root>'!r} ({r})" for n, r in unchosen[:4])
+    more = f"; and {len(unchosen) - 4} more" if len(unchosen) > 4 else ""
+    warnings.warn(f"kfac: {len(unchosen)} module(s) with trainable parameters are not preconditioned (their "
+                  f"gradients are used as they are): {shown}{more}. All of them, with reasons: .skipped",
+                  stacklevel=stacklevel + 1)

@@ -32,7 +32,7 @@ class capture:  # noqa: N801 (a context manager used like a function)
 
     def __enter__(self) -> "capture":
         for name, adapter in self.adapters.items():
-            self._handles.append(adapter.module.register_forward_hook(functools.partial(self._forward, name)))
+            self._handles += adapter.observe(functools.partial(self._forward, name))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -40,7 +40,8 @@ class capture:  # noqa: N801 (a context manager used like a function)
             h.remove()
         self._handles.clear()
 
-    def _forward(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _forward(self, name: str, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
         if name in self.inputs:
             raise RuntimeError(f"influence: layer {name!r} ran forward() twice in one batch; layers applied several "
                                "times per example are not supported")

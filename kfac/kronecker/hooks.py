@@ -101,8 +101,7 @@ class StatisticsHooks:
                                  "(kfac.KFAC built twice on one model?): both would collect statistics; call "
                                  "remove() on the old one (opt.preconditioner.remove()) first")
         for layer in self.layers:
-            layer.handles.append(layer.module.register_forward_hook(
-                functools.partial(self.forward_hook, layer), with_kwargs=True))
+            layer.handles += layer.adapter.observe(functools.partial(self.forward_hook, layer))
             _HOOKED[layer.module] = weakref.ref(self)
 
     def hooks_on(self, module: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from ..distributed.executor import Executor
 from ..hparams import Hyper, block_lrs, check_positive, check_step_count, schedule_token
 from ..modules import ModuleAdapter
 from ..planner import Plan
-from ..tracking import track_layers
+from ..tracking import track_layers, warn_skipped
 from . import corrections, guards
 from .engine import CurvatureEngine, Staged
 from .hooks import LayerState, StatisticsHooks, first_input
@@ -148,7 +148,7 @@ class KFACPreconditioner(Communicating, StateMixin):
         self._capture_flag = False
         self._correct_flag = False
         self._refreshed_damping: float | None = None
-        self._register(model, skip_layers)
+        self._register(model, skip_layers, hooks)
         if not self._layers:
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "the model has no parameters"
             raise ValueError(f"K-FAC found no supported layers to precondition ({reasons})")
@@ -189,7 +189,7 @@ class KFACPreconditioner(Communicating, StateMixin):
 
 
     # -- registration ---------------------------------------------------------------------------------------
-    def _register(self, model: nn.Module, skip: Iterable[str] | str) -> None:
+    def _register(self, model: nn.Module, skip: Iterable[str] | str, hooks: bool) -> None:
         tracking = track_layers(model, skip)
         self.skipped += tracking.skipped
         for t in tracking.layers:
@@ -201,6 +201,8 @@ class KFACPreconditioner(Communicating, StateMixin):
             self._by_name[t.name] = layer
         for name, reason in self.skipped:
             logger.info("kfac: not preconditioning %r: %s", name, reason)
+        if hooks:  # without hooks the caller (influence) reports what it leaves out itself
+            warn_skipped(self.skipped, stacklevel=4)
 
     @property
     def layers(self) -> list[str]:

@@ -1,27 +1,75 @@
-"""Per-layer-type adapters and the registry that picks one for a module."""
+"""Per-layer-type adapters and the registry that picks one for a module.
+
+The registry is an ordered list of ``(match, adapter class)``; ``match`` is an ``nn.Module`` subclass or a predicate
+on the module. :func:`register_adapter` puts a third party's adapter in front of the built-in ones (the first match
+wins), so a library can teach K-FAC its own layer types without touching this package. Built in: ``nn.Linear``,
+``nn.Conv1d`` / ``nn.Conv2d`` (groups=1), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection; its
+``out_proj`` is adapted by :func:`kfac.tracking.track_layers`, which knows the parent), and Hugging Face ``Conv1D``
+(GPT-2's transposed linear layer, matched by its structure so that ``transformers`` is never imported).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from .attention import InProjectionAdapter, OutProjectionAdapter
 from .base import ModuleAdapter, Stat
-from .conv import Conv2dAdapter
+from .conv import ConvAdapter
 from .embedding import EmbeddingAdapter
-from .linear import LinearAdapter
+from .linear import LinearAdapter, TransposedLinearAdapter, is_transposed_linear
 
-__all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "Conv2dAdapter", "EmbeddingAdapter", "adapter_for"]
+__all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "EmbeddingAdapter",
+           "InProjectionAdapter", "OutProjectionAdapter", "Registration", "adapter_for", "register_adapter"]
 
-_REGISTRY: list[tuple[type[nn.Module], type[ModuleAdapter]]] = [
+Match = type[nn.Module] | Callable[[nn.Module], bool]
+
+_REGISTRY: list[tuple[Match, type[ModuleAdapter]]] = [
     (nn.Linear, LinearAdapter),
-    (nn.Conv2d, Conv2dAdapter),
+    (nn.Conv1d, ConvAdapter),
+    (nn.Conv2d, ConvAdapter),
     (nn.Embedding, EmbeddingAdapter),
+    (is_transposed_linear, TransposedLinearAdapter),
+    (nn.MultiheadAttention, InProjectionAdapter),
 ]
+
+
+class Registration:
+    """What :func:`register_adapter` returns: ``remove()`` takes the adapter out of the registry again."""
+
+    def __init__(self, entry: tuple[Match, type[ModuleAdapter]]) -> None:
+        self.entry = entry
+
+    def remove(self) -> None:
+        if self.entry in _REGISTRY:
+            _REGISTRY.remove(self.entry)
+
+
+def register_adapter(match: Match, adapter: type[ModuleAdapter]) -> Registration:
+    """Use ``adapter`` for modules matching ``match`` (an ``nn.Module`` subclass, or a predicate on the module),
+    ahead of every adapter registered before it (preconditioners built afterwards use it). ``adapter`` subclasses
+    :class:`ModuleAdapter`; it may define a static ``unsupported_reason(module) -> str | None`` to refuse some
+    instances with a reason."""
+    if not (isinstance(adapter, type) and issubclass(adapter, ModuleAdapter)):
+        raise TypeError(f"adapter must be a ModuleAdapter subclass, got {adapter!r}")
+    if isinstance(match, type) and not issubclass(match, nn.Module) or not callable(match):
+        raise TypeError(f"match must be an nn.Module subclass or a predicate on modules, got {match!r}")
+    entry = (match, adapter)
+    _REGISTRY.insert(0, entry)
+    return Registration(entry)
+
+
+def _matches(match: Match, module: nn.Module) -> bool:
+    if isinstance(match, type):
+        return isinstance(module, match)
+    return bool(match(module))
 
 
 def adapter_for(module: nn.Module) -> tuple[ModuleAdapter | None, str | None]:
     """Return ``(adapter, None)`` for a supported module, else ``(None, reason)``."""
-    for cls, adapter_cls in _REGISTRY:
-        if isinstance(module, cls):
+    for match, adapter_cls in _REGISTRY:
+        if _matches(match, module):
             check = getattr(adapter_cls, "unsupported_reason", None)
             reason = check(module) if check is not None else None
             if reason is not None:

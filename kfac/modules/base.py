@@ -15,7 +15,8 @@ Conventions (shared by every adapter, and equal to KAISA / kfac-pytorch 0.4.2):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,11 @@ class ModuleAdapter(ABC):
     @property
     def has_bias(self) -> bool:
         return getattr(self.module, "bias", None) is not None
+
+    def observe(self, callback: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]) -> list[Any]:
+        """Call ``callback(module, args, kwargs, output)`` on every forward use of the layer; returns the hook
+        handles. Default: a forward hook on the module (layers applied functionally by a parent override this)."""
+        return [self.module.register_forward_hook(callback, with_kwargs=True)]
 
     @property
     def weight(self) -> nn.Parameter:

@@ -31,3 +31,45 @@ class LinearAdapter(ModuleAdapter):
 
     def g_rows(self, g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1])
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2 and relatives): ``y = x @ W + b`` with ``W`` of shape ``(nx, nf)``, recognised
+    by its class name and structure (``nf`` attribute, 2-d weight ``(nx, nf)``) without importing ``transformers``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == module.nf)
+
+
+class TransposedLinearAdapter(LinearAdapter):
+    """A linear layer storing its weight transposed (``(d_in, d_out)``, Hugging Face ``Conv1D``): the same rows as
+    ``nn.Linear``; the gradient matrix is ``W.grad^T`` (``(d_out, d_in[+1])``)."""
+
+    @property
+    def a_dim(self) -> int:
+        return self.weight.shape[0] + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def grad_matrix(self) -> Tensor | None:
+        w = self.weight
+        if w.grad is None:
+            return None
+        mat = w.grad.T
+        if self.has_bias:
+            b = self.bias.grad
+            b = torch.zeros_like(mat[:, 0]) if b is None else b
+            mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
+        return mat.contiguous()
+
+    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+        w = self.weight
+        assert w.grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
+        if not self.has_bias:
+            return [(w.grad, mat.T)]
+        out = [(w.grad, mat[:, :-1].T)]
+        if self.bias.grad is not None:
+            out.append((self.bias.grad, mat[:, -1].reshape(self.bias.shape)))
+        return out

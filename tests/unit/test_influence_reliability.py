@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 from helpers import float64_default, single_thread  # noqa: F401
 from kfac.influence import ClassificationTask, InfluenceAnalyzer, weights_digest
 from kfac.kronecker.methods import EigenCorrectedKFAC
-from kfac.modules import Conv2dAdapter, LinearAdapter
+from kfac.modules import ConvAdapter, LinearAdapter
 from kfac.kronecker.store import FactorEntry
 
 F64 = dict(factor_dtype=torch.float64, score_dtype=torch.float64, progress=False)
@@ -168,7 +168,7 @@ def test_example_rows_of_no_examples_give_a_zero_eigenvalue_correction(adapter):
     else:
         module = nn.Conv2d(2, 3, 3)
         x, out = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 3, 3)
-        ad = Conv2dAdapter(module)
+        ad = ConvAdapter(module)
     a, g = ad.example_rows(x, out, torch.float64)
     assert (a.shape[0], g.shape[0]) == (0, 0)
 

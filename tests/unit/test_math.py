@@ -12,7 +12,7 @@ from torch.func import functional_call, grad
 
 import kfac
 from helpers import float64_default  # noqa: F401
-from kfac.modules import Conv2dAdapter
+from kfac.modules import ConvAdapter
 
 
 
@@ -209,7 +209,7 @@ def test_conv2d_factors_equal_unfold_reference(conv_kwargs):
 
 def test_conv2d_unbatched_input_and_grouped_conv_skipped():
     conv = nn.Conv2d(2, 3, 3)
-    adapter = Conv2dAdapter(conv)
+    adapter = ConvAdapter(conv)
     x = torch.randn(2, 5, 5)
     torch.testing.assert_close(adapter.a_rows(x), adapter.a_rows(x[None]))
     pre = kfac.KFACPreconditioner(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1)))

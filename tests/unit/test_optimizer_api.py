@@ -321,7 +321,7 @@ class _Zoo(nn.Module):
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.gconv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-        self.c1d = nn.Conv1d(2, 2, 3)
+        self.c1d = nn.Conv1d(2, 2, 3, groups=2)  # grouped: not supported yet
         self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4)))
         self.emb = nn.Embedding(10, 4)
         self.fc = nn.Linear(4, 2)
