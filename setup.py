@@ -25,7 +25,10 @@ setup(
         # peers of the time-to-result suite only (SOAP): a maintained implementation rather than our own copy
         "benchmarks": ["pytorch-optimizer>=3.5", "matplotlib", "scikit-learn"],
         # ruff and mypy run in `make test`: the layout and type rules are checked with the tests
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
+        # transformers: tiny random GPT-2 / BERT / Llama configurations in the reach and influence tests (skipped
+        # without it)
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "ninja", "tensorboard", "ruff>=0.17,<0.18", "mypy>=2.4,<2.5",
+                 "transformers>=4.40"],
     },
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

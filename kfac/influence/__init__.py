@@ -11,6 +11,6 @@ from .analyzer import InfluenceAnalyzer
 from .arguments import InfluenceArguments
 from .persistence import weights_digest
 from .scoring import TopK
-from .task import ClassificationTask, Task
+from .task import CausalLMTask, ClassificationTask, Task
 
-__all__ = ["ClassificationTask", "InfluenceAnalyzer", "InfluenceArguments", "Task", "TopK", "weights_digest"]
+__all__ = ["CausalLMTask", "ClassificationTask", "InfluenceAnalyzer", "InfluenceArguments", "Task", "TopK", "weights_digest"]

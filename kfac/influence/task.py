@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Task", "ClassificationTask"]
+__all__ = ["Task", "ClassificationTask", "CausalLMTask"]
 
 
 class Task:
@@ -60,3 +60,47 @@ class ClassificationTask(Task):
             probs = torch.softmax(logits.detach().float(), dim=-1)
             labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         return F.cross_entropy(logits, labels, reduction="none")
+
+
+class CausalLMTask(Task):
+    """Causal language models: batches are token ids ``(B, T)`` or a mapping with ``input_ids`` (and optionally
+    ``attention_mask``, 1 for real tokens); the model maps ids to logits ``(B, T, V)`` (a tensor, or an output with
+    ``.logits`` as Hugging Face models return). An example's loss is the *sum* of its next-token cross-entropies
+    over the target positions whose mask is 1 (kronfluence's convention for language models)."""
+
+    def __init__(self, *, input_key: str = "input_ids", mask_key: str = "attention_mask") -> None:
+        self.input_key, self.mask_key = input_key, mask_key
+
+    def _split(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, Tensor):
+            return batch, None
+        if isinstance(batch, dict):
+            if self.input_key not in batch:
+                raise KeyError(f"CausalLMTask: batch has no field {self.input_key!r} (fields: {sorted(batch)})")
+            return batch[self.input_key], batch.get(self.mask_key)
+        raise TypeError(f"CausalLMTask expects a tensor of token ids or a mapping, got {type(batch).__name__}")
+
+    def _logits(self, model: nn.Module, ids: Tensor, mask: Tensor | None) -> Tensor:
+        out = model(ids) if mask is None else model(ids, attention_mask=mask)
+        logits = getattr(out, "logits", out)
+        if not isinstance(logits, Tensor) or logits.dim() != 3:
+            raise TypeError("CausalLMTask: the model must return logits of shape (B, T, V) (or an output with .logits)")
+        return logits[:, :-1]
+
+    def _summed(self, logits: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor:
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+        if mask is not None:
+            losses = losses * mask[:, 1:].to(losses.dtype)
+        return losses.sum(1)
+
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        ids, mask = self._split(batch)
+        return self._summed(self._logits(model, ids, mask), ids[:, 1:], mask)
+
+    def sampled_loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
+        ids, mask = self._split(batch)
+        logits = self._logits(model, ids, mask)
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=-1)
+            sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        return self._summed(logits, sampled.reshape(ids[:, 1:].shape), mask)
