@@ -232,6 +232,23 @@ class InfluenceAnalyzer:
                                                       dtype)))
         return scoring.assemble(blocks, self.layers, self._pre.communicator, per_layer=per_layer, axis=1)
 
+    def per_token_scores(self, query_loader: Iterable[Any], train_loader: Iterable[Any], *,
+                         per_layer: bool = False) -> Tensor | dict[str, Tensor]:
+        """``[n_query, n_train, T]``: :meth:`pairwise_scores` split over each training example's token positions
+        (the rows ``t`` of ``V_n = sum_t g_nt a_nt^T``; summing over ``T`` gives the pairwise scores). Every tracked
+        layer must see the same positions per example; batches of different lengths are zero-padded to the
+        longest. With a mask in the task, padded positions carry no gradient and score zero."""
+        dtype = getattr(torch, self.args.score_dtype)
+        with eval_mode(self.model):
+            passes = self._passes()
+            queries = scoring.query_gradients(passes, query_loader, self._precondition, dtype=dtype,
+                                              query_rank=self.args.query_rank)
+            blocks: scoring.Blocks = []
+            for i, batch in passes.batches(train_loader, "per-token scoring"):
+                blocks.append((i, scoring.token_score_batch(queries, passes.rows(batch, sampled=False), self.layers,
+                                                            dtype)))
+        return scoring.assemble(blocks, self.layers, self._pre.communicator, per_layer=per_layer, axis=1)
+
     @overload
     def self_scores(self, train_loader: Iterable[Any], *, per_layer: Literal[False] = ...) -> Tensor: ...
     @overload

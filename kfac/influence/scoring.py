@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed.comm import Communicator
@@ -86,6 +87,28 @@ def score_batch(queries: Mapping[str, Any], rows: Mapping[str, tuple[Tensor, Ten
     return out
 
 
+@torch.no_grad()
+def token_score_batch(queries: Mapping[str, Any], rows: Mapping[str, tuple[Tensor, Tensor]], layers: Iterable[str],
+                      dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{layer: [n_query, n_batch, T]}``: each example's score split over the ``T`` rows (token positions) of its
+    gradient ``V_n = sum_t g_nt a_nt^T``; every layer must see the same ``T``."""
+    layers = list(layers)
+    lengths = {n: rows[n][0].shape[1] for n in layers}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"influence: per-token scores need every tracked layer to see the same number of positions "
+                         f"per example, got {lengths}; track only the sequence layers (tracked_modules=...)")
+    out = {}
+    for name in layers:
+        a, g = (t.to(dtype) for t in rows[name])
+        q = queries[name]
+        if isinstance(q, tuple):
+            us, v = q
+            out[name] = torch.einsum("ntg,qgk,nta,qak->qnt", g, us, a, v)
+        else:
+            out[name] = torch.einsum("qga,ntg,nta->qnt", q, g, a)
+    return out
+
+
 def self_score_batch(rows: Mapping[str, tuple[Tensor, Tensor]], layers: Iterable[str],
                      inverse: InverseMap, dtype: torch.dtype) -> dict[str, Tensor]:
     """``{layer: [n_batch]}``: ``grad L(z)^T (C + damping I)^-1 grad L(z)`` of one training batch's rows."""
@@ -103,5 +126,8 @@ def assemble(blocks: Blocks, layers: Iterable[str], comm: Communicator, *, per_l
     blocks.sort(key=lambda ib: ib[0])
     if not blocks:
         raise ValueError("influence: the training loader yielded no examples")
+    if blocks[0][1] and next(iter(blocks[0][1].values())).dim() == 3:  # per-token: pad to the longest batch
+        longest = max(t.shape[2] for _, b in blocks for t in b.values())
+        blocks = [(i, {n: F.pad(t, (0, longest - t.shape[2])) for n, t in b.items()}) for i, b in blocks]
     per = {n: torch.cat([b[n] for _, b in blocks], dim=axis) for n in layers}
     return per if per_layer else sum(per.values())  # type: ignore[return-value]  # layers: not empty

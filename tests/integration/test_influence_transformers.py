@@ -83,6 +83,9 @@ def test_gpt2_influence_with_the_causal_lm_task():
     scores = an.pairwise_scores([ids[:2]], [ids])
     torch.testing.assert_close(scores, _plain_gradient_scores(model, task, an, ids[:2], ids), rtol=1e-8,
                                atol=1e-10)
-    kfac_scores = InfluenceAnalyzer(model, task, method="ekfac", **F64).fit([ids[:3], ids[3:]]).pairwise_scores(
-        [ids[:2]], [ids])
+    ekfac = InfluenceAnalyzer(model, task, method="ekfac", **F64).fit([ids[:3], ids[3:]])
+    kfac_scores = ekfac.pairwise_scores([ids[:2]], [ids])
     assert torch.isfinite(kfac_scores).all() and (torch.diagonal(kfac_scores[:, :2]) > 0).all()
+    tokens = ekfac.per_token_scores([ids[:2]], [ids])  # [queries, train, tokens], summing to the totals
+    assert tokens.shape == (2, 6, 8)
+    torch.testing.assert_close(tokens.sum(-1), kfac_scores, rtol=1e-8, atol=1e-10)
