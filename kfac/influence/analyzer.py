@@ -100,23 +100,28 @@ class InfluenceAnalyzer:
     def _engine(self, process_group: Any | None) -> KFACPreconditioner:
         """The K-FAC preconditioner as a factor engine: tracked layers, the store, the plan and the collectives
         (its own statistics hooks are removed: the analyzer collects per-example statistics in eval mode)."""
-        skip: list[str] = []
+        wanted: set[str] | None = None
         if self.args.tracked_modules is not None:
             wanted = set(self.args.tracked_modules)
             known = {n for n, _ in self.model.named_modules()}
             unknown = sorted(wanted - known)
             if unknown:
                 raise ValueError(f"tracked_modules: no module named {unknown} in the model")
-            skip = [re.escape(n) for n, m in self.model.named_modules()
-                    if n and n not in wanted and any(True for _ in m.parameters(recurse=False))]
         comm = Communicator(group=process_group)
         strategy = "comm-opt" if comm.world_size > 1 else None
-        pre = KFACPreconditioner(self.model, method="eigen", factor_decay=0.0, kl_clip=None, skip_layers=skip,
+        pre = KFACPreconditioner(self.model, method="eigen", factor_decay=0.0, kl_clip=None,
                                  factor_dtype=getattr(torch, self.args.factor_dtype), strategy=strategy,
                                  process_group=process_group, hooks=False)
+        if wanted is not None:  # untracked one by one: a listed layer is found wherever its parent is
+            drop = [n for n in pre.layers if n not in wanted]
+            if len(drop) < len(pre.layers):  # (none left: the check below names what cannot be tracked)
+                pre.untrack(drop, "not listed in tracked_modules")
         diagonal = [n for n, a in pre.adapters.items() if a.a_diagonal]
-        if diagonal:
+        if diagonal and len(diagonal) < len(pre.layers):
             pre.untrack(diagonal, "influence does not track embeddings (per-example gradients are dim x vocab)")
+        elif diagonal:
+            raise ValueError(f"influence: no supported layer to track (embeddings {diagonal} are not tracked: their "
+                             "per-example gradients are dim x vocab)")
         if self.args.tracked_modules is not None:
             missing = sorted(set(self.args.tracked_modules) - set(pre.layers))
             if missing:

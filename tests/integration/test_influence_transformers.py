@@ -89,3 +89,25 @@ def test_gpt2_influence_with_the_causal_lm_task():
     tokens = ekfac.per_token_scores([ids[:2]], [ids])  # [queries, train, tokens], summing to the totals
     assert tokens.shape == (2, 6, 8)
     torch.testing.assert_close(tokens.sum(-1), kfac_scores, rtol=1e-8, atol=1e-10)
+
+
+def test_tracked_modules_selects_a_layer_whose_parent_holds_parameters():
+    """A ViT-style encoder owns its position embedding and contains the layers: listing one of those layers tracks
+    it (the parent is not tracked, but its children are still found), and an embedding-only model is a clear
+    error rather than an internal one."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 4, 5))  # the parent's own parameter
+            self.fc = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.fc(x + self.pos)
+
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(20, 3)).double()
+    an = InfluenceAnalyzer(model, ClassificationTask(), tracked_modules=["0.fc"], **F64)
+    assert an.layers == ["0.fc"]
+    assert dict(an.skipped)["2"] == "not listed in tracked_modules"
+    with pytest.raises(ValueError, match="no supported layer"):
+        InfluenceAnalyzer(nn.Sequential(nn.Embedding(5, 3)), ClassificationTask(), **F64)
