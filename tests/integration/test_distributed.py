@@ -181,3 +181,22 @@ def test_overlapped_reduction_with_uneven_and_changing_batches(strategy, tmp_pat
                     torch.testing.assert_close(A, want_a, msg=lambda m: f"A of {name} at step {step}: {m}")
                 if G is not None:
                     torch.testing.assert_close(G, want_g, msg=lambda m: f"G of {name} at step {step}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["comm-opt", "dp-kfac"])
+def test_transformer_block_on_two_ranks_equals_one_process(strategy, tmp_path):
+    """nn.MultiheadAttention's captured projections under distributed K-FAC: 2 gloo ranks equal one process on the
+    same global batch (float64)."""
+    import warnings
+
+    reports = W.launch(W.transformer, 2, tmp_path, strategy)
+    model = W.AttentionNet().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **W.KFAC_KW)
+    W.train(model, opt, range(W.STEPS))
+    assert "encoder.layers.0.self_attn" in reports[0]["layers"]
+    for r in reports:
+        for got, p in zip(r["params"], model.parameters()):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-8,
+                                       atol=1e-10)

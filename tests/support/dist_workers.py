@@ -276,3 +276,32 @@ def adaptive(rank: int, world: int, out: Path, strategy: str, fisher: str = "emp
         torch.save([p.detach() for p in model.parameters()], out / f"adaptive_{strategy}.pt")
     return {"damping": opt.adaptive.damping,
             "params": [p.detach().flatten().tolist() for p in model.parameters()]}
+
+
+class AttentionNet(nn.Module):
+    """A transformer block on the (2, 5, 5) batches read as 5 tokens of 10 features: MHA in/out projections, the
+    feed-forward Linears and the head are tracked; LayerNorms are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(d_model=10, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x):
+        tokens = x.permute(0, 3, 1, 2).reshape(x.shape[0], 5, 10)
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def transformer(rank: int, world: int, out: Path, strategy: str) -> dict:
+    """K-FAC on a transformer block with gradients averaged over ranks: parameters after training."""
+    import warnings
+
+    model = AttentionNet().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LayerNorms are not preconditioned
+        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy,
+                        **KFAC_KW)
+    train_allreduce(model, opt, range(STEPS), rank, world)
+    return {"params": [p.detach().flatten().tolist() for p in model.parameters()], "layers": opt.preconditioner.layers}
