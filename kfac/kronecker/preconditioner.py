@@ -193,6 +193,10 @@ class KFACPreconditioner(Communicating, StateMixin):
         tracking = track_layers(model, skip)
         self.skipped += tracking.skipped
         for t in tracking.layers:
+            if self.method.corrects and not t.adapter.per_example:
+                self.skipped.append((t.name, f"method={self.method.name!r} needs per-example gradients, which "
+                                             f"{type(t.adapter).__name__} layers do not give (use method='eigen')"))
+                continue
             entry = self.store.add(t.name, a_dim=t.adapter.a_dim, g_dim=t.adapter.g_dim,
                                    a_diagonal=t.adapter.a_diagonal)
             layer = LayerState(name=t.name, module=t.module, adapter=t.adapter, entry=entry,

@@ -3,7 +3,7 @@
 The registry is an ordered list of ``(match, adapter class)``; ``match`` is an ``nn.Module`` subclass or a predicate
 on the module. :func:`register_adapter` puts a third party's adapter in front of the built-in ones (the first match
 wins), so a library can teach K-FAC its own layer types without touching this package. Built in: ``nn.Linear``,
-``nn.Conv1d`` / ``nn.Conv2d`` (groups=1), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection; its
+``nn.Conv1d`` / ``nn.Conv2d`` (grouped and depthwise ones with a shared ``A``), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection; its
 ``out_proj`` is adapted by :func:`kfac.tracking.track_layers`, which knows the parent), and Hugging Face ``Conv1D``
 (GPT-2's transposed linear layer, matched by its structure so that ``transformers`` is never imported).
 """
@@ -16,17 +16,18 @@ from torch import nn
 
 from .attention import InProjectionAdapter, OutProjectionAdapter
 from .base import ModuleAdapter, Stat
-from .conv import ConvAdapter
+from .conv import ConvAdapter, GroupedConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter, TransposedLinearAdapter, is_transposed_linear
 
-__all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "EmbeddingAdapter",
+__all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
            "InProjectionAdapter", "OutProjectionAdapter", "Registration", "adapter_for", "register_adapter"]
 
 Match = type[nn.Module] | Callable[[nn.Module], bool]
 
 _REGISTRY: list[tuple[Match, type[ModuleAdapter]]] = [
     (nn.Linear, LinearAdapter),
+    (lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1, GroupedConvAdapter),
     (nn.Conv1d, ConvAdapter),
     (nn.Conv2d, ConvAdapter),
     (nn.Embedding, EmbeddingAdapter),

@@ -35,6 +35,10 @@ class ModuleAdapter(ABC):
     a_diagonal: bool = False
     """Whether ``A`` is diagonal (stored as a vector), e.g. for embeddings."""
 
+    per_example: bool = True
+    """Whether :meth:`example_rows` gives per-example gradients ``V_n = sum_t g_nt a_nt^T`` (EK-FAC corrections
+    and influence need them)."""
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 

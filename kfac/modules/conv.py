@@ -1,4 +1,5 @@
-"""``nn.Conv1d`` / ``nn.Conv2d`` adapter (groups=1) via im2col patches.
+"""``nn.Conv1d`` / ``nn.Conv2d`` adapters via im2col patches (:class:`ConvAdapter`; grouped and depthwise
+convolutions: :class:`GroupedConvAdapter`).
 
 With ``S`` the number of output positions per example, ``a`` holds the ``N*S`` im2col patches (plus a ones
 column for the bias) divided by ``S`` and ``g`` the ``N*S`` output-gradient vectors divided by ``S``; both
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from .base import ModuleAdapter
 
-__all__ = ["ConvAdapter"]
+__all__ = ["ConvAdapter", "GroupedConvAdapter"]
 
 
 class ConvAdapter(ModuleAdapter):
@@ -23,8 +24,7 @@ class ConvAdapter(ModuleAdapter):
     @staticmethod
     def unsupported_reason(module: nn.Conv1d | nn.Conv2d) -> str | None:
         if module.groups != 1:
-            return (f"{type(module).__name__} with groups={module.groups} is not supported yet (only groups=1; "
-                    "grouped and depthwise convolutions are left unpreconditioned)")
+            return f"{type(module).__name__} with groups={module.groups}: use GroupedConvAdapter"
         return None
 
     @property
@@ -108,3 +108,46 @@ class ConvAdapter(ModuleAdapter):
     def g_rows(self, g: Tensor) -> Tensor:
         rows, spatial = self.g_rows_unscaled(g)
         return rows / spatial
+
+
+class GroupedConvAdapter(ConvAdapter):
+    """Grouped and depthwise ``nn.Conv1d`` / ``nn.Conv2d`` (``groups > 1``) as one Kronecker block with a
+    *shared* ``A``: output channel ``o`` of group ``γ(o)`` sees only its group's patches ``a_{t,γ}``, so K-FAC's
+    block-diagonal-over-groups curvature is ``blockdiag_γ(G_γ ⊗ A_γ)``; replacing every ``A_γ`` by their mean
+    ``A = mean_γ A_γ`` (the rows of every group's patches, ``C_in/groups · k² [+1]`` wide) gives
+    ``A ⊗ G`` with ``G`` block-diagonal over groups (cross-group entries zero; diagonal for depthwise convolutions).
+    Exact where every group sees the same patches; otherwise an approximation on top of K-FAC's. The weight
+    ``(C_out, C_in/groups, k...)`` is the ``(C_out, C_in/groups · k² [+1])`` gradient matrix as for ``groups=1``.
+    Per-example rows do not have the ``V_n = Σ_t g a^T`` form here: EK-FAC and influence leave these layers out."""
+
+    per_example = False
+
+    @staticmethod
+    def unsupported_reason(module: nn.Conv1d | nn.Conv2d) -> str | None:
+        return None
+
+    @property
+    def a_dim(self) -> int:
+        kh, kw = self.kernel
+        return self.module.in_channels // self.module.groups * kh * kw + int(self.has_bias)
+
+    def a_rows_unscaled(self, x: Tensor) -> tuple[Tensor, float]:
+        """Every group's patch rows, ``(N*S*groups, a_dim)``, and ``S``."""
+        m = self.module
+        x, padding = self._padded(self._as_2d(x))
+        patches = F.unfold(x, self.kernel, dilation=self._pair(tuple(m.dilation)), padding=padding,
+                           stride=self._pair(tuple(m.stride)))  # (N, C_in * k², S), channel-major
+        n, _, spatial = patches.shape
+        rows = patches.reshape(n, m.groups, -1, spatial).permute(0, 3, 1, 2).reshape(-1, patches.shape[1] // m.groups)
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows, spatial
+
+    def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> tuple[Tensor, int]:
+        """``(g^T g, N*S)`` with the cross-group entries set to zero (block-diagonal ``G``)."""
+        total, count = super().g_stat(g, dtype, scale)
+        groups = torch.arange(self.g_dim, device=total.device) // (self.g_dim // self.module.groups)
+        return total * (groups[:, None] == groups[None, :]).to(total.dtype), count
+
+    def example_rows(self, x: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("grouped convolutions have no per-example rows of the V_n = sum_t g a^T form")

@@ -57,14 +57,11 @@ def test_conv1d_factors_equal_explicit_unfold_reference_and_conv2d_of_height_one
     torch.testing.assert_close(p1.store[""].A, (rows / sp).T @ (rows / sp) / (n * sp), rtol=1e-10, atol=1e-13)
 
 
-def test_conv1d_unbatched_input_and_grouped_conv1d_skipped_with_reason():
+def test_conv1d_unbatched_input_equals_a_batch_of_one():
     conv = nn.Conv1d(2, 3, 3)
     adapter, _ = adapter_for(conv)
     x = torch.randn(2, 9)
     torch.testing.assert_close(adapter.a_rows(x), adapter.a_rows(x[None]))
-    pre = kfac.KFACPreconditioner(nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Conv1d(4, 2, 1)))
-    assert pre.layers == ["1"]
-    assert pre.skipped[0][0] == "0" and "groups=4" in pre.skipped[0][1]
 
 
 class Conv1D(nn.Module):
@@ -160,3 +157,80 @@ def test_register_adapter_teaches_kfac_a_new_layer_type_and_can_be_removed():
         kfac.register_adapter(Scaled, object)
     with pytest.raises(TypeError, match="predicate"):
         kfac.register_adapter(int, ScaledAdapter)
+
+
+def _grouped_reference(conv, x, g_out):
+    """Dense factors of the shared-A grouped-convolution block from an explicit unfold: per-group patch rows,
+    averaged over groups; G block-diagonal over groups."""
+    n, groups = x.shape[0], conv.groups
+    patches = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (N, C*k*k, S)
+    s = patches.shape[-1]
+    per_group = patches.reshape(n, groups, -1, s)                                    # (N, G, Cg*k*k, S)
+    rows = per_group.permute(0, 3, 1, 2).reshape(n * s * groups, -1)
+    if conv.bias is not None:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+    a = (rows / s).T @ (rows / s) / rows.shape[0]
+    grows = g_out.permute(0, 2, 3, 1).reshape(n * s, -1) / s
+    g = grows.T @ grows / (n * s)
+    owner = torch.arange(g.shape[0]) // (g.shape[0] // groups)
+    return a, g * (owner[:, None] == owner[None, :]), per_group, grows
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4), (4, 8, 2), (6, 6, 3)], ids=["depthwise", "multiplier2", "groups3"])
+def test_grouped_conv_factors_and_update_equal_the_dense_shared_a_block(shape):
+    c_in, c_out, groups = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups).double()
+    pre = kfac.KFACPreconditioner(conv, kl_clip=None, factor_dtype=torch.float64, factor_decay=0.0, damping=0.05)
+    assert pre.layers == [""]
+    x = torch.randn(3, c_in, 5, 5, dtype=torch.float64)
+    out = conv(x)
+    out.retain_grad()
+    (out ** 2).mean().backward()
+    raw = torch.cat([conv.weight.grad.reshape(c_out, -1), conv.bias.grad[:, None]], 1).clone()
+    pre.step()
+    a, g, _, _ = _grouped_reference(conv, x, out.grad)
+    torch.testing.assert_close(pre.store[""].A, a, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(pre.store[""].G, g, rtol=1e-10, atol=1e-13)
+    dense = torch.kron(a, g) + 0.05 * torch.eye(a.shape[0] * g.shape[0], dtype=torch.float64)
+    want = torch.linalg.solve(dense, raw.T.reshape(-1))
+    got = torch.cat([conv.weight.grad.reshape(c_out, -1), conv.bias.grad[:, None]], 1)
+    torch.testing.assert_close(got.T.reshape(-1), want, rtol=1e-8, atol=1e-11)
+
+
+def test_grouped_conv_equals_per_group_kfac_when_every_group_sees_the_same_patches():
+    """With identical input channels every group's A is the same, and the shared-A block equals K-FAC's
+    block-diagonal-over-groups curvature blockdiag(A_γ ⊗ G_γ) (dense float64 solve)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, groups=3, bias=False).double()
+    pre = kfac.KFACPreconditioner(conv, kl_clip=None, factor_dtype=torch.float64, factor_decay=0.0, damping=0.05)
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64).repeat(1, 3, 1, 1)
+    out = conv(x)
+    out.retain_grad()
+    torch.tanh(out).sum().backward()
+    raw = conv.weight.grad.reshape(6, -1).clone()
+    pre.step()
+    _, _, per_group, grows = _grouped_reference(conv, x, out.grad)
+    s = per_group.shape[-1]
+    blocks, vecs = [], []
+    for gamma in range(3):
+        rows = per_group[:, gamma].permute(0, 2, 1).reshape(-1, 9) / s
+        a_gamma = rows.T @ rows / rows.shape[0]
+        gg = grows[:, 2 * gamma:2 * gamma + 2]
+        blocks.append(torch.kron(a_gamma, gg.T @ gg / gg.shape[0]))
+        vecs.append(raw[2 * gamma:2 * gamma + 2].T.reshape(-1))
+    dense = torch.block_diag(*blocks) + 0.05 * torch.eye(sum(b.shape[0] for b in blocks), dtype=torch.float64)
+    want = torch.linalg.solve(dense, torch.cat(vecs))
+    got = conv.weight.grad.reshape(6, -1)
+    got_vecs = torch.cat([got[2 * gamma:2 * gamma + 2].T.reshape(-1) for gamma in range(3)])
+    torch.testing.assert_close(got_vecs, want, rtol=1e-8, atol=1e-11)
+
+
+def test_depthwise_conv1d_is_tracked_and_ekfac_leaves_grouped_convs_out_with_a_reason():
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=4), nn.Conv1d(4, 2, 1))
+    pre = kfac.KFACPreconditioner(model)
+    assert pre.layers == ["0", "1"]
+    pre.remove()
+    with pytest.warns(UserWarning, match="per-example"):
+        pre = kfac.KFACPreconditioner(model, method="ekfac")
+    assert pre.layers == ["1"] and "per-example" in dict(pre.skipped)["0"]

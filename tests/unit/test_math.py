@@ -207,14 +207,11 @@ def test_conv2d_factors_equal_unfold_reference(conv_kwargs):
     torch.testing.assert_close(pre.store["0"].G, G_ref)
 
 
-def test_conv2d_unbatched_input_and_grouped_conv_skipped():
+def test_conv2d_unbatched_input_equals_a_batch_of_one():
     conv = nn.Conv2d(2, 3, 3)
     adapter = ConvAdapter(conv)
     x = torch.randn(2, 5, 5)
     torch.testing.assert_close(adapter.a_rows(x), adapter.a_rows(x[None]))
-    pre = kfac.KFACPreconditioner(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1)))
-    assert pre.layers == ["1"]
-    assert pre.skipped[0][0] == "0" and "groups=2" in pre.skipped[0][1]
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])

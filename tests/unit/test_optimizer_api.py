@@ -321,7 +321,7 @@ class _Zoo(nn.Module):
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.gconv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-        self.c1d = nn.Conv1d(2, 2, 3, groups=2)  # grouped: not supported yet
+        self.c1d = nn.LSTM(2, 2)  # recurrent: not supported
         self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4)))
         self.emb = nn.Embedding(10, 4)
         self.fc = nn.Linear(4, 2)
@@ -329,24 +329,23 @@ class _Zoo(nn.Module):
 
 def test_layers_and_skipped_reasons():
     pre = kfac.KFACPreconditioner(_Zoo())
-    assert pre.layers == ["conv", "block.0", "block.2.0", "emb", "fc"]
+    assert pre.layers == ["conv", "gconv", "block.0", "block.2.0", "emb", "fc"]
     assert set(pre.store) == set(pre.layers)
     skipped = dict(pre.skipped)
-    assert set(skipped) == {"bn", "gconv", "c1d"}
+    assert set(skipped) == {"bn", "c1d"}
     assert "BatchNorm2d" in skipped["bn"]
-    assert "groups=2" in skipped["gconv"]
-    assert "Conv1d" in skipped["c1d"]
+    assert "LSTM" in skipped["c1d"]
     assert pre.store["emb"].a_diagonal and (pre.store["emb"].a_dim, pre.store["emb"].g_dim) == (10, 4)
     assert (pre.store["conv"].a_dim, pre.store["conv"].g_dim) == (2 * 9 + 1, 4)
 
 
 @pytest.mark.parametrize("skip, expected_layers, expected_skipped", [
-    (["fc"], ["conv", "block.0", "block.2.0", "emb"], {"fc"}),
-    ("fc", ["conv", "block.0", "block.2.0", "emb"], {"fc"}),  # a single string
-    (["Linear"], ["conv", "emb"], {"block.0", "block.2.0", "fc"}),
-    ([r"block\.\d+(\.0)?"], ["conv", "emb", "fc"], {"block.0", "block.1", "block.2", "block.2.0"}),  # ReLU too
-    (["block"], ["conv", "emb", "fc"], {"block", "block.0", "block.2.0"}),
-    (["block.2", "Embedding"], ["conv", "block.0", "fc"], {"block.2", "block.2.0", "emb"}),
+    (["fc"], ["conv", "gconv", "block.0", "block.2.0", "emb"], {"fc"}),
+    ("fc", ["conv", "gconv", "block.0", "block.2.0", "emb"], {"fc"}),  # a single string
+    (["Linear"], ["conv", "gconv", "emb"], {"block.0", "block.2.0", "fc"}),
+    ([r"block\.\d+(\.0)?"], ["conv", "gconv", "emb", "fc"], {"block.0", "block.1", "block.2", "block.2.0"}),  # ReLU too
+    (["block"], ["conv", "gconv", "emb", "fc"], {"block", "block.0", "block.2.0"}),
+    (["block.2", "Embedding"], ["conv", "gconv", "block.0", "fc"], {"block.2", "block.2.0", "emb"}),
 ])
 def test_skip_layers(skip, expected_layers, expected_skipped):
     pre = kfac.KFACPreconditioner(_Zoo(), skip_layers=skip)
