@@ -26,7 +26,6 @@ Damping: a float is used as is for every layer; ``None`` (default) is ``0.1 * me
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
