@@ -20,10 +20,12 @@ from torch import nn
 
 from .modules import ModuleAdapter, OutProjectionAdapter, adapter_for
 
-__all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped"]
+__all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped",
+           "factor_size"]
 
-CHOSEN = ("matched skip_layers", "parent module", "parameters do not require grad")
-"""Reasons that follow from the user's own choices (skip_layers, frozen parameters): not warned about."""
+CHOSEN = ("matched skip_layers", "parent module", "parameters do not require grad", "tied to")
+"""Reasons not warned about: the user's own choices (skip_layers, frozen parameters), and tied weights (their
+parameters are preconditioned, with one use's factors)."""
 
 
 class SkipRules:
@@ -68,7 +70,8 @@ class Candidate:
     partly_frozen: bool = False     # some of its own parameters do not require grad
 
 
-def walk(model: nn.Module, rules: SkipRules, skipped: list[tuple[str, str]]) -> Iterator[Candidate]:
+def walk(model: nn.Module, rules: SkipRules, skipped: list[tuple[str, str]],
+         ties: list[tuple[str, nn.Module, str]] | None = None) -> Iterator[Candidate]:
     """The modules of ``model`` (``named_modules`` order) that own trainable, unshared parameters and are not
     skipped; every other module with parameters is appended to ``skipped`` with its reason. A consumer that
     rejects a candidate reports it itself."""
@@ -95,6 +98,8 @@ def walk(model: nn.Module, rules: SkipRules, skipped: list[tuple[str, str]]) -> 
         fresh = [p for p in trainable if id(p) not in owners]
         if not fresh:
             skipped.append((name, f"shares parameters with {owners[id(trainable[0])]!r}"))
+            if ties is not None:  # (module, owner): every trainable parameter is owned by an earlier module
+                ties.append((name, module, owners[id(trainable[0])]))
             continue
         for p in fresh:
             owners[id(p)] = name
@@ -122,9 +127,10 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
     exactly the candidate's (see the module docstring)."""
     rules = SkipRules(skip_layers)
     out = Tracking()
+    ties: list[tuple[str, nn.Module, str]] = []
     functional = {f"{n}.out_proj" if n else "out_proj": m for n, m in model.named_modules()
                   if isinstance(m, nn.MultiheadAttention)}
-    for c in walk(model, rules, out.skipped):
+    for c in walk(model, rules, out.skipped, ties):
         parent = functional.get(c.name)
         if parent is not None and parent.out_proj is c.module:  # applied functionally: observed via its parent
             adapter: ModuleAdapter | None
@@ -144,9 +150,36 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
             raise ValueError(f"layer {c.name!r} has parameters on the meta device: materialise the model "
                              "(to_empty() and load or initialise its weights) before building K-FAC")
         out.layers.append(TrackedLayer(c.name, c.module, adapter))
+    _resolve_ties(out, ties)
     if warn_unmatched:
         rules.warn_unmatched(stacklevel=3)
     return out
+
+
+def factor_size(adapter: ModuleAdapter) -> int:
+    """Entries of an adapter's two factors (a diagonal ``A`` counts its diagonal)."""
+    return (adapter.a_dim if adapter.a_diagonal else adapter.a_dim ** 2) + adapter.g_dim ** 2
+
+
+def _resolve_ties(out: Tracking, ties: list[tuple[str, nn.Module, str]]) -> None:
+    """Tied weights (e.g. a language model's embedding and output layer): of two supported modules with the same
+    parameters, the one with the smaller factors is tracked, whatever the registration order; the other use's
+    curvature is not included (its gradient still adds to the shared parameter's)."""
+    for name, module, owner in ties:
+        index = next((i for i, t in enumerate(out.layers) if t.name == owner), None)
+        adapter, _ = adapter_for(module)
+        if index is None or adapter is None:
+            continue
+        current = out.layers[index]
+        if [id(p) for p in adapter.parameters()] != [id(p) for p in current.adapter.parameters()]:
+            continue
+        tracked, other = owner, name
+        if factor_size(adapter) < factor_size(current.adapter):
+            out.layers[index] = TrackedLayer(name, module, adapter)
+            tracked, other = name, owner
+        reason = (f"tied to {tracked!r}: the shared parameters are preconditioned with {tracked!r}'s factors (the "
+                  "smaller ones); this use's curvature is not included")
+        out.skipped = [(n, r) for n, r in out.skipped if n not in (tracked, other)] + [(other, reason)]
 
 
 def warn_skipped(skipped: list[tuple[str, str]], *, stacklevel: int = 3) -> None:

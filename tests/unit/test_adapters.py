@@ -234,3 +234,44 @@ def test_depthwise_conv1d_is_tracked_and_ekfac_leaves_grouped_convs_out_with_a_r
     with pytest.warns(UserWarning, match="per-example"):
         pre = kfac.KFACPreconditioner(model, method="ekfac")
     assert pre.layers == ["1"] and "per-example" in dict(pre.skipped)["0"]
+
+
+class _TiedLM(nn.Module):
+    def __init__(self, head_first: bool) -> None:
+        super().__init__()
+        if head_first:  # registration order decides which module named_modules() meets first
+            self.head = nn.Linear(8, 50, bias=False)
+            self.emb = nn.Embedding(50, 8)
+        else:
+            self.emb = nn.Embedding(50, 8)
+            self.head = nn.Linear(8, 50, bias=False)
+        self.head.weight = self.emb.weight
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_tied_weights_are_tracked_with_the_smaller_factors_whatever_the_registration_order(head_first):
+    """An embedding tied to the output layer: the embedding's factors (diagonal A over the vocabulary, 8x8 G) are
+    far smaller than the head's (8x8 A, 50x50 G), so the embedding is tracked in both orders, the head listed as
+    tied, without a warning; the shared weight is preconditioned and training works."""
+    import warnings
+
+    model = _TiedLM(head_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    pre = opt.preconditioner
+    assert sorted(pre.layers) == ["emb", "mid"] and pre.store["emb"].a_diagonal
+    assert list(dict(pre.skipped)) == ["head"] and "tied to 'emb'" in dict(pre.skipped)["head"]
+    ids = torch.randint(0, 50, (16, 6))
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 50), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
