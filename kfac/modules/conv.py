@@ -144,10 +144,17 @@ class GroupedConvAdapter(ConvAdapter):
         return rows, spatial
 
     def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> tuple[Tensor, int]:
-        """``(g^T g, N*S)`` with the cross-group entries set to zero (block-diagonal ``G``)."""
-        total, count = super().g_stat(g, dtype, scale)
-        groups = torch.arange(self.g_dim, device=total.device) // (self.g_dim // self.module.groups)
-        return total * (groups[:, None] == groups[None, :]).to(total.dtype), count
+        """``(g^T g, N*S)`` restricted to the diagonal blocks of the groups (cross-group entries zero): one
+        ``rows_γ^T rows_γ`` per group, a diagonal of squares for depthwise convolutions."""
+        rows, s = self.g_rows_unscaled(g)
+        rows = rows.to(dtype)
+        if scale is not None:
+            rows = rows / scale
+        groups, width = self.module.groups, self.g_dim // self.module.groups
+        if width == 1:  # depthwise: a diagonal
+            return torch.diag(rows.square().sum(0) / s ** 2), rows.shape[0]
+        blocks = rows.reshape(rows.shape[0], groups, width).transpose(0, 1)  # (groups, N*S, width)
+        return torch.block_diag(*(blocks.transpose(1, 2) @ blocks / s ** 2)), rows.shape[0]
 
     def example_rows(self, x: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("grouped convolutions have no per-example rows of the V_n = sum_t g a^T form")
