@@ -41,9 +41,14 @@ def fit_factors(passes: DataPasses, engine: KFACPreconditioner, args: InfluenceA
     tally = [[0, 0] for _ in layers]  # rows, examples
     for index, batch in passes.batches(loader, "fitting factors"):
         rows = passes.rows(batch, sampled=args.fisher == "mc", index=index)
+        mask = passes.task.positions(batch)
         for i, name in enumerate(layers):
             a, g = rows[name]
-            a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            if mask is not None and tuple(mask.shape) == tuple(a.shape[:2]):  # only the positions that count
+                keep = mask.to(a.device).bool()
+                a2, g2 = a[keep], g[keep]
+            else:
+                a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
             s = sums.setdefault(name, [a.new_zeros(a.shape[-1], a.shape[-1]), g.new_zeros(g.shape[-1],
                                                                                            g.shape[-1])])
             ext.sym_outer_update(a2, s[0])  # s += x^T x, the library's one factor-statistic op

@@ -17,7 +17,10 @@ class Task:
     * :meth:`loss`: per-example training losses ``L(z_n)`` with the data's own labels, shape ``[B]``;
     * :meth:`measurement`: the per-query quantity ``f`` whose change we attribute, shape ``[B]`` (default: the loss);
     * :meth:`sampled_loss`: per-example losses on labels sampled from the model's predictive distribution (needed
-      for ``fisher="mc"``, the default for fitting factors).
+      for ``fisher="mc"``, the default for fitting factors);
+    * :meth:`positions`: which positions of each example count (``[B, T]``, e.g. an attention mask), or ``None``:
+      rows of layers with ``T`` positions per example at positions that do not count are left out of ``A``,
+      ``G`` and the row counts when fitting.
     """
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
@@ -25,6 +28,9 @@ class Task:
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
         return self.loss(model, batch)
+
+    def positions(self, batch: Any) -> Tensor | None:
+        return None
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError(
@@ -96,6 +102,10 @@ class CausalLMTask(Task):
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         ids, mask = self._split(batch)
         return self._summed(self._logits(model, ids, mask), ids[:, 1:], mask)
+
+    def positions(self, batch: Any) -> Tensor | None:
+        """The attention mask: padded tokens do not count."""
+        return self._split(batch)[1]
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
         ids, mask = self._split(batch)

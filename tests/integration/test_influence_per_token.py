@@ -95,3 +95,23 @@ def test_masked_positions_score_zero_and_layers_of_other_lengths_are_a_clear_err
     an = InfluenceAnalyzer(pooled, CausalLMTask(), method="identity", **F64).fit([train])
     with pytest.raises(ValueError, match="same number of positions"):
         an.per_token_scores([queries], [train])
+
+
+def test_padded_positions_are_left_out_of_the_factors_and_row_counts():
+    """A padded batch with an attention mask gives the factors of the unpadded sequences fitted one by one: the
+    task's positions() leave padded rows out of A, G and the row counts (causal model: real positions never see the
+    padding)."""
+    torch.manual_seed(3)
+    short, long = torch.randint(0, VOCAB, (5,)), torch.randint(0, VOCAB, (T,))
+    padded = torch.stack([torch.cat([short, torch.randint(0, VOCAB, (T - 5,))]), long])
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, 5:] = 0
+    args = dict(method="kfac", fisher="empirical", **F64)
+    masked = InfluenceAnalyzer(TinyLM().double(), CausalLMTask(), **args).fit(
+        [{"input_ids": padded, "attention_mask": mask}])
+    reference = InfluenceAnalyzer(TinyLM().double(), CausalLMTask(), **args).fit([short[None], long[None]])
+    unmasked = InfluenceAnalyzer(TinyLM().double(), CausalLMTask(), **args).fit([padded])
+    for name in masked.layers:
+        torch.testing.assert_close(masked.store[name].A, reference.store[name].A, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(masked.store[name].G, reference.store[name].G, rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(unmasked.store["head"].A, reference.store["head"].A)  # padding would have entered A
