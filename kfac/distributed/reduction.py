@@ -11,8 +11,8 @@ agrees on, with the row counts ``n_r`` all-reduced exactly beside it; the reduce
 ``(sum_r S_r / c) * c / N`` with ``N = sum_r n_r``, i.e. exactly the mean over the global batch. ``c`` is the
 previous factor update's global count (known to every rank; for float16 on the wire it keeps values at the scale
 of a factor) -- when a layer has none yet (the first update), its bucket waits for this step's counts first and
-is launched in ``step()``. ``G`` additionally carries the ``world_size^2`` of the gradient-averaging convention
-(see :mod:`kfac.distributed.executor`).
+is launched in ``step()``. ``G`` (``A`` for layers whose statistics are per-example gradients) additionally carries
+the ``world_size^2`` of the gradient-averaging convention (see :mod:`kfac.distributed.executor`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class FactorReduction:
             scale = global_counts.clone()
         else:
             scale = torch.tensor([self._previous[n] for n in names], dtype=torch.float64)
-        scale[:, 1] *= world2
+        for i, n in enumerate(names):  # a local-batch mean loss: its gradient statistics carry world²
+            scale[i, 0 if self.entries[n].gradient_factor == "A" else 1] *= world2
         means: dict[tuple[str, str], Tensor | None] = {}  # without overlaps: nothing travels
         payload: dict[tuple[str, str], Tensor] = {}  # with overlaps: what travels
         for i, (n, s) in enumerate(zip(names, stats)):
@@ -172,7 +173,10 @@ class FactorReduction:
                 else:
                     self._previous.pop(n, None)
                 factors = []
-                for j, (f, norm) in enumerate((("A", a_n), ("G", g_n * float(self.comm.world_size) ** 2))):
+                world2 = float(self.comm.world_size) ** 2
+                scaled_a = self.entries[n].gradient_factor == "A"  # which count carries world² (see _launch)
+                norms = (a_n * world2, g_n) if scaled_a else (a_n, g_n * world2)
+                for j, (f, norm) in enumerate(zip(("A", "G"), norms)):
                     t = received.get((n, f)) if seen else None
                     if t is not None and self.overlaps:
                         shape = factor_shape(self.entries[n], f)

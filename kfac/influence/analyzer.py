@@ -115,9 +115,10 @@ class InfluenceAnalyzer:
             drop = [n for n in pre.layers if n not in wanted]
             if len(drop) < len(pre.layers):  # (none left: the check below names what cannot be tracked)
                 pre.untrack(drop, "not listed in tracked_modules")
-        grouped = [n for n, a in pre.adapters.items() if not a.per_example and not a.a_diagonal]
-        if grouped and len(grouped) < len(pre.layers):
-            pre.untrack(grouped, "influence needs per-example gradients, which grouped convolutions do not give")
+        without = [n for n, a in pre.adapters.items() if not a.per_example]
+        if without and len(without) < len(pre.layers):
+            pre.untrack(without, "influence needs per-example gradients in the V_n = sum_t g a^T form, which grouped "
+                                 "convolutions and normalisation layers do not give")
         diagonal = [n for n, a in pre.adapters.items() if a.a_diagonal]
         if diagonal and len(diagonal) < len(pre.layers):
             pre.untrack(diagonal, "influence does not track embeddings (per-example gradients are dim x vocab)")

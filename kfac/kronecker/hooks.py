@@ -129,19 +129,22 @@ class StatisticsHooks:
         capture, correct = self.schedule.capturing(), self.schedule.correcting()
         if not (capture or correct):
             return
-        if capture:
+        backward_only = layer.adapter.stats_from_backward
+        if capture and not backward_only:
             with statistics_mode(x):
                 stat, n = layer.adapter.a_stat(x.detach(), self.factor_dtype)
             layer.a_sum, layer.a_count = _add(layer.a_sum, stat), layer.a_count + n
         x_corr = x.detach() if correct and self.method.ready(layer.entry) else None
+        x_stat = x.detach() if capture and backward_only else None
         if isinstance(output, Tensor) and output.requires_grad:
             # a forward re-run inside a backward pass (activation checkpointing) is not a new use: its gradient
             # arrives in a nested backward (reentrant) or never (non-reentrant, whose first run already counted)
             if capture and not in_backward():
                 layer.g_expected += 1
-            output.register_hook(functools.partial(self.grad_hook, layer, capture, x_corr))
+            output.register_hook(functools.partial(self.grad_hook, layer, capture, x_corr, x_stat))
 
-    def grad_hook(self, layer: LayerState, capture: bool, x: Tensor | None, grad: Tensor) -> None:
+    def grad_hook(self, layer: LayerState, capture: bool, x: Tensor | None, x_stat: Tensor | None,
+                  grad: Tensor) -> None:
         if not layer.handles:
             return
         if x is not None and not self.in_mc_backward:  # EK-FAC corrections use the data's own labels
@@ -150,7 +153,12 @@ class StatisticsHooks:
         if not capture or (self.fisher == "mc") != self.in_mc_backward:
             return
         with statistics_mode(grad):
-            stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self.grad_scale())
+            if x_stat is not None:  # both statistics from per-example gradients (see ModuleAdapter.backward_stats)
+                (a_stat, a_n), (stat, n) = layer.adapter.backward_stats(x_stat, grad.detach(), self.factor_dtype,
+                                                                       scale=self.grad_scale())
+                layer.a_sum, layer.a_count = _add(layer.a_sum, a_stat), layer.a_count + a_n
+            else:
+                stat, n = layer.adapter.g_stat(grad.detach(), self.factor_dtype, scale=self.grad_scale())
         layer.g_sum, layer.g_count = _add(layer.g_sum, stat), layer.g_count + n
         layer.g_received += 1
         if layer.g_received < layer.g_expected:

@@ -198,7 +198,8 @@ class KFACPreconditioner(Communicating, StateMixin):
                                              f"{type(t.adapter).__name__} layers do not give (use method='eigen')"))
                 continue
             entry = self.store.add(t.name, a_dim=t.adapter.a_dim, g_dim=t.adapter.g_dim,
-                                   a_diagonal=t.adapter.a_diagonal)
+                                   a_diagonal=t.adapter.a_diagonal,
+                                   gradient_factor="A" if t.adapter.stats_from_backward else "G")
             layer = LayerState(name=t.name, module=t.module, adapter=t.adapter, entry=entry,
                                input_name=first_input(t.module))
             self._layers.append(layer)

@@ -50,6 +50,9 @@ class FactorEntry:
     owner: int | None = None
     num_updates: int = 0
     """How many batches of statistics the running factors have absorbed."""
+    gradient_factor: str = field(default="G", compare=False)
+    """The factor built from output gradients (``"G"``; ``"A"`` for layers whose statistics are per-example
+    gradients, e.g. normalisation layers): a rank's statistics of a local-batch mean loss carry ``world²`` there."""
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """Derived, never persisted data (e.g. the block structure of a decomposition), keyed by field name."""
 
@@ -111,10 +114,11 @@ class FactorStore(Mapping[str, FactorEntry]):
     def __repr__(self) -> str:
         return f"FactorStore({len(self)} entries, {self.nbytes() / 2**20:.1f} MiB)"
 
-    def add(self, name: str, *, a_dim: int, g_dim: int, a_diagonal: bool = False) -> FactorEntry:
+    def add(self, name: str, *, a_dim: int, g_dim: int, a_diagonal: bool = False, gradient_factor: str = "G",
+            ) -> FactorEntry:
         if name in self._entries:
             raise KeyError(f"module {name!r} is already in the store")
-        entry = FactorEntry(name=name, a_dim=a_dim, g_dim=g_dim, a_diagonal=a_diagonal)
+        entry = FactorEntry(name=name, a_dim=a_dim, g_dim=g_dim, a_diagonal=a_diagonal, gradient_factor=gradient_factor)
         self._entries[name] = entry
         return entry
 

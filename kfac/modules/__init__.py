@@ -19,9 +19,10 @@ from .base import ModuleAdapter, Stat
 from .conv import ConvAdapter, GroupedConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter, TransposedLinearAdapter, is_transposed_linear
+from .norm import NormAdapter, is_norm
 
 __all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
-           "InProjectionAdapter", "OutProjectionAdapter", "Registration", "adapter_for", "register_adapter"]
+           "InProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "Registration", "adapter_for", "register_adapter"]
 
 Match = type[nn.Module] | Callable[[nn.Module], bool]
 
@@ -33,6 +34,7 @@ _REGISTRY: list[tuple[Match, type[ModuleAdapter]]] = [
     (nn.Embedding, EmbeddingAdapter),
     (is_transposed_linear, TransposedLinearAdapter),
     (nn.MultiheadAttention, InProjectionAdapter),
+    (is_norm, NormAdapter),
 ]
 
 

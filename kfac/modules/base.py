@@ -35,6 +35,11 @@ class ModuleAdapter(ABC):
     a_diagonal: bool = False
     """Whether ``A`` is diagonal (stored as a vector), e.g. for embeddings."""
 
+    stats_from_backward: bool = False
+    """Whether both statistics come from :meth:`backward_stats` (the layer's input and output gradient together)
+    instead of ``a_stat`` in the forward pass and ``g_stat`` in the backward pass; such adapters build ``A`` from
+    gradients and ``G`` from counts (the reduction corrects ``A`` for a rank's local-batch loss scale)."""
+
     per_example: bool = True
     """Whether :meth:`example_rows` gives per-example gradients ``V_n = sum_t g_nt a_nt^T`` (EK-FAC corrections
     and influence need them)."""
@@ -101,6 +106,12 @@ class ModuleAdapter(ABC):
         if scale is not None:
             rows = rows / scale
         return ext.sym_outer_update(rows, alpha=1.0 / s ** 2), rows.shape[0]
+
+    def backward_stats(self, x: Tensor, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None,
+                       ) -> tuple[Stat, Stat]:
+        """``(A statistic, G statistic)`` from the input and the output gradient (adapters with
+        :attr:`stats_from_backward`)."""
+        raise NotImplementedError(f"{type(self).__name__} collects its statistics in the forward pass")
 
     def num_examples(self, x: Tensor) -> int:
         """Examples in a layer input: its leading dimension (1 for an unbatched input)."""

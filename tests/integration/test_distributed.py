@@ -200,3 +200,18 @@ def test_transformer_block_on_two_ranks_equals_one_process(strategy, tmp_path):
         for got, p in zip(r["params"], model.parameters()):
             torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-8,
                                        atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["comm-opt", "dp-kfac"])
+def test_group_norm_on_two_ranks_equals_one_process(strategy, tmp_path):
+    """A normalisation layer's statistics are per-example gradients (in A): the reduction's world_size² correction
+    goes to A there; 2 gloo ranks equal one process (float64)."""
+    reports = W.launch(W.group_norm, 2, tmp_path, strategy)
+    model = W.group_norm_net()
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **W.KFAC_KW)
+    W.train(model, opt, range(W.STEPS))
+    assert "1" in reports[0]["layers"]
+    for r in reports:
+        for got, p in zip(r["params"], model.parameters()):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-9,
+                                       atol=1e-12)

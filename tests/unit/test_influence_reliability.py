@@ -269,7 +269,7 @@ def test_skipped_lists_every_untracked_module_with_parameters_and_warns_once_for
     skipped = dict(an.skipped)
     assert list(skipped) == ["emb", "norm", "frozen", "partly"]
     assert "embeddings" in skipped["emb"]
-    assert "LayerNorm" in skipped["norm"]
+    assert "per-example" in skipped["norm"]  # normalisation layers: no V_n = sum_t g a^T form
     assert "frozen" in skipped["frozen"] and "frozen" in skipped["partly"]
     msgs = influence_warnings(record)
     assert len(msgs) == 1

@@ -329,23 +329,23 @@ class _Zoo(nn.Module):
 
 def test_layers_and_skipped_reasons():
     pre = kfac.KFACPreconditioner(_Zoo())
-    assert pre.layers == ["conv", "gconv", "block.0", "block.2.0", "emb", "fc"]
+    assert pre.layers == ["conv", "bn", "gconv", "block.0", "block.2.0", "emb", "fc"]
     assert set(pre.store) == set(pre.layers)
     skipped = dict(pre.skipped)
-    assert set(skipped) == {"bn", "c1d"}
-    assert "BatchNorm2d" in skipped["bn"]
+    assert set(skipped) == {"c1d"}
     assert "LSTM" in skipped["c1d"]
+    assert pre.store["bn"].a_diagonal and (pre.store["bn"].a_dim, pre.store["bn"].g_dim) == (8, 1)
     assert pre.store["emb"].a_diagonal and (pre.store["emb"].a_dim, pre.store["emb"].g_dim) == (10, 4)
     assert (pre.store["conv"].a_dim, pre.store["conv"].g_dim) == (2 * 9 + 1, 4)
 
 
 @pytest.mark.parametrize("skip, expected_layers, expected_skipped", [
-    (["fc"], ["conv", "gconv", "block.0", "block.2.0", "emb"], {"fc"}),
-    ("fc", ["conv", "gconv", "block.0", "block.2.0", "emb"], {"fc"}),  # a single string
-    (["Linear"], ["conv", "gconv", "emb"], {"block.0", "block.2.0", "fc"}),
-    ([r"block\.\d+(\.0)?"], ["conv", "gconv", "emb", "fc"], {"block.0", "block.1", "block.2", "block.2.0"}),  # ReLU too
-    (["block"], ["conv", "gconv", "emb", "fc"], {"block", "block.0", "block.2.0"}),
-    (["block.2", "Embedding"], ["conv", "gconv", "block.0", "fc"], {"block.2", "block.2.0", "emb"}),
+    (["fc"], ["conv", "bn", "gconv", "block.0", "block.2.0", "emb"], {"fc"}),
+    ("fc", ["conv", "bn", "gconv", "block.0", "block.2.0", "emb"], {"fc"}),  # a single string
+    (["Linear"], ["conv", "bn", "gconv", "emb"], {"block.0", "block.2.0", "fc"}),
+    ([r"block\.\d+(\.0)?"], ["conv", "bn", "gconv", "emb", "fc"], {"block.0", "block.1", "block.2", "block.2.0"}),  # ReLU too
+    (["block"], ["conv", "bn", "gconv", "emb", "fc"], {"block", "block.0", "block.2.0"}),
+    (["block.2", "Embedding"], ["conv", "bn", "gconv", "block.0", "fc"], {"block.2", "block.2.0", "emb"}),
 ])
 def test_skip_layers(skip, expected_layers, expected_skipped):
     pre = kfac.KFACPreconditioner(_Zoo(), skip_layers=skip)

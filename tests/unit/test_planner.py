@@ -79,7 +79,7 @@ def test_lower_bound_and_imbalance_on_hand_instance():
 def test_resnet50_dp_kfac_lpt_within_5_percent_of_lower_bound():
     torchvision = pytest.importorskip("torchvision")
     specs = layer_specs(torchvision.models.get_model("resnet50", weights=None))
-    assert len(specs) == 54 and specs[-1] == LayerSpec("fc", 2049, 1000)
+    assert len(specs) == 107 and specs[-1] == LayerSpec("fc", 2049, 1000)
     for n in (8, 64, 256):
         for iu in (1, 10):
             plan = make_plan(specs, n, "dp-kfac", inv_update_steps=iu)
@@ -353,7 +353,7 @@ def test_cli_model_compare():
     for column in ("rank", "load ms/step", "memory MiB", "makespan", "lower bound", "imbalance", "bytes/step",
                    "lpt", "round-robin", "kaisa-greedy"):
         assert column in out
-    assert "21 layers" in out
+    assert "41 layers" in out
     imbalance = _numbers(out, "imbalance")
     assert len(imbalance) == 3 and all(1.0 <= x < 2.0 for x in imbalance)
     assert imbalance[0] <= min(imbalance[1:])

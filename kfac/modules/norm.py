@@ -1,0 +1,116 @@
+"""Normalisation layers (``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d``, ``nn.RMSNorm``): their
+per-channel scale ``γ`` and shift ``β`` with the *exact diagonal* of the Fisher, from per-example gradients.
+
+With ``x̂`` the normalised input (recomputed exactly as the module normalises: over the normalised shape, the
+group, or the batch statistics in training / the running ones in evaluation) and ``g`` the gradient w.r.t. the
+output, example ``n``'s gradients are ``dγ_n = Σ_t g_nt ⊙ x̂_nt`` and ``dβ_n = Σ_t g_nt`` (sums over every position
+of the example). The layer is a Kronecker block with a diagonal ``A`` over the ``(γ, β)`` entries,
+``A = Σ_n v_n² / N`` (``v_n = [dγ_n, dβ_n]``, in the scale of the other layers' statistics: gradients of the mean
+loss), and ``G = 1``; the gradient matrix is the row ``[γ.grad, β.grad]``. For batch norm in training the
+examples are coupled through the batch statistics: ``v_n`` is the per-example share of the batch gradient
+(they sum to it), not the gradient of example ``n``'s own loss. Not for EK-FAC or influence.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import ModuleAdapter, Stat
+
+__all__ = ["NormAdapter", "is_norm"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *_BATCH_NORMS) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A supported normalisation layer with a learnable scale (``elementwise_affine`` / ``affine``)."""
+    return type(module) in _NORMS and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+class NormAdapter(ModuleAdapter):
+    """See the module docstring."""
+
+    a_diagonal = True
+    stats_from_backward = True
+    per_example = False
+
+    @property
+    def has_bias(self) -> bool:
+        return isinstance(getattr(self.module, "bias", None), nn.Parameter)
+
+    @property
+    def a_dim(self) -> int:
+        return self.weight.numel() * (1 + int(self.has_bias))
+
+    @property
+    def g_dim(self) -> int:
+        return 1
+
+    def a_rows(self, x: Tensor) -> Tensor:
+        raise NotImplementedError("normalisation layers collect their statistics from per-example gradients")
+
+    def g_rows(self, g: Tensor) -> Tensor:
+        raise NotImplementedError("normalisation layers collect their statistics from per-example gradients")
+
+    def normalised(self, x: Tensor) -> Tensor:
+        """``x̂`` as the module computes it (without its scale and shift)."""
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, eps=m.eps)
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, eps=m.eps)
+        if isinstance(m, _BATCH_NORMS):
+            batch_stats = m.training or not m.track_running_stats
+            return F.batch_norm(x, None if batch_stats else m.running_mean, None if batch_stats else m.running_var,
+                                training=batch_stats, eps=m.eps)
+        rms = cast(nn.RMSNorm, m)
+        return F.rms_norm(x, rms.normalized_shape, eps=rms.eps)
+
+    def per_example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
+        """``[dγ_n, dβ_n]`` per example, ``(N, a_dim)``."""
+        xhat = self.normalised(x.to(g.dtype))
+        m = self.module
+        if isinstance(m, (nn.GroupNorm, *_BATCH_NORMS)):  # channels at dim 1 of (N, C, *)
+            dims = tuple(range(2, x.dim()))
+            dgamma = (g * xhat).sum(dims) if dims else g * xhat
+            dbeta = g.sum(dims) if dims else g
+        else:  # LayerNorm / RMSNorm: the parameter spans the trailing normalised dims
+            lead = x.dim() - self.weight.dim()
+            n = x.shape[0] if lead >= 1 else 1
+            shape = (n, -1, self.weight.numel())
+            dgamma = (g * xhat).reshape(shape).sum(1)
+            dbeta = g.reshape(shape).sum(1)
+        return torch.cat([dgamma, dbeta], 1) if self.has_bias else dgamma
+
+    def backward_stats(self, x: Tensor, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None,
+                       ) -> tuple[Stat, Stat]:
+        v = self.per_example_gradients(x, g.to(dtype))
+        if scale is not None:
+            v = v / scale
+        n = v.shape[0]
+        return (v.square().sum(0), n), (torch.full((1, 1), float(n), dtype=dtype, device=v.device), n)
+
+    def grad_matrix(self) -> Tensor | None:
+        w = self.weight
+        if w.grad is None:
+            return None
+        parts = [w.grad.reshape(-1)]
+        if self.has_bias:
+            b = self.bias.grad
+            parts.append(torch.zeros_like(parts[0]) if b is None else b.reshape(-1).to(w.grad.dtype))
+        return torch.cat(parts)[None]
+
+    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+        w = self.weight
+        assert w.grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
+        c = w.numel()
+        out = [(w.grad, mat[0, :c].reshape(w.shape))]
+        if self.has_bias and self.bias.grad is not None:
+            out.append((self.bias.grad, mat[0, c:].reshape(self.bias.shape)))
+        return out
