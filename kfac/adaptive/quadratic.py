@@ -133,10 +133,10 @@ def levenberg_marquardt(damping: float, rho: float, *, omega: float, lower: floa
 
 def _flatten(directions: Sequence[Direction]) -> Tensor:
     """The directions as rows of one float64 matrix over the union of their parameters (zeros where absent)."""
-    shapes: dict[str, Tensor] = {}
+    first: dict[str, Tensor] = {}  # each parameter's first tensor: its shape for the zeros where it is absent
     for d in directions:
         for n, t in d.items():
-            shapes.setdefault(n, t)
-    device = next(iter(shapes.values())).device
+            first.setdefault(n, t)
+    device = next(iter(first.values())).device
     return torch.stack([torch.cat([(d[n] if n in d else torch.zeros_like(ref)).reshape(-1).to(device, torch.float64)
-                                   for n, ref in shapes.items()]) for d in directions])
+                                   for n, ref in first.items()]) for d in directions])

@@ -43,9 +43,9 @@ class AttentionCapture(TorchFunctionMode):
     """Takes the ``"in"`` or ``"out"`` projection out of ``F.multi_head_attention_forward`` and calls
     ``report(input, output)`` with the ``F.linear`` that computes it (see the module docstring)."""
 
-    def __init__(self, which: str, report: Callable[[Tensor, Tensor], None]) -> None:
+    def __init__(self, which: str, report: Callable[[Tensor, Tensor], None], eyes: dict[Any, Tensor]) -> None:
         super().__init__()
-        self.which, self.report = which, report
+        self.which, self.report, self.eyes = which, report, eyes
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -56,7 +56,7 @@ class AttentionCapture(TorchFunctionMode):
         p = bound.arguments
         if self.which == "out":
             weight, bias = p["out_proj_weight"], p["out_proj_bias"]
-            p["out_proj_weight"], p["out_proj_bias"] = _eye(weight), None
+            p["out_proj_weight"], p["out_proj_bias"] = self.eye(weight), None
             attn, weights = func(**p)
             out = F.linear(attn, weight, bias)
             self.report(attn, out)
@@ -67,16 +67,20 @@ class AttentionCapture(TorchFunctionMode):
             return func(**p)  # not self-attention with the packed projection: left as it is (not observed)
         proj = F.linear(query, p["in_proj_weight"], p["in_proj_bias"])
         self.report(query, proj)
-        eye = _eye(p["in_proj_weight"][: query.shape[-1]])
+        eye = self.eye(p["in_proj_weight"][: query.shape[-1]])
         p["query"], p["key"], p["value"] = proj.chunk(3, dim=-1)
         p.update(use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
                  in_proj_bias=None)
         return func(**p)
 
+    def eye(self, weight: Tensor) -> Tensor:
+        """The identity of ``weight``'s output dimension, in its dtype and device (made once, then reused)."""
+        key = (weight.shape[0], weight.dtype, weight.device)
+        if key not in self.eyes:
+            self.eyes[key] = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return self.eyes[key]
 
-def _eye(weight: Tensor) -> Tensor:
-    """The identity of ``weight``'s output dimension, in its dtype and device (no gradient)."""
-    return torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
 
 
 class AttentionProjectionAdapter(LinearAdapter):
@@ -87,12 +91,13 @@ class AttentionProjectionAdapter(LinearAdapter):
     def __init__(self, module: nn.Module, parent: nn.MultiheadAttention) -> None:
         super().__init__(module)
         self.parent = parent
+        self.eyes: dict[Any, Tensor] = {}  # identities the capture puts in place of the projection
 
     def observe(self, callback: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]) -> list[Any]:
         modes: list[AttentionCapture] = []
 
         def enter(parent: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            mode = AttentionCapture(self.which, lambda x, out: callback(self.module, (x,), {}, out))
+            mode = AttentionCapture(self.which, lambda x, out: callback(self.module, (x,), {}, out), self.eyes)
             mode.__enter__()
             modes.append(mode)
 

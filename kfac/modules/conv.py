@@ -42,7 +42,7 @@ class ConvAdapter(ModuleAdapter):
     @property
     def a_dim(self) -> int:
         kh, kw = self.kernel
-        return self.module.in_channels * kh * kw + int(self.has_bias)
+        return self.module.in_channels // self.module.groups * kh * kw + int(self.has_bias)
 
     @property
     def g_dim(self) -> int:
@@ -74,18 +74,17 @@ class ConvAdapter(ModuleAdapter):
         return x, padding
 
     def a_rows_unscaled(self, x: Tensor) -> tuple[Tensor, float]:
-        """The ``(N*S, a_dim)`` im2col patch rows (ones column last with a bias) and ``S``."""
+        """The im2col patch rows (ones column last with a bias) and ``S``: ``(N*S, a_dim)``, or every group's
+        patches ``(N*S*groups, a_dim)`` for a grouped convolution."""
         m = self.module
         x, padding = self._padded(self._as_2d(x))
         stride = self._pair(tuple(m.stride))
         if self.kernel == (1, 1) and padding == (0, 0):  # a 1x1 patch is a pixel: no im2col
-            x = x[:, :, ::stride[0], ::stride[1]]
-            spatial = x.shape[2] * x.shape[3]
-            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            patches = x[:, :, ::stride[0], ::stride[1]].flatten(2)
         else:
             patches = F.unfold(x, self.kernel, dilation=self._pair(tuple(m.dilation)), padding=padding, stride=stride)
-            spatial = patches.shape[-1]
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        n, width, spatial = patches.shape[0], patches.shape[1] // m.groups, patches.shape[-1]  # channel-major
+        rows = patches.reshape(n, m.groups, width, spatial).permute(0, 3, 1, 2).reshape(-1, width)
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows, spatial
@@ -125,23 +124,6 @@ class GroupedConvAdapter(ConvAdapter):
     @staticmethod
     def unsupported_reason(module: nn.Conv1d | nn.Conv2d) -> str | None:
         return None
-
-    @property
-    def a_dim(self) -> int:
-        kh, kw = self.kernel
-        return self.module.in_channels // self.module.groups * kh * kw + int(self.has_bias)
-
-    def a_rows_unscaled(self, x: Tensor) -> tuple[Tensor, float]:
-        """Every group's patch rows, ``(N*S*groups, a_dim)``, and ``S``."""
-        m = self.module
-        x, padding = self._padded(self._as_2d(x))
-        patches = F.unfold(x, self.kernel, dilation=self._pair(tuple(m.dilation)), padding=padding,
-                           stride=self._pair(tuple(m.stride)))  # (N, C_in * k², S), channel-major
-        n, _, spatial = patches.shape
-        rows = patches.reshape(n, m.groups, -1, spatial).permute(0, 3, 1, 2).reshape(-1, patches.shape[1] // m.groups)
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows, spatial
 
     def g_stat(self, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> tuple[Tensor, int]:
         """``(g^T g, N*S)`` restricted to the diagonal blocks of the groups (cross-group entries zero): one

@@ -184,34 +184,16 @@ def test_overlapped_reduction_with_uneven_and_changing_batches(strategy, tmp_pat
 
 
 @pytest.mark.parametrize("strategy", ["comm-opt", "dp-kfac"])
-def test_transformer_block_on_two_ranks_equals_one_process(strategy, tmp_path):
-    """nn.MultiheadAttention's captured projections under distributed K-FAC: 2 gloo ranks equal one process on the
-    same global batch (float64)."""
-    import warnings
-
-    reports = W.launch(W.transformer, 2, tmp_path, strategy)
-    model = W.AttentionNet().double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **W.KFAC_KW)
-    W.train(model, opt, range(W.STEPS))
-    assert "encoder.layers.0.self_attn" in reports[0]["layers"]
+@pytest.mark.parametrize("net, layer", [("transformer", "encoder.layers.0.self_attn"), ("group_norm", "1")])
+def test_layers_beyond_linear_and_conv_on_two_ranks_equal_one_process(net, layer, strategy, tmp_path):
+    """nn.MultiheadAttention's captured projections (with LayerNorms), and a GroupNorm whose statistics are
+    per-example gradients in A (the reduction's world_size² correction goes to A there): 2 gloo ranks equal one
+    process on the same global batch (float64)."""
+    reports = W.launch(W.net_training, 2, tmp_path, net, strategy)
+    model = W.NETS[net]()
+    W.train(model, W.make_kfac(model), range(W.STEPS))
+    assert layer in reports[0]["layers"]
     for r in reports:
         for got, p in zip(r["params"], model.parameters()):
             torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-8,
                                        atol=1e-10)
-
-
-@pytest.mark.parametrize("strategy", ["comm-opt", "dp-kfac"])
-def test_group_norm_on_two_ranks_equals_one_process(strategy, tmp_path):
-    """A normalisation layer's statistics are per-example gradients (in A): the reduction's world_size² correction
-    goes to A there; 2 gloo ranks equal one process (float64)."""
-    reports = W.launch(W.group_norm, 2, tmp_path, strategy)
-    model = W.group_norm_net()
-    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **W.KFAC_KW)
-    W.train(model, opt, range(W.STEPS))
-    assert "1" in reports[0]["layers"]
-    for r in reports:
-        for got, p in zip(r["params"], model.parameters()):
-            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-9,
-                                       atol=1e-12)

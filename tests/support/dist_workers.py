@@ -294,28 +294,28 @@ class AttentionNet(nn.Module):
         return self.head(self.encoder(tokens).mean(1))
 
 
-def transformer(rank: int, world: int, out: Path, strategy: str) -> dict:
-    """K-FAC on a transformer block with gradients averaged over ranks: parameters after training."""
-    import warnings
-
-    model = AttentionNet().double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LayerNorms are not preconditioned
-        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy,
-                        **KFAC_KW)
-    train_allreduce(model, opt, range(STEPS), rank, world)
-    return {"params": [p.detach().flatten().tolist() for p in model.parameters()], "layers": opt.preconditioner.layers}
-
-
 def group_norm_net() -> nn.Module:
+    """Conv -> GroupNorm (diagonal curvature from per-example gradients, in A) -> Linear."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
                          nn.Linear(100, 4)).double()
 
 
-def group_norm(rank: int, world: int, out: Path, strategy: str) -> dict:
-    """K-FAC with a GroupNorm layer (diagonal curvature from per-example gradients), gradients averaged over ranks."""
-    model = group_norm_net()
-    opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), strategy=strategy, **KFAC_KW)
+NETS = {"transformer": lambda: AttentionNet().double(), "group_norm": group_norm_net}
+
+
+def make_kfac(model: nn.Module, **kwargs) -> kfac.KFAC:
+    """K-FAC around SGD with momentum at KFAC_KW (the modules it leaves out are listed, not warned about)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **KFAC_KW, **kwargs)
+
+
+def net_training(rank: int, world: int, out: Path, net: str, strategy: str) -> dict:
+    """K-FAC on ``NETS[net]`` with gradients averaged over ranks: its tracked layers and parameters after training."""
+    model = NETS[net]()
+    opt = make_kfac(model, strategy=strategy)
     train_allreduce(model, opt, range(STEPS), rank, world)
     return {"params": [p.detach().flatten().tolist() for p in model.parameters()], "layers": opt.preconditioner.layers}
