@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import ModuleAdapter, OutProjectionAdapter, adapter_for
+from .modules import ModuleAdapter, OutProjectionAdapter, TiedEmbeddingAdapter, adapter_for, is_tied_head
 
 __all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped",
            "factor_size"]
@@ -162,23 +162,33 @@ def factor_size(adapter: ModuleAdapter) -> int:
 
 
 def _resolve_ties(out: Tracking, ties: list[tuple[str, nn.Module, str]]) -> None:
-    """Tied weights (e.g. a language model's embedding and output layer): of two supported modules with the same
-    parameters, the one with the smaller factors is tracked, whatever the registration order; the other use's
-    curvature is not included (its gradient still adds to the shared parameter's)."""
+    """Tied weights: an embedding and a bias-free output layer sharing its matrix become one layer with both uses'
+    curvature (:class:`kfac.modules.TiedEmbeddingAdapter`); of two other supported modules with the same
+    parameters, the one with the smaller factors is tracked, whatever the registration order, with that use's
+    curvature only (the other's gradient still adds to the shared parameter's)."""
     for name, module, owner in ties:
         index = next((i for i, t in enumerate(out.layers) if t.name == owner), None)
-        adapter, _ = adapter_for(module)
-        if index is None or adapter is None:
+        if index is None:
             continue
         current = out.layers[index]
-        if [id(p) for p in adapter.parameters()] != [id(p) for p in current.adapter.parameters()]:
-            continue
-        tracked, other = owner, name
-        if factor_size(adapter) < factor_size(current.adapter):
-            out.layers[index] = TrackedLayer(name, module, adapter)
-            tracked, other = name, owner
-        reason = (f"tied to {tracked!r}: the shared parameters are preconditioned with {tracked!r}'s factors (the "
-                  "smaller ones); this use's curvature is not included")
+        pair = [(current.name, current.module), (name, module)]
+        tie = next(((e, h) for e, h in (pair, pair[::-1]) if is_tied_head(e[1], h[1])), None)
+        if tie is not None:
+            (emb_name, emb), (head_name, head) = tie
+            out.layers[index] = TrackedLayer(emb_name, emb, TiedEmbeddingAdapter(emb, head))
+            tracked, other = emb_name, head_name
+            reason = f"tied to {tracked!r}: both uses' curvature is in {tracked!r}'s block (kfac.modules.tied)"
+        else:
+            adapter, _ = adapter_for(module)
+            if adapter is None or [id(p) for p in adapter.parameters()] != [id(p) for p in
+                                                                             current.adapter.parameters()]:
+                continue
+            tracked, other = owner, name
+            if factor_size(adapter) < factor_size(current.adapter):
+                out.layers[index] = TrackedLayer(name, module, adapter)
+                tracked, other = name, owner
+            reason = (f"tied to {tracked!r}: the shared parameters are preconditioned with {tracked!r}'s factors "
+                      "(the smaller ones); this use's curvature is not included")
         out.skipped = [(n, r) for n, r in out.skipped if n not in (tracked, other)] + [(other, reason)]
 
 

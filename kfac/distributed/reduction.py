@@ -11,8 +11,9 @@ agrees on, with the row counts ``n_r`` all-reduced exactly beside it; the reduce
 ``(sum_r S_r / c) * c / N`` with ``N = sum_r n_r``, i.e. exactly the mean over the global batch. ``c`` is the
 previous factor update's global count (known to every rank; for float16 on the wire it keeps values at the scale
 of a factor) -- when a layer has none yet (the first update), its bucket waits for this step's counts first and
-is launched in ``step()``. ``G`` (``A`` for layers whose statistics are per-example gradients) additionally carries
-the ``world_size^2`` of the gradient-averaging convention (see :mod:`kfac.distributed.executor`).
+is launched in ``step()``. The factors additionally carry the ``world_size^2`` of the gradient-averaging
+convention, split between ``A`` and ``G`` as :attr:`FactorEntry.gradient_power` says (see
+:mod:`kfac.distributed.executor`).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class FactorReduction:
         stats = [self._stats(n) for n in names]
         counts = torch.tensor([[s.a_count, s.g_count] for s in stats], dtype=torch.float64)
         device = self.devices[names[0]]
-        world2 = float(self.comm.world_size) ** 2
+        world = float(self.comm.world_size)
         if not self.overlaps:  # counts are what they are: no one else contributes
             global_counts = counts
             counts_pending: Pending = Pending((), lambda: [global_counts])
@@ -124,7 +125,9 @@ class FactorReduction:
         else:
             scale = torch.tensor([self._previous[n] for n in names], dtype=torch.float64)
         for i, n in enumerate(names):  # a local-batch mean loss: its gradient statistics carry world²
-            scale[i, 0 if self.entries[n].gradient_factor == "A" else 1] *= world2
+            power_a, power_g = self.entries[n].gradient_power
+            scale[i, 0] *= world ** power_a
+            scale[i, 1] *= world ** power_g
         means: dict[tuple[str, str], Tensor | None] = {}  # without overlaps: nothing travels
         payload: dict[tuple[str, str], Tensor] = {}  # with overlaps: what travels
         for i, (n, s) in enumerate(zip(names, stats)):
@@ -173,9 +176,9 @@ class FactorReduction:
                 else:
                     self._previous.pop(n, None)
                 factors = []
-                world2 = float(self.comm.world_size) ** 2
-                scaled_a = self.entries[n].gradient_factor == "A"  # which count carries world² (see _launch)
-                norms = (a_n * world2, g_n) if scaled_a else (a_n, g_n * world2)
+                world = float(self.comm.world_size)
+                power_a, power_g = self.entries[n].gradient_power  # how world² splits (see _launch)
+                norms = (a_n * world ** power_a, g_n * world ** power_g)
                 for j, (f, norm) in enumerate(zip(("A", "G"), norms)):
                     t = received.get((n, f)) if seen else None
                     if t is not None and self.overlaps:

@@ -118,7 +118,7 @@ class InfluenceAnalyzer:
         without = [n for n, a in pre.adapters.items() if not a.per_example]
         if without and len(without) < len(pre.layers):
             pre.untrack(without, "influence needs per-example gradients in the V_n = sum_t g a^T form, which grouped "
-                                 "convolutions and normalisation layers do not give")
+                                 "convolutions, normalisation layers and tied embeddings do not give")
         diagonal = [n for n, a in pre.adapters.items() if a.a_diagonal]
         if diagonal and len(diagonal) < len(pre.layers):
             pre.untrack(diagonal, "influence does not track embeddings (per-example gradients are dim x vocab)")

@@ -185,9 +185,6 @@ class KFACPreconditioner(Communicating, StateMixin):
         """The :class:`kfac.distributed.executor.Executor` carrying out :attr:`plan` on this rank."""
         return self._exec
 
-
-
-
     # -- registration ---------------------------------------------------------------------------------------
     def _register(self, model: nn.Module, skip: Iterable[str] | str, hooks: bool) -> None:
         tracking = track_layers(model, skip)
@@ -199,7 +196,7 @@ class KFACPreconditioner(Communicating, StateMixin):
                 continue
             entry = self.store.add(t.name, a_dim=t.adapter.a_dim, g_dim=t.adapter.g_dim,
                                    a_diagonal=t.adapter.a_diagonal,
-                                   gradient_factor="A" if t.adapter.stats_from_backward else "G")
+                                   gradient_power=t.adapter.gradient_power)
             layer = LayerState(name=t.name, module=t.module, adapter=t.adapter, entry=entry,
                                input_name=first_input(t.module))
             self._layers.append(layer)

@@ -50,9 +50,10 @@ class FactorEntry:
     owner: int | None = None
     num_updates: int = 0
     """How many batches of statistics the running factors have absorbed."""
-    gradient_factor: str = field(default="G", compare=False)
-    """The factor built from output gradients (``"G"``; ``"A"`` for layers whose statistics are per-example
-    gradients, e.g. normalisation layers): a rank's statistics of a local-batch mean loss carry ``world²`` there."""
+    gradient_power: tuple[int, int] = field(default=(0, 2), compare=False)
+    """Powers of the loss-gradient scale in ``(A, G)`` (they add up to 2): ``(0, 2)`` for the usual layers,
+    ``(2, 0)`` where ``A`` is built from per-example gradients (normalisation layers), ``(1, 1)`` for tied
+    weights. A rank's statistics of a local-batch mean loss carry ``world`` to these powers."""
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """Derived, never persisted data (e.g. the block structure of a decomposition), keyed by field name."""
 
@@ -114,11 +115,12 @@ class FactorStore(Mapping[str, FactorEntry]):
     def __repr__(self) -> str:
         return f"FactorStore({len(self)} entries, {self.nbytes() / 2**20:.1f} MiB)"
 
-    def add(self, name: str, *, a_dim: int, g_dim: int, a_diagonal: bool = False, gradient_factor: str = "G",
-            ) -> FactorEntry:
+    def add(self, name: str, *, a_dim: int, g_dim: int, a_diagonal: bool = False,
+            gradient_power: tuple[int, int] = (0, 2)) -> FactorEntry:
         if name in self._entries:
             raise KeyError(f"module {name!r} is already in the store")
-        entry = FactorEntry(name=name, a_dim=a_dim, g_dim=g_dim, a_diagonal=a_diagonal, gradient_factor=gradient_factor)
+        entry = FactorEntry(name=name, a_dim=a_dim, g_dim=g_dim, a_diagonal=a_diagonal,
+                            gradient_power=gradient_power)
         self._entries[name] = entry
         return entry
 

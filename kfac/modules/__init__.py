@@ -5,7 +5,9 @@ on the module. :func:`register_adapter` puts a third party's adapter in front of
 wins), so a library can teach K-FAC its own layer types without touching this package. Built in: ``nn.Linear``,
 ``nn.Conv1d`` / ``nn.Conv2d`` (grouped and depthwise ones with a shared ``A``), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection; its
 ``out_proj`` is adapted by :func:`kfac.tracking.track_layers`, which knows the parent), and Hugging Face ``Conv1D``
-(GPT-2's transposed linear layer, matched by its structure so that ``transformers`` is never imported).
+(GPT-2's transposed linear layer, matched by its structure so that ``transformers`` is never imported),
+normalisation layers, and an embedding tied to an output layer (:class:`TiedEmbeddingAdapter`, chosen by
+:func:`kfac.tracking.track_layers`, which sees both modules).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from .conv import ConvAdapter, GroupedConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter, TransposedLinearAdapter, is_transposed_linear
 from .norm import NormAdapter, is_norm
+from .tied import TiedEmbeddingAdapter, is_tied_head
 
 __all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
-           "InProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "Registration", "adapter_for", "register_adapter"]
+           "InProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "TiedEmbeddingAdapter", "is_tied_head",
+           "Registration", "adapter_for", "register_adapter"]
 
 Match = type[nn.Module] | Callable[[nn.Module], bool]
 

@@ -37,8 +37,12 @@ class ModuleAdapter(ABC):
 
     stats_from_backward: bool = False
     """Whether both statistics come from :meth:`backward_stats` (the layer's input and output gradient together)
-    instead of ``a_stat`` in the forward pass and ``g_stat`` in the backward pass; such adapters build ``A`` from
-    gradients and ``G`` from counts (the reduction corrects ``A`` for a rank's local-batch loss scale)."""
+    instead of ``a_stat`` in the forward pass and ``g_stat`` in the backward pass (with a :attr:`gradient_power`
+    saying where the gradients went)."""
+
+    gradient_power: tuple[int, int] = (0, 2)
+    """Powers of the loss-gradient scale carried by ``(A, G)``: ``G`` holds squared gradients, ``A`` none; an
+    adapter whose statistics come from gradients differently says so (the reduction corrects by these powers)."""
 
     per_example: bool = True
     """Whether :meth:`example_rows` gives per-example gradients ``V_n = sum_t g_nt a_nt^T`` (EK-FAC corrections

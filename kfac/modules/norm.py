@@ -38,6 +38,7 @@ class NormAdapter(ModuleAdapter):
 
     a_diagonal = True
     stats_from_backward = True
+    gradient_power = (2, 0)
     per_example = False
 
     @property

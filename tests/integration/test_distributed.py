@@ -184,11 +184,12 @@ def test_overlapped_reduction_with_uneven_and_changing_batches(strategy, tmp_pat
 
 
 @pytest.mark.parametrize("strategy", ["comm-opt", "dp-kfac"])
-@pytest.mark.parametrize("net, layer", [("transformer", "encoder.layers.0.self_attn"), ("group_norm", "1")])
+@pytest.mark.parametrize("net, layer", [("transformer", "encoder.layers.0.self_attn"), ("group_norm", "1"),
+                                        ("tied", "emb")])
 def test_layers_beyond_linear_and_conv_on_two_ranks_equal_one_process(net, layer, strategy, tmp_path):
     """nn.MultiheadAttention's captured projections (with LayerNorms), and a GroupNorm whose statistics are
-    per-example gradients in A (the reduction's world_size² correction goes to A there): 2 gloo ranks equal one
-    process on the same global batch (float64)."""
+    per-example gradients in A (the reduction's world_size² correction goes to A there), and tied weights (one power
+    of world_size on each factor): 2 gloo ranks equal one process on the same global batch (float64)."""
     reports = W.launch(W.net_training, 2, tmp_path, net, strategy)
     model = W.NETS[net]()
     W.train(model, W.make_kfac(model), range(W.STEPS))

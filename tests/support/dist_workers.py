@@ -301,7 +301,25 @@ def group_norm_net() -> nn.Module:
                          nn.Linear(100, 4)).double()
 
 
-NETS = {"transformer": lambda: AttentionNet().double(), "group_norm": group_norm_net}
+class TiedNet(nn.Module):
+    """Tokens from the signs of the (2, 5, 5) batches (25 tokens over a vocabulary of 4) -> an embedding whose
+    matrix the 4-class head reuses (tied weights: both uses' curvature, a factor power of 1 each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(4, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        ids = ((x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()).flatten(1)
+        return self.head(torch.tanh(self.mid(self.emb(ids))).mean(1))
+
+
+NETS = {"transformer": lambda: AttentionNet().double(), "group_norm": group_norm_net,
+        "tied": lambda: TiedNet().double()}
 
 
 def make_kfac(model: nn.Module, **kwargs) -> kfac.KFAC:
