@@ -138,12 +138,15 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
         else:
             adapter, reason = adapter_for(c.module)
         if adapter is None:
-            out.skipped.append((c.name, reason or "unsupported"))
+            out.skipped.append((c.name, _unsupported(c, reason or "unsupported")))
             continue
         if c.partly_frozen:
             out.skipped.append((c.name, "parameters do not require grad (frozen)"))
             continue
         if [id(p) for p in adapter.parameters()] != [id(p) for p in c.params]:
+            tied = next((t.name for t in out.layers if is_tied_head(t.module, c.module)), None)
+            if tied is not None:  # a head with its own bias reusing an embedding's matrix
+                ties.append((c.name, c.module, tied))
             out.skipped.append((c.name, "shares parameters with an earlier tracked layer"))
             continue
         if any(p.is_meta for p in c.params):
@@ -154,6 +157,19 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
     if warn_unmatched:
         rules.warn_unmatched(stacklevel=3)
     return out
+
+
+def _unsupported(c: Candidate, reason: str) -> str:
+    """The reason a candidate without an adapter is skipped, naming what kind of parameters they are."""
+    if isinstance(c.module, nn.RNNBase):
+        return (f"recurrent layer {type(c.module).__name__}: not preconditioned (no Kronecker block for recurrent "
+                "weights yet); its gradients are used as they are")
+    if next(c.module.children(), None) is not None:
+        names = [n for n, p in c.module.named_parameters(recurse=False) if any(p is q for q in c.params)]
+        return (f"loose parameters {names} of {type(c.module).__name__}: used directly by a container module, not "
+                "through a layer K-FAC models (class tokens, position embeddings, layer scales); their gradients "
+                "are used as they are")
+    return reason
 
 
 def factor_size(adapter: ModuleAdapter) -> int:
@@ -178,6 +194,8 @@ def _resolve_ties(out: Tracking, ties: list[tuple[str, nn.Module, str]]) -> None
             out.layers[index] = TrackedLayer(emb_name, emb, TiedEmbeddingAdapter(emb, head))
             tracked, other = emb_name, head_name
             reason = f"tied to {tracked!r}: both uses' curvature is in {tracked!r}'s block (kfac.modules.tied)"
+            if getattr(head, "bias", None) is not None:
+                reason += "; the head's bias keeps its plain gradient"
         else:
             adapter, _ = adapter_for(module)
             if adapter is None or [id(p) for p in adapter.parameters()] != [id(p) for p in

@@ -78,7 +78,7 @@ def coverage(model: nn.Module) -> dict[str, Any]:
         for p in named[name].parameters(recurse=False):
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
-                by_reason[reason.split(" (")[0][:70]] += p.numel()
+                by_reason[reason.split(": ")[0].split(" (")[0]] += p.numel()
     pre.remove()
     return {"parameters": total, "preconditioned": covered, "fraction": covered / total,
             "skipped_parameters_by_reason": dict(by_reason)}

@@ -6,7 +6,8 @@ wins), so a library can teach K-FAC its own layer types without touching this pa
 ``nn.Conv1d`` / ``nn.Conv2d`` (grouped and depthwise ones with a shared ``A``), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection; its
 ``out_proj`` is adapted by :func:`kfac.tracking.track_layers`, which knows the parent), and Hugging Face ``Conv1D``
 (GPT-2's transposed linear layer, matched by its structure so that ``transformers`` is never imported),
-normalisation layers, and an embedding tied to an output layer (:class:`TiedEmbeddingAdapter`, chosen by
+normalisation layers (PyTorch's by formula, other libraries' ``*Norm`` modules by ``torch.func``), and an
+embedding tied to an output layer (:class:`TiedEmbeddingAdapter`, chosen by
 :func:`kfac.tracking.track_layers`, which sees both modules).
 """
 
@@ -21,11 +22,11 @@ from .base import ModuleAdapter, Stat
 from .conv import ConvAdapter, GroupedConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter, TransposedLinearAdapter, is_transposed_linear
-from .norm import NormAdapter, is_norm
+from .norm import NormAdapter, ScaleShiftAdapter, is_norm, is_scale_shift
 from .tied import TiedEmbeddingAdapter, is_tied_head
 
 __all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
-           "InProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "TiedEmbeddingAdapter", "is_tied_head",
+           "InProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "ScaleShiftAdapter", "TiedEmbeddingAdapter", "is_tied_head",
            "Registration", "adapter_for", "register_adapter"]
 
 Match = type[nn.Module] | Callable[[nn.Module], bool]
@@ -39,6 +40,7 @@ _REGISTRY: list[tuple[Match, type[ModuleAdapter]]] = [
     (is_transposed_linear, TransposedLinearAdapter),
     (nn.MultiheadAttention, InProjectionAdapter),
     (is_norm, NormAdapter),
+    (is_scale_shift, ScaleShiftAdapter),
 ]
 
 

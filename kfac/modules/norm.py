@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .base import ModuleAdapter, Stat
 
-__all__ = ["NormAdapter", "is_norm"]
+__all__ = ["NormAdapter", "ScaleShiftAdapter", "is_norm", "is_scale_shift"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *_BATCH_NORMS) + (
@@ -115,3 +115,40 @@ class NormAdapter(ModuleAdapter):
         if self.has_bias and self.bias.grad is not None:
             out.append((self.bias.grad, mat[0, c:].reshape(self.bias.shape)))
         return out
+
+
+def is_scale_shift(module: nn.Module) -> bool:
+    """Another library's normalisation module (class name containing ``Norm``, e.g. Hugging Face's
+    ``LlamaRMSNorm`` or ``T5LayerNorm``): no submodules and no running statistics (examples stay independent), a
+    1-d ``weight`` and at most a ``bias`` of the same shape as its only parameters."""
+    if type(module) in _NORMS or "norm" not in type(module).__name__.lower() or next(module.children(), None):
+        return False
+    if any(name.startswith("running_") for name, _ in module.named_buffers()):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight, bias = params.pop("weight", None), params.pop("bias", None)
+    return (not params and weight is not None and weight.dim() == 1
+            and (bias is None or bias.shape == weight.shape))
+
+
+class ScaleShiftAdapter(NormAdapter):
+    """Normalisation modules of other libraries (:func:`is_scale_shift`): the same diagonal block as
+    :class:`NormAdapter`, with the per-example gradients of the module's own forward taken by ``torch.func``
+    (``vmap`` over examples of a ``vjp`` w.r.t. its parameters), so no formula per class is needed -- e.g. Gemma's
+    ``x̂ (1 + γ)`` is handled as Llama's ``x̂ γ``. Costs one more forward of the module per statistics step."""
+
+    def per_example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
+        from torch.func import functional_call, vjp, vmap
+
+        params = {k: p.detach().to(g.dtype) for k, p in self.module.named_parameters(recurse=False)}
+        module = self.module
+
+        def one(xi: Tensor, gi: Tensor) -> dict[str, Tensor]:
+            pull = vjp(lambda p: functional_call(module, p, (xi[None],))[0], params)[1]
+            return cast(dict[str, Tensor], pull(gi)[0])
+
+        per = vmap(one)(x.to(g.dtype), g) if x.dim() > 1 else one(x[None], g[None])
+        parts = [per["weight"].reshape(per["weight"].shape[0], -1)]
+        if self.has_bias:
+            parts.append(per["bias"].reshape(parts[0].shape[0], -1))
+        return torch.cat(parts, 1)

@@ -5,7 +5,7 @@ Layout: the embedding's (gradient matrix ``W.grad^T``, ``d x V``; ``A`` over the
 the ``d`` embedding dimensions). Each use contributes rows ``(a_i, g_i)`` with ``W.grad^T = Σ_i g_i a_iᵀ``:
 
 * the embedding: ``a_i`` the one-hot token, ``g_i`` the gradient w.r.t. its output;
-* the head (``logits = h Wᵀ``): ``a_i = δ_i``, the gradient w.r.t. the logits, and ``g_i = h_i``, its input --
+* the head (``logits = h Wᵀ (+ b)``; its bias is not in the block): ``a_i = δ_i``, the gradient w.r.t. the logits, and ``g_i = h_i``, its input --
   the roles of data and gradient are swapped, so the raw rows of the two uses differ in scale by the size of a
   loss gradient and pooling them as they are would let one use's cross terms swamp the other.
 
@@ -36,9 +36,9 @@ __all__ = ["TiedEmbeddingAdapter", "is_tied_head"]
 
 
 def is_tied_head(embedding: nn.Module, head: nn.Module) -> bool:
-    """Whether ``head`` is a bias-free ``nn.Linear`` applying ``embedding``'s matrix as its weight."""
-    return (isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear) and head.bias is None
-            and head.weight is embedding.weight)
+    """Whether ``head`` is an ``nn.Linear`` applying ``embedding``'s matrix as its weight (a bias of the head, as
+    BERT's, is not part of the block and keeps its plain gradient)."""
+    return isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embedding.weight
 
 
 class TiedEmbeddingAdapter(EmbeddingAdapter):
@@ -50,8 +50,8 @@ class TiedEmbeddingAdapter(EmbeddingAdapter):
 
     def __init__(self, module: nn.Module, head: nn.Module) -> None:
         if not is_tied_head(module, head):
-            raise ValueError("TiedEmbeddingAdapter needs an nn.Embedding and a bias-free nn.Linear whose weight is "
-                             "the embedding's")
+            raise ValueError("TiedEmbeddingAdapter needs an nn.Embedding and an nn.Linear whose weight is the "
+                             "embedding's")
         super().__init__(module)
         self.head = head
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kfac
+import kfac.modules
 
 from helpers import single_thread  # noqa: F401  (autouse fixture)
 
@@ -22,6 +23,41 @@ CASES = {
 }
 if hasattr(nn, "RMSNorm"):
     CASES["rmsnorm"] = (lambda: nn.RMSNorm(6, eps=1e-6), (8, 5, 6))
+
+
+class LlamaStyleRMSNorm(nn.Module):
+    """Written as Hugging Face writes its RMSNorm classes (computed in float32, scale applied after)."""
+
+    def __init__(self, d: int, gemma: bool = False) -> None:
+        super().__init__()
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.zeros(d) if gemma else torch.ones(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        normed = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return normed * (1.0 + self.weight) if self.gemma else self.weight * normed
+
+
+class HandLayerNorm(nn.Module):
+    """A LayerNorm-style module with a scale and a shift, from another library."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+OTHER_LIBRARIES = {  # matched by structure (kfac.modules.is_scale_shift); gradients by torch.func
+    "llama_rmsnorm": (lambda: LlamaStyleRMSNorm(6), (8, 5, 6)),
+    "gemma_rmsnorm": (lambda: LlamaStyleRMSNorm(6, gemma=True), (8, 5, 6)),
+    "hand_layernorm": (lambda: HandLayerNorm(6), (8, 6)),
+}
+CASES.update(OTHER_LIBRARIES)
 
 
 class Net(nn.Module):
@@ -44,6 +80,8 @@ def test_diagonal_factor_equals_per_example_gradients_from_torch_func(case):
             model.norm.bias.uniform_(-0.5, 0.5)
     pre = kfac.KFACPreconditioner(model, kl_clip=None, factor_dtype=torch.float64, factor_decay=0.0, damping=0.01)
     assert pre.layers == ["norm"] and pre.store["norm"].a_diagonal
+    expected = kfac.modules.ScaleShiftAdapter if case in OTHER_LIBRARIES else kfac.modules.NormAdapter
+    assert type(pre.adapters["norm"]) is expected
     x, y = torch.randn(*shape, dtype=torch.float64), torch.randn(shape[0], 1, dtype=torch.float64)
     F.mse_loss(model(x), y).backward()
     raw = torch.cat([p.grad.reshape(-1) for p in model.norm.parameters()]).clone()
@@ -85,3 +123,20 @@ def test_batch_norm_per_example_shares_sum_to_the_batch_gradient():
     torch.testing.assert_close(v.sum(0), torch.cat([bn.weight.grad, bn.bias.grad]), rtol=1e-10, atol=1e-13)
     pre.step()
     torch.testing.assert_close(pre.store["1"].A, (v ** 2).sum(0) / 6, rtol=1e-10, atol=1e-14)
+
+
+def test_other_libraries_norm_modules_with_running_statistics_or_extra_parameters_are_not_matched():
+    """Examples must be independent (no running statistics) and the parameters exactly a scale and a shift."""
+    class RunningNorm(HandLayerNorm):
+        def __init__(self, d: int) -> None:
+            super().__init__(d)
+            self.register_buffer("running_mean", torch.zeros(d))
+
+    class GatedNorm(HandLayerNorm):
+        def __init__(self, d: int) -> None:
+            super().__init__(d)
+            self.gate = nn.Parameter(torch.ones(d))
+
+    for module in (RunningNorm(4), GatedNorm(4)):
+        assert not kfac.modules.is_scale_shift(module)
+    assert kfac.modules.is_scale_shift(HandLayerNorm(4)) and not kfac.modules.is_scale_shift(nn.LayerNorm(4))
