@@ -75,7 +75,7 @@ def fit_factors(passes: DataPasses, engine: KFACPreconditioner, args: InfluenceA
         fit.rows_per_example[name] = rows_n / examples
     engine.refresh()  # eigenbases, decomposed by their owners and shared (comm-opt)
     if args.method == "ekfac":
-        fit_lambda(passes, engine, method, loader)
+        fit_lambda(passes, engine, method, loader, sampled=args.fisher == "mc")
     else:
         for name in layers:
             e = store[name]
@@ -88,8 +88,9 @@ def fit_factors(passes: DataPasses, engine: KFACPreconditioner, args: InfluenceA
 
 
 def fit_lambda(passes: DataPasses, engine: KFACPreconditioner, method: EigenCorrectedKFAC,
-               loader: Iterable[Any]) -> None:
-    """EK-FAC's ``Lambda = mean_n (QG^T V_n QA)^2`` (the data's own labels) into ``engine.store``."""
+               loader: Iterable[Any], *, sampled: bool) -> None:
+    """EK-FAC's ``Lambda = mean_n (QG^T V_n QA)^2`` into ``engine.store``, with the gradients of the same Fisher as
+    ``A`` and ``G`` (``sampled``: the labels the factor pass sampled for each batch; else the data's own)."""
     comm, store, layers = engine.communicator, engine.store, passes.layers
     sums: dict[str, Tensor] = {}
     for n in layers:
@@ -97,8 +98,8 @@ def fit_lambda(passes: DataPasses, engine: KFACPreconditioner, method: EigenCorr
         assert QG is not None  # refresh() decomposed every layer
         sums[n] = torch.zeros(store[n].g_dim, store[n].a_dim, dtype=QG.dtype, device=QG.device)
     count = 0
-    for _, batch in passes.batches(loader, "fitting eigenvalue corrections"):
-        rows = passes.rows(batch, sampled=False)
+    for index, batch in passes.batches(loader, "fitting eigenvalue corrections"):
+        rows = passes.rows(batch, sampled=sampled, index=index)
         for name in layers:
             part = method.correction_sum(store[name], *rows[name])
             assert part is not None  # every tracked layer is decomposed and not diagonal

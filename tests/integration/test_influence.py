@@ -80,6 +80,38 @@ def test_scores_equal_the_dense_curvature_built_from_the_same_factors(method):
     torch.testing.assert_close(scores, dense_scores(inverses, gq, gt), rtol=1e-8, atol=1e-10)
 
 
+class RecordingTask(ClassificationTask):
+    """Samples labels from the model's predictive distribution and records them."""
+
+    def __init__(self) -> None:
+        self.labels: list[torch.Tensor] = []
+
+    def sampled_loss(self, model, batch, generator):
+        logits = model(batch[0])
+        y = torch.multinomial(logits.detach().softmax(-1), 1, generator=generator).squeeze(1)
+        self.labels.append(y)
+        return F.cross_entropy(logits, y, reduction="none")
+
+
+def test_ekfac_lambda_uses_the_same_sampled_labels_as_the_factors():
+    """fisher="mc" (as kronfluence): Lambda is the diagonal, in the Kronecker eigenbasis, of the Fisher whose A and
+    G were fitted -- the per-example gradients at the labels sampled for the factors, not the data's labels."""
+    model = mlp()
+    x, y = data(40)
+    task = RecordingTask()
+    an = InfluenceAnalyzer(model, task, method="ekfac", fisher="mc", **F64).fit(batches(x, y, 16))
+    assert len(task.labels) == 6  # three batches for the factors, the same three for Lambda
+    for first, again in zip(task.labels[:3], task.labels[3:]):
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
+    sampled = torch.cat(task.labels[:3])
+    assert not torch.equal(sampled, y)
+    g = per_example(model, x, sampled)
+    for name in an.layers:
+        e = an.store[name]
+        q = torch.kron(e.QA, e.QG)
+        torch.testing.assert_close(vec(e.extras["Lambda"]), ((g[name] @ q) ** 2).mean(0))
+
+
 def test_identity_is_the_plain_gradient_dot_product():
     model = mlp()
     x, y = data(12)
