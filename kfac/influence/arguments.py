@@ -23,7 +23,9 @@ class InfluenceArguments:
     (default: every supported layer; embeddings are never tracked). ``num_grads``: M-FAC's number of gradients.
     ``factor_dtype``, ``score_dtype``: names of floating point dtypes (a ``torch.dtype`` is converted to its name).
     ``query_rank``: keep preconditioned query gradients at this rank (``None``: full). ``seed``: of the labels
-    sampled for ``fisher="mc"``. Converted and validated on construction (also by ``dataclasses.replace``).
+    sampled for ``fisher="mc"``. ``lambda_labels``: the labels of EK-FAC's ``Lambda`` pass -- ``"data"`` (the
+    data's own; the better LDS in our benchmark) or ``"sampled"`` (with ``fisher="mc"``: the labels sampled for
+    ``A`` and ``G``, kronfluence's convention). Converted and validated on construction (also by ``dataclasses.replace``).
     """
 
     method: str = "ekfac"
@@ -35,6 +37,7 @@ class InfluenceArguments:
     score_dtype: str = "float32"
     query_rank: int | None = None
     seed: int = 0
+    lambda_labels: str = "data"
 
     def __post_init__(self) -> None:
         self.factor_dtype = dtype_name(self.factor_dtype)
@@ -63,6 +66,8 @@ class InfluenceArguments:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.fisher not in ("mc", "empirical"):
             raise ValueError(f"fisher must be 'mc' or 'empirical', got {self.fisher!r}")
+        if self.lambda_labels not in ("data", "sampled"):
+            raise ValueError(f"lambda_labels must be 'data' or 'sampled', got {self.lambda_labels!r}")
         if self.damping is not None and not (isinstance(self.damping, (int, float)) and self.damping > 0
                                              and math.isfinite(self.damping)):
             raise ValueError(f"damping must be None or a finite positive number, got {self.damping!r}")

@@ -3,6 +3,7 @@ gradients (the math is in :mod:`kfac.influence.analyzer`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from .arguments import InfluenceArguments
 from .gradients import example_matrices
 from .passes import DataPasses
 
-__all__ = ["Fit", "collect_mfac_gradients", "fit_factors", "fit_lambda", "mfac_curvature"]
+__all__ = ["Fit", "collect_mfac_gradients", "fit_factors", "fit_lambda", "heuristic_damping", "mfac_curvature"]
 
 
 @dataclass
@@ -75,22 +76,39 @@ def fit_factors(passes: DataPasses, engine: KFACPreconditioner, args: InfluenceA
         fit.rows_per_example[name] = rows_n / examples
     engine.refresh()  # eigenbases, decomposed by their owners and shared (comm-opt)
     if args.method == "ekfac":
-        fit_lambda(passes, engine, method, loader, sampled=args.fisher == "mc")
+        fit_lambda(passes, engine, method, loader, sampled=args.fisher == "mc" and args.lambda_labels == "sampled")
     else:
         for name in layers:
             e = store[name]
             assert e.dG is not None and e.dA is not None  # refresh() decomposed every layer
             e.extras["Lambda"] = fit.rows_per_example[name] * torch.outer(e.dG, e.dA)
-    for name in layers:
-        lam = store[name].extras["Lambda"]
-        fit.damping[name] = float(args.damping) if args.damping is not None else 0.1 * float(lam.mean())
+    if args.damping is not None:
+        fit.damping = {name: float(args.damping) for name in layers}
+    else:
+        fit.damping = heuristic_damping({name: store[name].extras["Lambda"] for name in layers})
     return fit
+
+
+def heuristic_damping(lambdas: dict[str, Tensor]) -> dict[str, float]:
+    """``0.1 * mean(Lambda)`` per layer. A layer whose curvature is zero on the fitted data (every gradient it
+    received was zero, e.g. upstream of a zero-initialised head) would get no damping and ``0 / 0`` scores; it gets
+    the largest damping of the other layers (1 if none has any) instead, with a warning."""
+    damping = {name: 0.1 * float(lam.mean()) for name, lam in lambdas.items()}
+    flat = [n for n, d in damping.items() if not d > 0]
+    if flat:
+        fallback = max((d for d in damping.values() if d > 0), default=1.0)
+        for name in flat:
+            damping[name] = fallback
+        warnings.warn(f"influence: layers {flat} have zero curvature on the fitted data (all their gradients were "
+                      f"zero); their damping falls back to {fallback:.3g} (the largest of the other layers)",
+                      stacklevel=4)
+    return damping
 
 
 def fit_lambda(passes: DataPasses, engine: KFACPreconditioner, method: EigenCorrectedKFAC,
                loader: Iterable[Any], *, sampled: bool) -> None:
-    """EK-FAC's ``Lambda = mean_n (QG^T V_n QA)^2`` into ``engine.store``, with the gradients of the same Fisher as
-    ``A`` and ``G`` (``sampled``: the labels the factor pass sampled for each batch; else the data's own)."""
+    """EK-FAC's ``Lambda = mean_n (QG^T V_n QA)^2`` into ``engine.store`` (``sampled``: at the labels the factor
+    pass sampled for each batch, the Fisher of ``A`` and ``G``; else at the data's own labels)."""
     comm, store, layers = engine.communicator, engine.store, passes.layers
     sums: dict[str, Tensor] = {}
     for n in layers:
@@ -143,5 +161,8 @@ def mfac_curvature(grads: dict[str, Tensor], damping: float | None) -> tuple[Sta
         total = sum(float(g.double().square().sum()) for g in grads.values())
         numel = sum(g[0].numel() for g in grads.values())
         damping = 0.1 * total / (numel * next(iter(grads.values())).shape[0])
+        if not damping > 0:
+            warnings.warn("influence: every stored gradient is zero; M-FAC's damping falls back to 1", stacklevel=3)
+            damping = 1.0
     fisher = StaticFisher(grads, damping=damping, blocks="global")
     return fisher, Fit(damping={n: damping for n in grads}, examples=next(iter(grads.values())).shape[0])

@@ -74,9 +74,11 @@ def read_settings(path: Path) -> dict[str, Any]:
 
 
 def saved_arguments(settings: Mapping[str, Any]) -> InfluenceArguments:
-    """The :class:`InfluenceArguments` of saved settings (every field must be present; other keys are ignored)."""
+    """The :class:`InfluenceArguments` of saved settings (other keys are ignored; a field added after the file was
+    written takes its default, which reproduces what the older version did)."""
     saved = settings["arguments"]
-    return InfluenceArguments(**{f.name: saved[f.name] for f in dataclasses.fields(InfluenceArguments)})
+    return InfluenceArguments(**{f.name: saved[f.name] for f in dataclasses.fields(InfluenceArguments)
+                                 if f.name in saved})
 
 
 def check_saved(settings: Mapping[str, Any], path: Path, shapes: Mapping[str, Iterable[int]], model: nn.Module, *,

@@ -94,12 +94,13 @@ class RecordingTask(ClassificationTask):
 
 
 def test_ekfac_lambda_uses_the_same_sampled_labels_as_the_factors():
-    """fisher="mc" (as kronfluence): Lambda is the diagonal, in the Kronecker eigenbasis, of the Fisher whose A and
-    G were fitted -- the per-example gradients at the labels sampled for the factors, not the data's labels."""
+    """lambda_labels="sampled" (kronfluence's convention): Lambda is the diagonal, in the Kronecker eigenbasis, of
+    the Fisher whose A and G were fitted -- the per-example gradients at the labels sampled for the factors."""
     model = mlp()
     x, y = data(40)
     task = RecordingTask()
-    an = InfluenceAnalyzer(model, task, method="ekfac", fisher="mc", **F64).fit(batches(x, y, 16))
+    an = InfluenceAnalyzer(model, task, method="ekfac", fisher="mc", lambda_labels="sampled", **F64).fit(
+        batches(x, y, 16))
     assert len(task.labels) == 6  # three batches for the factors, the same three for Lambda
     for first, again in zip(task.labels[:3], task.labels[3:]):
         torch.testing.assert_close(first, again, rtol=0, atol=0)

@@ -239,6 +239,21 @@ def test_files_without_a_checksum_still_load_with_a_warning(tmp_path, caplog):
     assert_same_state(loaded, an)
 
 
+def test_files_from_before_an_argument_existed_load_with_its_default(tmp_path):
+    """A fit saved before ``lambda_labels`` existed loads with the default ("data", what was done then)."""
+    model = mlp()
+    x, y = data(12)
+    an = InfluenceAnalyzer(model, ClassificationTask(), method="ekfac", **F64).fit(batches(x, y, 6))
+    an.save(tmp_path / "fit")
+    settings = tmp_path / "fit" / "influence.json"
+    old = json.loads(settings.read_text())
+    del old["arguments"]["lambda_labels"]
+    settings.write_text(json.dumps(old))
+    loaded = InfluenceAnalyzer.load(tmp_path / "fit", model, ClassificationTask(), progress=False)
+    assert loaded.args.lambda_labels == "data"
+    assert_same_state(loaded, an)
+
+
 # -- 3. skipped modules --------------------------------------------------------------------------------------------
 class Mixed(nn.Module):
     """An embedding, a supported layer, an unsupported one, a frozen layer, a partly frozen one and a head."""
