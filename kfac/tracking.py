@@ -160,7 +160,10 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
 
 
 def _unsupported(c: Candidate, reason: str) -> str:
-    """The reason a candidate without an adapter is skipped, naming what kind of parameters they are."""
+    """The reason a candidate without an adapter is skipped, naming what kind of parameters they are (an
+    adapter's own reason for refusing an instance is kept)."""
+    if not reason.startswith("unsupported module type"):
+        return reason
     if isinstance(c.module, nn.RNNBase):
         return (f"recurrent layer {type(c.module).__name__}: not preconditioned (no Kronecker block for recurrent "
                 "weights yet); its gradients are used as they are")
