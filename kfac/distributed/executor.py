@@ -151,6 +151,12 @@ class Executor:
                 try:
                     refresh_factor(e, f)
                     ok[(n, f)] = True
+                    # the memory layout the other ranks receive (eigh returns column-major eigenvectors): the
+                    # same products then run the same kernels everywhere, so every rank's update is bitwise equal
+                    for field, _, _ in fields(e, f):
+                        t = getattr(e, field)
+                        if t is not None and not t.is_contiguous():
+                            setattr(e, field, t.contiguous())
                 except DecompositionError as exc:
                     on_failure(e, f, exc)
                     ok[(n, f)] = False
