@@ -1,7 +1,8 @@
 """kfac: distributed second-order optimization for PyTorch (K-FAC, EK-FAC, M-FAC and influence functions)."""
 
 from .curvature import Preconditioner
-from .kronecker.methods import CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC
+from .kronecker.methods import (CurvatureMethod, DecompositionError, EigenCorrectedKFAC, EigenKFAC, InverseKFAC,
+                                WarmStart)
 from .mfac.mfac_preconditioner import MFACPreconditioner
 from .optimizer import EKFAC, KFAC, MFAC, PreconditionedOptimizer
 from .kronecker.preconditioner import KFACPreconditioner
@@ -14,5 +15,5 @@ __all__ = [
     "KFAC", "EKFAC", "MFAC", "PreconditionedOptimizer", "KFACPreconditioner", "MFACPreconditioner", "Preconditioner",
     "FactorStore", "FactorEntry", "FactorFileError",
     "CurvatureMethod", "DecompositionError", "EigenKFAC", "InverseKFAC", "EigenCorrectedKFAC", "ModuleAdapter",
-    "register_adapter", "__version__",
+    "WarmStart", "register_adapter", "__version__",
 ]

@@ -25,7 +25,7 @@ from ..distributed.executor import Executor
 from ..distributed.reduction import PendingStats, Reduced
 from ..modules import ModuleAdapter
 from ..planner import CostModel
-from .methods import DecompositionError
+from .methods import WARM_REFRESH_FRACTION, DecompositionError
 from .store import FactorEntry, FactorStore
 
 __all__ = ["CurvatureEngine", "Staged"]
@@ -81,6 +81,9 @@ class CurvatureEngine:
             wire = config.comm_dtype or factor_dtype
             cost_model = dataclasses.replace(CostModel.default(), bytes_per_element=factor_dtype.itemsize,
                                              comm_bytes_per_element=wire.itemsize)
+        warm = getattr(method, "warm", None)
+        if warm is not None and cost_model.refresh_fraction == 1.0:  # refreshes keep or correct the last basis
+            cost_model = dataclasses.replace(cost_model, refresh_fraction=WARM_REFRESH_FRACTION)
         plan_kwargs: dict[str, Any] = {"method": method.decomposition, "cost_model": cost_model,
                                        "memory_cap": config.memory_cap, "split": config.split_factors, **intervals}
         comm = Communicator(group=config.process_group, comm_dtype=config.comm_dtype)

@@ -31,7 +31,7 @@ from ..tracking import track_layers, warn_skipped
 from . import corrections, guards
 from .engine import CurvatureEngine, Staged
 from .hooks import LayerState, StatisticsHooks, first_input
-from .methods import make_method
+from .methods import WarmStart, make_method
 from .schedule import SCHEDULED, KFACHyperparameters
 from .state import StateMixin
 from .store import FactorStore
@@ -56,6 +56,9 @@ class KFACPreconditioner(Communicating, StateMixin):
         relative_damping: the damping is in units of each layer's mean eigenvalue ``tr(A) tr(G) / (a_dim g_dim)``
             (eigen and EK-FAC): one value means the same for every layer, batch size and loss normalisation
             (the absolute damping of KAISA's conventions scales with ``1 / batch²``). Default ``False`` (KAISA).
+        warm_start: refresh eigenbases from the previous ones -- checked, refined by orthogonal iteration, ``eigh``
+            only when that is not accurate enough (``True``, or a :class:`kfac.WarmStart` with its tolerance; eigen
+            and EK-FAC; see :mod:`kfac.kronecker.methods.warm`). Default ``False`` (an exact ``eigh`` each refresh).
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
@@ -89,6 +92,7 @@ class KFACPreconditioner(Communicating, StateMixin):
         inv_update_steps: Hyper = 1,
         damping: Hyper = 1e-3,
         relative_damping: bool = False,
+        warm_start: WarmStart | bool = False,
         factor_decay: Hyper = 0.95,
         kl_clip: Hyper | None = 1e-3,
         lr: Hyper | None = 0.1,
@@ -116,7 +120,7 @@ class KFACPreconditioner(Communicating, StateMixin):
             raise TypeError(f"KFACPreconditioner got unexpected keyword arguments {unknown}")
         config = dataclasses.replace(distributed or DistributedConfig(), **distributed_options)
         self.config = config
-        self.method = make_method(method, relative_damping=relative_damping)
+        self.method = make_method(method, relative_damping=relative_damping, warm_start=warm_start)
         self.hparams = KFACHyperparameters(
             factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps, damping=damping,
             factor_decay=factor_decay, kl_clip=kl_clip, lr=lr, correction_update_steps=correction_update_steps,
@@ -160,7 +164,8 @@ class KFACPreconditioner(Communicating, StateMixin):
         if hooks:
             self._hooks.install()
         options = {**self.hparams.comparable(), "fisher": fisher, "accumulation_steps": self.accumulation_steps,
-                   "factor_dtype": str(factor_dtype), "method": method, "relative_damping": relative_damping}
+                   "factor_dtype": str(factor_dtype), "method": method, "relative_damping": relative_damping,
+                   "warm_start": repr(warm_start)}
         self.engine = CurvatureEngine.create(
             store=self.store, method=self.method, factor_dtype=factor_dtype, config=config, options=options,
             devices={layer.name: layer.adapter.weight.device for layer in self._layers},

@@ -4,7 +4,7 @@ For a layer with factors ``A`` (``a x a``, or a length-``a`` vector when diagona
 gradient matrix ``V`` of shape ``(g, a)``:
 
 =======================  =========================================================================================
-decomposition (seconds)  eigen: ``c_eig * d^3``; inverse: ``c_inv * d^3``; diagonal ``A``: ``c_mm * a`` (elementwise)
+decomposition (seconds)  eigen: ``refresh_fraction * c_eig * d^3``; inverse: ``c_inv * d^3``; diagonal ``A``: ``c_mm * a`` (elementwise)
 preconditioning / step   ``k * c_mm * (g^2 a + g a^2)`` with ``k = 2`` for eigen (``QG^T V QA`` then back) and
                          ``k = 1`` for inverse (``G^-1 V A^-1``); diagonal ``A``: ``k * c_mm * g^2 a + c_mm * g a``
 memory held (bytes)      ``bytes_per_element *``: factor ``d^2`` (diagonal ``d``); eigen decomposition
@@ -120,10 +120,17 @@ class CostModel:
     bandwidth: float = 25e9
     """Bytes per second a rank receives point-to-point (used only to decide whether splitting ``A``/``G`` of a
     single-grad-worker plan pays for the decomposition it then has to ship; not measured by :func:`calibrate`)."""
+    refresh_fraction: float = 1.0
+    """The average cost of one eigen refresh as a fraction of a full decomposition (below 1 with warm-started
+    refreshes, which keep or correct the previous basis; see :mod:`kfac.kronecker.methods.warm`)."""
     source: str = "default"
     """Where the constants come from (``"default"``, or the device/torch version of a calibration)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.refresh_fraction, bool) or not isinstance(self.refresh_fraction, (int, float)) \
+                or not 0 < self.refresh_fraction <= 1:
+            raise ValueError(f"CostModel.refresh_fraction must be in (0, 1], got {self.refresh_fraction!r}")
+        object.__setattr__(self, "refresh_fraction", float(self.refresh_fraction))
         for name in ("c_eig", "c_inv", "c_mm", "bandwidth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -143,11 +150,11 @@ class CostModel:
 
     # -- seconds -------------------------------------------------------------------------------------------
     def decomposition_seconds(self, dim: int, *, diagonal: bool = False, method: str = "eigen") -> float:
-        """One refresh of one factor: ``c_eig d^3`` / ``c_inv d^3`` (diagonal: ``c_mm d``)."""
+        """One refresh of one factor: ``refresh_fraction c_eig d^3`` / ``c_inv d^3`` (diagonal: ``c_mm d``)."""
         _check_method(method)
         if diagonal:
             return self.c_mm * dim
-        return (self.c_eig if method == "eigen" else self.c_inv) * dim**3
+        return (self.refresh_fraction * self.c_eig if method == "eigen" else self.c_inv) * dim**3
 
     def precondition_seconds(self, spec: LayerSpec, *, method: str = "eigen") -> float:
         """One preconditioning of the layer's gradient: ``k c_mm (g^2 a + g a^2)``, ``k = 2`` (eigen) or 1."""

@@ -198,3 +198,23 @@ def test_layers_beyond_linear_and_conv_on_two_ranks_equal_one_process(net, layer
         for got, p in zip(r["params"], model.parameters()):
             torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-8,
                                        atol=1e-10)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("strategy", ["comm-opt", "mem-opt"])
+def test_replicas_stay_bitwise_identical(strategy, warm, tmp_path):
+    """Every rank ends with bit-identical parameters (DDP replicas must not drift apart): each decomposition --
+    exact or warm-started -- is computed once by its owner and shared in the layout the receivers get (eigh's
+    column-major eigenvectors once made the owner's products round differently); and equal to one process up to
+    floating point."""
+    reports = W.launch(W.replica_training, 2, tmp_path, strategy, warm)
+    for got, want in zip(reports[0]["params"], reports[1]["params"]):
+        assert got == want
+    model = W.make_model(pooled=True)
+    opt = W.make_kfac(model, warm_start=warm)
+    W.train(model, opt, range(W.STEPS))
+    if warm:
+        assert sum(opt.preconditioner.method.warm.counts.values()) > 0
+    for got, p in zip(reports[0]["params"], model.parameters()):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), p.detach().flatten(), rtol=1e-6,
+                                   atol=1e-8)

@@ -331,6 +331,14 @@ def make_kfac(model: nn.Module, **kwargs) -> kfac.KFAC:
         return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **KFAC_KW, **kwargs)
 
 
+def replica_training(rank: int, world: int, out: Path, strategy: str, warm: bool) -> dict:
+    """K-FAC (``warm``: with warm-started eigenbasis refreshes): this rank's parameters after training."""
+    model = make_model(pooled=True)
+    opt = make_kfac(model, strategy=strategy, warm_start=warm)
+    train_allreduce(model, opt, range(STEPS), rank, world)
+    return {"params": [p.detach().flatten().tolist() for p in model.parameters()]}
+
+
 def net_training(rank: int, world: int, out: Path, net: str, strategy: str) -> dict:
     """K-FAC on ``NETS[net]`` with gradients averaged over ranks: its tracked layers and parameters after training."""
     model = NETS[net]()

@@ -6,6 +6,7 @@ from .ekfac import EigenCorrectedKFAC
 from .eigen import EigenKFAC
 from .inverse import InverseKFAC
 from .registry import METHODS, make_method
+from .warm import WARM_REFRESH_FRACTION, WarmStart
 
 __all__ = ["CurvatureMethod", "DecompositionError", "EigenCorrectedKFAC", "EigenKFAC", "InverseKFAC", "METHODS",
-           "make_method"]
+           "WARM_REFRESH_FRACTION", "WarmStart", "make_method"]

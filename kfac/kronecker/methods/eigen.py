@@ -4,6 +4,8 @@ For a gradient matrix ``V`` (``g_dim x a_dim``; ``vec`` is column-major, so ``(A
 ``A = QA diag(dA) QA^T`` and ``G = QG diag(dG) QG^T`` (eigenvalues clamped at 0),
 ``P(V) = QG [(QG^T V QA) / (dG dA^T + damping)] QA^T``, i.e. exactly ``(A (x) G + damping I)^-1 vec(V)``.
 With ``relative_damping`` the damping is ``damping * mean(dG dA^T)`` (``tr(A) tr(G) / (a_dim g_dim)``) per layer.
+With ``warm_start`` a refresh refines the previous eigenbasis instead of computing a new ``eigh``
+(:mod:`kfac.kronecker.methods.warm`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from torch import Tensor
 from ... import ext
 from ..store import FactorEntry
 from .base import DecompositionError, KroneckerMethod, with_float64_retry
-from .structure import eigh_clamped, factor_of, left, right, symmetrise
+from .structure import decoupled, eigh_clamped, factor_of, left, right, symmetrise
+from .warm import WarmRefresher
 
 __all__ = ["EigenKFAC"]
 
@@ -24,6 +27,8 @@ class EigenKFAC(KroneckerMethod):
 
     name = "eigen"
     decomposition = "eigen"  # what the planner's cost model prices
+    warm: WarmRefresher | None = None
+    """Set by :func:`~kfac.kronecker.methods.make_method` when refreshes are warm-started."""
 
     def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
         """``(name, shape, symmetric)`` of the decomposition tensors of ``factor`` (what a refresh produces)."""
@@ -39,7 +44,9 @@ class EigenKFAC(KroneckerMethod):
             if factor == "A" and entry.a_diagonal:
                 entry.QA, entry.dA = None, m.clamp(min=0)
                 return
-            d, q = with_float64_retry(eigh_clamped, symmetrise(m), f"{factor} of {entry.name!r}")
+            m = symmetrise(m)
+            warm = self.refine(entry, factor, m, damping)
+            d, q = warm if warm is not None else with_float64_retry(eigh_clamped, m, f"{factor} of {entry.name!r}")
         except DecompositionError:
             for field, _, _ in self.fields(entry, factor):
                 setattr(entry, field, None)
@@ -48,6 +55,40 @@ class EigenKFAC(KroneckerMethod):
             entry.QA, entry.dA = q, d
         else:
             entry.QG, entry.dG = q, d
+
+    def refine(self, entry: FactorEntry, factor: str, m: Tensor, damping: float) -> tuple[Tensor, Tensor] | None:
+        """The warm-started decomposition of ``factor`` (its symmetrised running matrix ``m``) from its previous
+        eigenvectors, or ``None`` (compute ``eigh``: no warm start, no previous basis, a factor with exact block
+        structure, or not accurate enough)."""
+        previous = entry.QA if factor == "A" else entry.QG
+        if self.warm is None or previous is None or not bool(torch.isfinite(m).all()) or decoupled(m) is not None:
+            return None
+        key = f"{entry.name}.{factor}"
+        if not self.warm.attempt(key):
+            return None
+        out = self.warm.refine(m, previous, delta=self.damping_level(entry, factor, damping))
+        self.warm.record(key, out is not None)
+        return out
+
+    def damping_level(self, entry: FactorEntry, factor: str, damping: float) -> float | None:
+        """The damping as ``factor`` sees it, ``λ / max eigenvalue of the other factor`` (its last eigenvalues,
+        else its trace, an upper bound; ``None`` where this rank does not hold it). With relative damping ``λ`` is
+        ``damping * mean(dA) mean(dG)``, from the traces."""
+        other = "G" if factor == "A" else "A"
+        values = entry.dG if other == "G" else entry.dA
+        running = getattr(entry, other)
+        if values is not None:
+            top = float(values.max())
+        elif running is not None:
+            top = float(running.max() if running.dim() == 1 else running.diagonal().sum())
+        else:
+            return None
+        if self.relative_damping:
+            if entry.A is None or entry.G is None:
+                return None
+            mean_a = float(entry.A.sum() if entry.A.dim() == 1 else entry.A.diagonal().sum()) / entry.a_dim
+            damping = damping * mean_a * float(entry.G.diagonal().sum()) / entry.g_dim
+        return damping / top if top > 0 else None
 
     def ready(self, entry: FactorEntry) -> bool:
         return entry.dA is not None and entry.QG is not None and entry.dG is not None and (

@@ -6,15 +6,19 @@ from .base import CurvatureMethod
 from .eigen import EigenKFAC
 from .ekfac import EigenCorrectedKFAC
 from .inverse import InverseKFAC
+from .warm import WarmRefresher, WarmStart
 
 __all__ = ["METHODS", "make_method"]
 
 METHODS: dict[str, type[CurvatureMethod]] = {"eigen": EigenKFAC, "inverse": InverseKFAC, "ekfac": EigenCorrectedKFAC}
 
 
-def make_method(name: str, *, relative_damping: bool = False) -> CurvatureMethod:
+def make_method(name: str, *, relative_damping: bool = False, warm_start: WarmStart | bool = False,
+                ) -> CurvatureMethod:
     """A fresh instance of the method called ``name`` (``ValueError`` listing the names otherwise);
-    ``relative_damping``: the damping is in units of each layer's mean eigenvalue (eigen and EK-FAC)."""
+    ``relative_damping``: the damping is in units of each layer's mean eigenvalue (eigen and EK-FAC);
+    ``warm_start``: refresh eigenbases from the previous ones (``True``: :class:`WarmStart` defaults; eigen and
+    EK-FAC)."""
     if name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     method = METHODS[name]()
@@ -23,4 +27,11 @@ def make_method(name: str, *, relative_damping: bool = False) -> CurvatureMethod
             raise ValueError(f"relative_damping needs method='eigen' or 'ekfac' (method={name!r} bakes an absolute "
                              "damping into its inverses)")
         method.relative_damping = True
+    if warm_start is not False:
+        config = WarmStart() if warm_start is True else warm_start
+        if not isinstance(config, WarmStart):
+            raise TypeError(f"warm_start must be a bool or a WarmStart, got {warm_start!r}")
+        if not isinstance(method, EigenKFAC):
+            raise ValueError(f"warm_start needs method='eigen' or 'ekfac' (method={name!r} computes inverses)")
+        method.warm = WarmRefresher(config)
     return method
