@@ -44,10 +44,10 @@ def build_model(quick: bool, seed: int) -> nn.Module:
     return torchvision.models.resnet18(num_classes=NUM_CLASSES)
 
 
-def make_batches(n: int, batch: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """A pool of synthetic batches: inputs ~ N(0, 1), labels uniform (timing only)."""
+def make_batches(n: int, batch: int, seed: int, image: int = IMAGE) -> list[tuple[Tensor, Tensor]]:
+    """A pool of synthetic batches: ``image x image`` inputs ~ N(0, 1), labels uniform (timing only)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, IMAGE, IMAGE, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g))
+    return [(torch.randn(batch, 3, image, image, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g))
             for _ in range(n)]
 
 

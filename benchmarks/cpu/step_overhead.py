@@ -2,7 +2,8 @@
 
 What is measured
     Wall time of complete training steps (``zero_grad``, forward, cross-entropy loss, backward, optimizer
-    ``step``) of torchvision ``resnet18(num_classes=10)`` on 32x32 inputs, batch 32, float32, CPU, for:
+    ``step``) of torchvision ``resnet18(num_classes=10)`` on 32x32 inputs (``--image-size``), batch 32, float32,
+    CPU, for:
 
     * ``sgd``: ``torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)``;
     * ``eigen`` / ``inverse``: ``kfac.KFAC`` around that same SGD (``damping=1e-3, factor_decay=0.95,
@@ -284,10 +285,9 @@ def instrument(opt: kfac.KFAC, timer: PhaseTimer) -> None:
     else:
         pre.method.refresh = timer.wrap("refresh_layer", pre.method.refresh, entry_name)
     pre.method.precondition = timer.wrap("precondition_layer", pre.method.precondition, entry_name)
-    for layer in pre._layers:
-        name = layer.name
-        layer.adapter.a_stat = timer.wrap("stats_a", layer.adapter.a_stat, lambda *a, _n=name, **k: _n)
-        layer.adapter.g_stat = timer.wrap("stats_g", layer.adapter.g_stat, lambda *a, _n=name, **k: _n)
+    for name, adapter in pre.adapters.items():
+        adapter.a_stat = timer.wrap("stats_a", adapter.a_stat, lambda *a, _n=name, **k: _n)  # type: ignore[method-assign]
+        adapter.g_stat = timer.wrap("stats_g", adapter.g_stat, lambda *a, _n=name, **k: _n)  # type: ignore[method-assign]
     opt.optimizer.step = timer.wrap("base_step", opt.optimizer.step)
 
 
@@ -329,7 +329,7 @@ def run_profile(batches: list[tuple[Tensor, Tensor]], *, steps: int, quick: bool
                     sgd_step += t3 - t0
         # One more refresh through the scheduled code path (wrapped), on factors that have absorbed the
         # profiled updates, so the refresh sample is not the warm-up's first call.
-        pre._refresh(pre._hparams(pre.steps)["damping"])
+        pre.refresh()  # the scheduled damping; runs the wrapped _refresh
     finally:
         gc.enable()
 
@@ -463,6 +463,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch intra-op threads (default torch.get_num_threads())")
     p.add_argument("--pool", type=int, default=32, help="synthetic batches in the cycled pool (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=IMAGE,
+                   help=f"input height and width (default {IMAGE}; 64 and above make every ResNet-18 factor dense)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: small CNN, schedules (1,2) and (2,4), 1 repeat; writes *_quick.* outputs")
     p.add_argument("--profile", action="store_true",
@@ -490,21 +492,21 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(torch_threads=torch.get_num_threads())
     info["load_average_start"] = os.getloadavg()
     model_desc = "tiny CNN (quick smoke test)" if args.quick else "torchvision resnet18(num_classes=10)"
-    log(f"{model_desc}, batch {BATCH}, {IMAGE}x{IMAGE}, float32, CPU ({info['cpu_model']}, "
+    log(f"{model_desc}, batch {BATCH}, {args.image_size}x{args.image_size}, float32, CPU ({info['cpu_model']}, "
         f"{args.threads} threads), SYNTHETIC random data; load average {info['load_average_start']}")
     busy = info["load_average_start"][0]
     if busy > 0.5:
         log(f"WARNING: load average {busy:.2f} before starting: other processes are using the CPU, timings will be "
             f"noisy; with more threads than free cores, OpenMP/LAPACK calls can slow down by orders of magnitude "
             f"(consider --threads 1)")
-    batches = make_batches(args.pool, BATCH, args.seed)
+    batches = make_batches(args.pool, BATCH, args.seed, args.image_size)
     configs = make_configs(schedules)
 
     result: dict[str, Any] = {
         "benchmark": "kfac step overhead vs SGD",
         "description": __doc__,
         "data": "SYNTHETIC: random N(0,1) inputs, uniform random labels (timing only)",
-        "model": model_desc, "batch_size": BATCH, "image_size": IMAGE, "dtype": "float32", "device": "cpu",
+        "model": model_desc, "batch_size": BATCH, "image_size": args.image_size, "dtype": "float32", "device": "cpu",
         "sgd": SGD_KWARGS, "kfac": KFAC_KWARGS,
         "settings": {"repeats": args.repeats, "periods": args.periods, "warmup": args.warmup,
                      "threads": args.threads, "pool": args.pool, "seed": args.seed, "quick": args.quick},
