@@ -133,14 +133,19 @@ class Runner:
         return self.optimizer.preconditioner if isinstance(self.optimizer, kfac.KFAC) else None
 
 
+TRUNCATE: dict[str, float] = {}
+"""``{"truncate": ε}`` for the eigen configurations when ``--truncate`` is given."""
+
+
 def make_runner(config: Config, batches: list[tuple[Tensor, Tensor]], *, quick: bool, seed: int) -> Runner:
     model = build_model(quick, seed).train()
     base = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
     if config.method == "sgd":
         opt: torch.optim.Optimizer = base
     else:
+        extra = TRUNCATE if config.method == "eigen" else {}
         opt = kfac.KFAC(model, base, factor_update_steps=config.factor_update_steps,
-                        inv_update_steps=config.inv_update_steps, method=config.method, **KFAC_KWARGS)
+                        inv_update_steps=config.inv_update_steps, method=config.method, **KFAC_KWARGS, **extra)
     return Runner(config=config, model=model, optimizer=opt, batches=batches)
 
 
@@ -463,6 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch intra-op threads (default torch.get_num_threads())")
     p.add_argument("--pool", type=int, default=32, help="synthetic batches in the cycled pool (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truncate", type=float, default=None,
+                   help="eigen configurations (and the profile) use a truncated eigenbasis with this epsilon")
     p.add_argument("--image-size", type=int, default=IMAGE,
                    help=f"input height and width (default {IMAGE}; 64 and above make every ResNet-18 factor dense)")
     p.add_argument("--quick", action="store_true",
@@ -500,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             f"noisy; with more threads than free cores, OpenMP/LAPACK calls can slow down by orders of magnitude "
             f"(consider --threads 1)")
     batches = make_batches(args.pool, BATCH, args.seed, args.image_size)
+    if args.truncate is not None:
+        TRUNCATE["truncate"] = args.truncate
     configs = make_configs(schedules)
 
     result: dict[str, Any] = {

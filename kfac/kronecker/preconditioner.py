@@ -59,6 +59,9 @@ class KFACPreconditioner(Communicating, StateMixin):
         warm_start: refresh eigenbases from the previous ones -- checked, refined by orthogonal iteration, ``eigh``
             only when that is not accurate enough (``True``, or a :class:`kfac.WarmStart` with its tolerance; eigen
             and EK-FAC; see :mod:`kfac.kronecker.methods.warm`). Default ``False`` (an exact ``eigh`` each refresh).
+        truncate: ``ε`` of the truncated eigenbasis (eigen): ``A``-eigendirections with ``max(dG) dA_j <= ε λ`` get
+            ``1 / λ`` exactly, an error of at most ``ε / λ`` in the damped inverse, for ``2 g a k`` instead of ``2 g a²``
+            flops (``k`` kept columns; used when ``k <= a / 2``). Default ``None`` (exact).
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
@@ -93,6 +96,7 @@ class KFACPreconditioner(Communicating, StateMixin):
         damping: Hyper = 1e-3,
         relative_damping: bool = False,
         warm_start: WarmStart | bool = False,
+        truncate: float | None = None,
         factor_decay: Hyper = 0.95,
         kl_clip: Hyper | None = 1e-3,
         lr: Hyper | None = 0.1,
@@ -120,7 +124,8 @@ class KFACPreconditioner(Communicating, StateMixin):
             raise TypeError(f"KFACPreconditioner got unexpected keyword arguments {unknown}")
         config = dataclasses.replace(distributed or DistributedConfig(), **distributed_options)
         self.config = config
-        self.method = make_method(method, relative_damping=relative_damping, warm_start=warm_start)
+        self.method = make_method(method, relative_damping=relative_damping, warm_start=warm_start,
+                                  truncate=truncate)
         self.hparams = KFACHyperparameters(
             factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps, damping=damping,
             factor_decay=factor_decay, kl_clip=kl_clip, lr=lr, correction_update_steps=correction_update_steps,
@@ -165,7 +170,7 @@ class KFACPreconditioner(Communicating, StateMixin):
             self._hooks.install()
         options = {**self.hparams.comparable(), "fisher": fisher, "accumulation_steps": self.accumulation_steps,
                    "factor_dtype": str(factor_dtype), "method": method, "relative_damping": relative_damping,
-                   "warm_start": repr(warm_start)}
+                   "warm_start": repr(warm_start), "truncate": truncate}
         self.engine = CurvatureEngine.create(
             store=self.store, method=self.method, factor_dtype=factor_dtype, config=config, options=options,
             devices={layer.name: layer.adapter.weight.device for layer in self._layers},

@@ -6,6 +6,17 @@ For a gradient matrix ``V`` (``g_dim x a_dim``; ``vec`` is column-major, so ``(A
 With ``relative_damping`` the damping is ``damping * mean(dG dA^T)`` (``tr(A) tr(G) / (a_dim g_dim)``) per layer.
 With ``warm_start`` a refresh refines the previous eigenbasis instead of computing a new ``eigh``
 (:mod:`kfac.kronecker.methods.warm`).
+
+Truncated eigenbasis (``truncate = ε``, eigen method only): ``A`` is treated as ``QA_k diag(dA_k) QA_k^T + c (I -
+QA_k QA_k^T)`` -- its eigendirections whose eigenvalue is within ``ε λ / max(dG)`` of the median ``c`` (typically
+the flat bulk that K-FAC's identity initialisation and decay leave, or zeros) are given ``c`` exactly -- so with
+``t_i = 1 / (dG_i c + λ)`` and ``S = 1 / (dG dA_k^T + λ)``::
+
+    P(V) = QG [ (QG^T V) ⊙ t 1^T + ((QG^T V QA_k) ⊙ (S - t 1^T)) QA_k^T ]
+
+which costs ``2 g a k`` instead of ``2 g a²`` on the ``A`` side. Each changed coefficient moves by at most
+``|1/(x + λ) - 1/(y + λ)| <= |x - y| / λ² <= ε / λ``, so ``||P_trunc - P||_2 <= ε / λ``; exact where the bulk
+eigenvalues equal ``c``. Used only when at most half of the columns are kept.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ class EigenKFAC(KroneckerMethod):
     decomposition = "eigen"  # what the planner's cost model prices
     warm: WarmRefresher | None = None
     """Set by :func:`~kfac.kronecker.methods.make_method` when refreshes are warm-started."""
+    truncate: float | None = None
+    """``ε`` of the truncated eigenbasis (see the module docstring); ``None``: exact."""
 
     def fields(self, entry: FactorEntry, factor: str) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
         """``(name, shape, symmetric)`` of the decomposition tensors of ``factor`` (what a refresh produces)."""
@@ -113,11 +126,43 @@ class EigenKFAC(KroneckerMethod):
             entry.cache["inv_eigenvalues"] = hit
         return v * hit[3]
 
+    def kept_columns(self, entry: FactorEntry, damping: float) -> tuple[Tensor, Tensor, float, float] | None:
+        """``(indices, QA[:, indices], λ, c)`` of the truncated eigenbasis (see the module docstring), or ``None``
+        to use the whole basis (no truncation, a diagonal ``A``, or more than half of the columns kept); cached per
+        decomposition and damping."""
+        if self.truncate is None or entry.QA is None:
+            return None
+        assert entry.dG is not None and entry.dA is not None  # callers check ready(entry) first
+        hit = entry.cache.get("kept_columns")
+        if hit is not None and hit[0] is entry.dA and hit[1] is entry.dG and hit[2] == damping:
+            return hit[3]
+        lam = damping * float(torch.outer(entry.dG, entry.dA).mean()) if self.relative_damping else damping
+        bulk = float(entry.dA.median())
+        keep = (float(entry.dG.max()) * (entry.dA - bulk).abs() > self.truncate * lam).nonzero().squeeze(1)
+        cols = (keep, entry.QA[:, keep].contiguous(), lam, bulk) if 2 * keep.numel() <= entry.a_dim else None
+        entry.cache["kept_columns"] = (entry.dA, entry.dG, damping, cols)
+        return cols
+
+    def precondition_truncated(self, entry: FactorEntry, grad: Tensor,
+                               kept: tuple[Tensor, Tensor, float, float]) -> Tensor:
+        """``P(V)`` with the truncated eigenbasis of ``A`` (see the module docstring)."""
+        idx, qa_k, lam, bulk = kept
+        QG, dG, dA = entry.QG, entry.dG, entry.dA
+        assert QG is not None and dG is not None and dA is not None  # callers check ready(entry) first
+        v = left(QG, grad.to(QG.dtype), entry.cache, "QG", transpose=True)
+        tail = (dG * bulk + lam).reciprocal()  # t_i
+        w = (v @ qa_k) * ((torch.outer(dG, dA[idx]) + lam).reciprocal() - tail[:, None])
+        out = v * tail[:, None] + w @ qa_k.T
+        return left(QG, out, entry.cache, "QG")
+
     def precondition(self, entry: FactorEntry, grad: Tensor, *, damping: float) -> Tensor:
         """The damped inverse applied to a ``(g_dim, a_dim)`` gradient matrix, or to a batch ``(b, g_dim,
         a_dim)`` of them."""
         QG, cache = entry.QG, entry.cache
         assert QG is not None  # callers check ready(entry) first
+        kept = self.kept_columns(entry, damping)
+        if kept is not None:
+            return self.precondition_truncated(entry, grad, kept)
         v = left(QG, grad.to(QG.dtype), cache, "QG", transpose=True)
         if entry.QA is not None:
             v = right(v, entry.QA, cache, "QA")
