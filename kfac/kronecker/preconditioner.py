@@ -56,12 +56,14 @@ class KFACPreconditioner(Communicating, StateMixin):
         relative_damping: the damping is in units of each layer's mean eigenvalue ``tr(A) tr(G) / (a_dim g_dim)``
             (eigen and EK-FAC): one value means the same for every layer, batch size and loss normalisation
             (the absolute damping of KAISA's conventions scales with ``1 / batch²``). Default ``False`` (KAISA).
-        warm_start: refresh eigenbases from the previous ones -- checked, refined by orthogonal iteration, ``eigh``
-            only when that is not accurate enough (``True``, or a :class:`kfac.WarmStart` with its tolerance; eigen
-            and EK-FAC; see :mod:`kfac.kronecker.methods.warm`). Default ``False`` (an exact ``eigh`` each refresh).
-        truncate: ``ε`` of the truncated eigenbasis (eigen): ``A``-eigendirections with ``max(dG) dA_j <= ε λ`` get
-            ``1 / λ`` exactly, an error of at most ``ε / λ`` in the damped inverse, for ``2 g a k`` instead of ``2 g a²``
-            flops (``k`` kept columns; used when ``k <= a / 2``). Default ``None`` (exact).
+        warm_start: refresh eigenbases from the previous ones -- kept when their first-order error in the damped
+            inverse is within tolerance, else one Jacobi-like correction, else ``eigh`` (``True``, or a
+            :class:`kfac.WarmStart`; eigen and EK-FAC; see :mod:`kfac.kronecker.methods.warm`). Default ``False``
+            (an exact ``eigh`` each refresh).
+        truncate: ``ε`` of the truncated eigenbasis (eigen): ``A``-eigendirections within ``ε λ / max(dG)`` of the
+            median eigenvalue share it exactly, an error of at most ``ε / λ`` in the damped inverse, for ``2 g a k``
+            instead of ``2 g a²`` flops (``k`` other columns; used when ``k <= a / 2``; see
+            :mod:`kfac.kronecker.methods.eigen`). Default ``None`` (exact).
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).

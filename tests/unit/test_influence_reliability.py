@@ -223,15 +223,23 @@ def test_load_checks_the_weights_the_fit_was_made_on(method, tmp_path):
     assert not torch.allclose(loaded.pairwise_scores(queries, train), scores)  # the perturbation is visible
 
 
-def test_files_without_a_checksum_still_load_with_a_warning(tmp_path, caplog):
-    model = mlp()
+def _saved_as_before(tmp_path, method: str, drop: tuple[str, ...]) -> InfluenceAnalyzer:
+    """Fit and save an analyzer, then delete the settings key at path ``drop`` (as an older version wrote it)."""
     x, y = data(12)
-    an = InfluenceAnalyzer(model, ClassificationTask(), method="kfac", **F64).fit(batches(x, y, 6))
+    an = InfluenceAnalyzer(mlp(), ClassificationTask(), method=method, **F64).fit(batches(x, y, 6))
     an.save(tmp_path / "fit")
     settings = tmp_path / "fit" / "influence.json"
     old = json.loads(settings.read_text())
-    del old["weights_sha256"]  # as saved before the checksum existed
+    node = old
+    for key in drop[:-1]:
+        node = node[key]
+    del node[drop[-1]]
     settings.write_text(json.dumps(old))
+    return an
+
+
+def test_files_without_a_checksum_still_load_with_a_warning(tmp_path, caplog):
+    an = _saved_as_before(tmp_path, "kfac", ("weights_sha256",))  # as saved before the checksum existed
     other = mlp(seed=3)  # cannot be detected without a checksum
     with caplog.at_level(logging.WARNING, logger="kfac"):
         loaded = InfluenceAnalyzer.load(tmp_path / "fit", other, ClassificationTask(), progress=False)
@@ -241,15 +249,8 @@ def test_files_without_a_checksum_still_load_with_a_warning(tmp_path, caplog):
 
 def test_files_from_before_an_argument_existed_load_with_its_default(tmp_path):
     """A fit saved before ``lambda_labels`` existed loads with the default ("data", what was done then)."""
-    model = mlp()
-    x, y = data(12)
-    an = InfluenceAnalyzer(model, ClassificationTask(), method="ekfac", **F64).fit(batches(x, y, 6))
-    an.save(tmp_path / "fit")
-    settings = tmp_path / "fit" / "influence.json"
-    old = json.loads(settings.read_text())
-    del old["arguments"]["lambda_labels"]
-    settings.write_text(json.dumps(old))
-    loaded = InfluenceAnalyzer.load(tmp_path / "fit", model, ClassificationTask(), progress=False)
+    an = _saved_as_before(tmp_path, "ekfac", ("arguments", "lambda_labels"))
+    loaded = InfluenceAnalyzer.load(tmp_path / "fit", mlp(), ClassificationTask(), progress=False)
     assert loaded.args.lambda_labels == "data"
     assert_same_state(loaded, an)
 

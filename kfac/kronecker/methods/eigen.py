@@ -136,7 +136,7 @@ class EigenKFAC(KroneckerMethod):
         hit = entry.cache.get("kept_columns")
         if hit is not None and hit[0] is entry.dA and hit[1] is entry.dG and hit[2] == damping:
             return hit[3]
-        lam = damping * float(torch.outer(entry.dG, entry.dA).mean()) if self.relative_damping else damping
+        lam = damping * float(entry.dG.mean() * entry.dA.mean()) if self.relative_damping else damping  # = damped()
         bulk = float(entry.dA.median())
         keep = (float(entry.dG.max()) * (entry.dA - bulk).abs() > self.truncate * lam).nonzero().squeeze(1)
         cols = (keep, entry.QA[:, keep].contiguous(), lam, bulk) if 2 * keep.numel() <= entry.a_dim else None
