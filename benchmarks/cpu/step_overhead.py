@@ -11,6 +11,13 @@ What is measured
 
     at each schedule ``(factor_update_steps, inv_update_steps)`` in ``{(1, 10), (10, 100)}``.
 
+    * ``kaisa-eigen`` / ``kaisa-inverse`` (only with ``--kaisa PATH``, a checkout of gpauloski/kfac-pytorch):
+      KAISA's ``KFACPreconditioner`` with the same settings (``lr`` for its KL clip, ``compute_method`` EIGEN or
+      INVERSE, its other defaults) around the same SGD, same model weights and batches. KAISA's package is also
+      named ``kfac``, so it runs in a worker process (``kaisa_worker.py``) that the benchmark drives window by
+      window, interleaved with the others exactly like them (never two timed windows at once). The table then
+      gives ours / KAISA per schedule and method. Without ``--kaisa`` the comparison is skipped (said so).
+
     The data are SYNTHETIC: a fixed pool of random batches (inputs ~ N(0, 1), labels uniform over the 10
     classes), generated once before timing and cycled. Nothing is learned; only time is measured.
 
@@ -79,10 +86,11 @@ from benchmarks.common import (IMAGE, add_raw_argument, build_model, count_event
 SCHEDULES: tuple[tuple[int, int], ...] = ((1, 10), (10, 100))
 QUICK_SCHEDULES: tuple[tuple[int, int], ...] = ((1, 2), (2, 4))
 METHODS: tuple[str, ...] = ("sgd", "eigen", "inverse")
+KAISA_METHODS: tuple[str, ...] = ("kaisa-eigen", "kaisa-inverse")
 BATCH = 32
 SGD_KWARGS: dict[str, float] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 KFAC_KWARGS: dict[str, float] = {"damping": 1e-3, "factor_decay": 0.95, "kl_clip": 1e-3}
-# KAISA / kfac-pytorch, eigen method, ResNet-18, same 2-core machine class (given as context; NOT measured here).
+# KAISA / kfac-pytorch, eigen method, ResNet-18, same 2-core machine class (context shown when --kaisa is not given).
 KAISA_REFERENCE: dict[tuple[int, int], float] = {(10, 100): 9.2, (1, 10): 23.0}
 RESULTS = Path(__file__).resolve().parent / "results"
 RAW_KEYS: tuple[tuple[str, ...], ...] = (("raw",),)
@@ -133,6 +141,57 @@ class Runner:
         return self.optimizer.preconditioner if isinstance(self.optimizer, kfac.KFAC) else None
 
 
+class KaisaRunner:
+    """KAISA's preconditioner for one configuration, in its own worker process (see ``kaisa_worker.py``)."""
+
+    def __init__(self, config: Config, kaisa: Path, payload: Path, threads: int) -> None:
+        import json
+        import subprocess
+
+        self.config, self.steps, self._json = config, 0, json
+        spec = {"threads": threads, "payload": str(payload), "sgd": SGD_KWARGS, "kfac": KFAC_KWARGS,
+                "factor_update_steps": config.factor_update_steps, "inv_update_steps": config.inv_update_steps,
+                "method": config.method.removeprefix("kaisa-")}
+        env = {**os.environ, "PYTHONPATH": str(kaisa)}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("kaisa_worker.py")),
+                                      json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=str(kaisa))
+        hello = self._read()
+        if "error" in hello:
+            raise RuntimeError(f"KAISA worker for {config.key} failed to start:\n{hello['error']}")
+        origin = Path(hello["kaisa"]).resolve()
+        if REPO_ROOT in origin.parents:
+            raise RuntimeError(f"--kaisa {kaisa}: the worker imported this repository's kfac ({origin})")
+        self.origin, self.version = str(origin.parent), hello.get("version")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"KAISA worker for {self.config.key} exited (code {self.proc.wait()})")
+        out: dict[str, Any] = self._json.loads(line)
+        return out
+
+    def run(self, steps: int) -> dict[str, Any]:
+        """Run ``steps`` steps in the worker (garbage collector paused there); its ``seconds`` and ``first_step``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(self._json.dumps({"cmd": "steps", "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        self.steps += steps
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(self._json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+
+
 TRUNCATE: dict[str, float] = {}
 """``{"truncate": ε}`` for the eigen configurations when ``--truncate`` is given."""
 
@@ -149,8 +208,15 @@ def make_runner(config: Config, batches: list[tuple[Tensor, Tensor]], *, quick: 
     return Runner(config=config, model=model, optimizer=opt, batches=batches)
 
 
-def time_window(runner: Runner, steps: int) -> dict[str, Any]:
+def time_window(runner: Runner | KaisaRunner, steps: int) -> dict[str, Any]:
     """Run ``steps`` training steps with the garbage collector paused; return the wall time and schedule facts."""
+    if isinstance(runner, KaisaRunner):
+        out = runner.run(steps)
+        cfg = runner.config
+        return {"seconds": out["seconds"], "steps": steps, "ms_per_step": 1e3 * out["seconds"] / steps,
+                "first_step": out["first_step"], "load_average_1min_after": os.getloadavg()[0],
+                "refreshes": count_events(out["first_step"], steps, cfg.inv_update_steps),
+                "factor_updates": count_events(out["first_step"], steps, cfg.factor_update_steps)}
     pre = runner.preconditioner
     start = pre.steps if pre is not None else runner.steps
     skipped_before = pre.skipped_steps if pre is not None else 0
@@ -176,24 +242,54 @@ def time_window(runner: Runner, steps: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 # benchmark
 # ----------------------------------------------------------------------------------------------------------
-def make_configs(schedules: tuple[tuple[int, int], ...]) -> list[Config]:
+def make_configs(schedules: tuple[tuple[int, int], ...], *, kaisa: bool = False) -> list[Config]:
     configs = []
     for fus, ius in schedules:
         if ius % fus:
             raise ValueError(f"inv_update_steps={ius} must be a multiple of factor_update_steps={fus}")
-        configs += [Config(fus, ius, m) for m in METHODS]
+        configs += [Config(fus, ius, m) for m in METHODS + (KAISA_METHODS if kaisa else ())]
     return configs
 
 
 def run_benchmark(configs: list[Config], batches: list[tuple[Tensor, Tensor]], *, repeats: int, periods: int,
-                  warmup: int, quick: bool, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Warm every configuration up, then time interleaved windows; return raw records per configuration key."""
-    runners = [make_runner(c, batches, quick=quick, seed=seed) for c in configs]
+                  warmup: int, quick: bool, seed: int, kaisa: Path | None = None,
+                  threads: int = 1) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Warm every configuration up, then time interleaved windows; return raw records per configuration key and
+    where KAISA came from (empty without it)."""
+    import tempfile
+
+    runners: list[Runner | KaisaRunner] = []
+    origin: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in configs:
+            if c.method in KAISA_METHODS:
+                assert kaisa is not None
+                payload = Path(tmp) / "payload.pt"
+                if not payload.exists():  # the same initial weights and batches as every other configuration
+                    torch.save({"model": build_model(quick, seed), "batches": batches}, payload)
+                k = KaisaRunner(c, kaisa, payload, threads)
+                origin = {"package": k.origin, "version": k.version}
+                runners.append(k)
+            else:
+                runners.append(make_runner(c, batches, quick=quick, seed=seed))
+        try:
+            return _time_all(runners, repeats=repeats, periods=periods, warmup=warmup), origin
+        finally:
+            for r in runners:
+                if isinstance(r, KaisaRunner):
+                    r.close()
+
+
+def _time_all(runners: list[Runner | KaisaRunner], *, repeats: int, periods: int,
+              warmup: int) -> dict[str, list[dict[str, Any]]]:
     t_start = time.perf_counter()
     for r in runners:
         t0 = time.perf_counter()
-        for _ in range(warmup):
-            r.step()
+        if isinstance(r, KaisaRunner):
+            r.run(warmup)
+        else:
+            for _ in range(warmup):
+                r.step()
         log(f"warm-up {r.config.key:<20s} {warmup} steps in {time.perf_counter() - t0:7.1f} s")
     raw: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rep in range(repeats):
@@ -226,15 +322,29 @@ def summarise(configs: list[Config], raw: dict[str, list[dict[str, Any]]]) -> li
             "ratio_vs_sgd_paired_median": statistics.median(paired), "ratio_vs_sgd_paired_min": min(paired),
             "ratio_vs_sgd_paired_max": max(paired), "repeats": len(times),
         })
+    by_key = {(r["schedule"], r["method"]): r for r in rows}
+    for row in rows:  # ours / KAISA, same schedule and method, where KAISA was measured
+        peer = by_key.get((row["schedule"], f"kaisa-{row['method']}"))
+        if peer is None:
+            continue
+        theirs = {rec["repeat"]: rec["ms_per_step"] for rec in raw[Config(row["factor_update_steps"],
+                                                                           row["inv_update_steps"],
+                                                                           peer["method"]).key]}
+        ours = {rec["repeat"]: rec["ms_per_step"] for rec in raw[Config(row["factor_update_steps"],
+                                                                         row["inv_update_steps"], row["method"]).key]}
+        row["ratio_vs_kaisa"] = row["ms_per_step_median"] / peer["ms_per_step_median"]
+        row["ratio_vs_kaisa_paired_median"] = statistics.median(ours[k] / theirs[k] for k in ours if k in theirs)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'config (fus,ius)':<17s} {'method':<8s} {'ms/step median':>15s} {'min':>10s} {'ratio vs SGD':>13s}",
-             "-" * 67]
+    kaisa = any("ratio_vs_kaisa" in r for r in rows)
+    lines = [f"{'config (fus,ius)':<17s} {'method':<14s} {'ms/step median':>15s} {'min':>10s} {'ratio vs SGD':>13s}"
+             + (f" {'ours / KAISA':>13s}" if kaisa else ""), "-" * (73 + (14 if kaisa else 0))]
     for row in rows:
-        lines.append(f"{row['schedule']:<17s} {row['method']:<8s} {row['ms_per_step_median']:15.1f} "
-                     f"{row['ms_per_step_min']:10.1f} {row['ratio_vs_sgd']:12.2f}x")
+        lines.append(f"{row['schedule']:<17s} {row['method']:<14s} {row['ms_per_step_median']:15.1f} "
+                     f"{row['ms_per_step_min']:10.1f} {row['ratio_vs_sgd']:12.2f}x"
+                     + (f" {row['ratio_vs_kaisa']:12.2f}x" if "ratio_vs_kaisa" in row else ""))
     return "\n".join(lines)
 
 
@@ -403,10 +513,11 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: 
     import matplotlib.pyplot as plt
 
     schedules = list(dict.fromkeys(r["schedule"] for r in rows))
-    methods = [m for m in METHODS if m != "sgd"]
-    width = 0.35
+    methods = [m for m in METHODS + KAISA_METHODS if m != "sgd" and any(r["method"] == m for r in rows)]
+    show_reference = show_reference and not any(m in KAISA_METHODS for m in methods)
+    width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"eigen": "tab:blue", "inverse": "tab:orange"}
+    colors = {"eigen": "tab:blue", "inverse": "tab:orange", "kaisa-eigen": "tab:cyan", "kaisa-inverse": "tab:red"}
     ref_labelled = False
     for j, method in enumerate(methods):
         xs, ys, lo, hi = [], [], [], []
@@ -430,7 +541,8 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: 
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
                 ref_labelled = True
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors[method],
-               label=f"kfac.KFAC method={method} (measured)")
+               label=(f"KAISA compute_method={method.removeprefix('kaisa-')} (measured)" if method in KAISA_METHODS
+                      else f"kfac.KFAC method={method} (measured)"))
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(range(len(schedules)), [f"{s}\n(factor_update_steps, inv_update_steps)" for s in schedules])
     ax.set_ylabel("ms/step relative to plain SGD (median)")
@@ -472,6 +584,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="eigen configurations (and the profile) use a truncated eigenbasis with this epsilon")
     p.add_argument("--image-size", type=int, default=IMAGE,
                    help=f"input height and width (default {IMAGE}; 64 and above make every ResNet-18 factor dense)")
+    p.add_argument("--schedules", nargs="+", default=None, metavar="F,I",
+                   help="schedules (factor_update_steps,inv_update_steps) to time (default 1,10 10,100)")
+    p.add_argument("--kaisa", type=Path, default=None, metavar="PATH",
+                   help="a checkout of gpauloski/kfac-pytorch (the directory holding its kfac/ package): also time "
+                        "KAISA's eigen and inverse methods side by side (skipped without it)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: small CNN, schedules (1,2) and (2,4), 1 repeat; writes *_quick.* outputs")
     p.add_argument("--profile", action="store_true",
@@ -483,6 +600,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first K-FAC step does the initial refresh)")
+    if args.kaisa is not None and not (args.kaisa / "kfac" / "preconditioner.py").is_file():
+        p.error(f"--kaisa {args.kaisa}: no kfac/preconditioner.py there (expected a checkout of gpauloski/kfac-pytorch)")
+    try:
+        args.schedules = tuple(tuple(int(v) for v in s.split(",")) for s in args.schedules) if args.schedules else None
+    except ValueError:
+        p.error("--schedules takes pairs like 1,10")
+    if args.schedules and any(len(s) != 2 or min(s) < 1 for s in args.schedules):
+        p.error("--schedules takes pairs of positive ints like 1,10")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 2
     if args.repeats < 1 or args.periods < 1 or args.threads < 1 or args.pool < 1 or args.profile_steps < 1:
@@ -493,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    schedules = QUICK_SCHEDULES if args.quick else SCHEDULES
+    schedules = args.schedules or (QUICK_SCHEDULES if args.quick else SCHEDULES)
     suffix = "_quick" if args.quick else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info(torch_threads=torch.get_num_threads())
@@ -509,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = make_batches(args.pool, BATCH, args.seed, args.image_size)
     if args.truncate is not None:
         TRUNCATE["truncate"] = args.truncate
-    configs = make_configs(schedules)
+    configs = make_configs(schedules, kaisa=args.kaisa is not None)
+    if args.kaisa is None:
+        log("KAISA comparison skipped: pass --kaisa PATH (a checkout of gpauloski/kfac-pytorch) to time it side by side")
 
     result: dict[str, Any] = {
         "benchmark": "kfac step overhead vs SGD",
@@ -518,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": model_desc, "batch_size": BATCH, "image_size": args.image_size, "dtype": "float32", "device": "cpu",
         "sgd": SGD_KWARGS, "kfac": KFAC_KWARGS,
         "settings": {"repeats": args.repeats, "periods": args.periods, "warmup": args.warmup,
-                     "threads": args.threads, "pool": args.pool, "seed": args.seed, "quick": args.quick},
+                     "threads": args.threads, "pool": args.pool, "seed": args.seed, "quick": args.quick,
+                     "truncate": args.truncate, "schedules": [list(s) for s in schedules]},
         "machine": info,
         "kaisa_reference_ratio_vs_sgd": {
             "note": "reported reference for KAISA/kfac-pytorch, eigen method, ResNet-18, same 2-core machine "
@@ -527,13 +655,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[dict[str, Any]] = []
     if not args.no_bench:
-        raw = run_benchmark(configs, batches, repeats=args.repeats, periods=args.periods, warmup=args.warmup,
-                            quick=args.quick, seed=args.seed)
+        raw, origin = run_benchmark(configs, batches, repeats=args.repeats, periods=args.periods,
+                                    warmup=args.warmup, quick=args.quick, seed=args.seed, kaisa=args.kaisa,
+                                    threads=args.threads)
         rows = summarise(configs, raw)
         result["summary"] = rows
         result["raw"] = raw
+        if origin:
+            result["kaisa"] = {**origin, "settings": {**KFAC_KWARGS, "lr": SGD_KWARGS["lr"]},
+                               "note": "measured side by side in this run (worker process, interleaved windows)"}
+            del result["kaisa_reference_ratio_vs_sgd"]
         log("\n" + format_table(rows))
-        if not args.quick:
+        if not args.quick and not origin:
             log("KAISA reference (reported, NOT measured in this run), eigen: "
                 + ", ".join(f"({f},{i}) {v:g}x SGD" for (f, i), v in KAISA_REFERENCE.items()))
     if args.profile:
