@@ -193,7 +193,7 @@ class KaisaRunner:
 
 
 TRUNCATE: dict[str, float] = {}
-"""``{"truncate": ε}`` for the eigen configurations when ``--truncate`` is given."""
+"""``{"truncate": ε}`` for the ``eigen-truncated`` configurations (added beside ``eigen`` by ``--truncate``)."""
 
 
 def make_runner(config: Config, batches: list[tuple[Tensor, Tensor]], *, quick: bool, seed: int) -> Runner:
@@ -202,9 +202,10 @@ def make_runner(config: Config, batches: list[tuple[Tensor, Tensor]], *, quick: 
     if config.method == "sgd":
         opt: torch.optim.Optimizer = base
     else:
-        extra = TRUNCATE if config.method == "eigen" else {}
+        extra = TRUNCATE if config.method == "eigen-truncated" else {}
         opt = kfac.KFAC(model, base, factor_update_steps=config.factor_update_steps,
-                        inv_update_steps=config.inv_update_steps, method=config.method, **KFAC_KWARGS, **extra)
+                        inv_update_steps=config.inv_update_steps, method=config.method.split("-")[0],
+                        **KFAC_KWARGS, **extra)
     return Runner(config=config, model=model, optimizer=opt, batches=batches)
 
 
@@ -247,7 +248,8 @@ def make_configs(schedules: tuple[tuple[int, int], ...], *, kaisa: bool = False)
     for fus, ius in schedules:
         if ius % fus:
             raise ValueError(f"inv_update_steps={ius} must be a multiple of factor_update_steps={fus}")
-        configs += [Config(fus, ius, m) for m in METHODS + (KAISA_METHODS if kaisa else ())]
+        configs += [Config(fus, ius, m) for m in METHODS + (("eigen-truncated",) if TRUNCATE else ())
+                    + (KAISA_METHODS if kaisa else ())]
     return configs
 
 
@@ -324,7 +326,7 @@ def summarise(configs: list[Config], raw: dict[str, list[dict[str, Any]]]) -> li
         })
     by_key = {(r["schedule"], r["method"]): r for r in rows}
     for row in rows:  # ours / KAISA, same schedule and method, where KAISA was measured
-        peer = by_key.get((row["schedule"], f"kaisa-{row['method']}"))
+        peer = by_key.get((row["schedule"], f"kaisa-{row['method'].split('-')[0]}"))
         if peer is None:
             continue
         theirs = {rec["repeat"]: rec["ms_per_step"] for rec in raw[Config(row["factor_update_steps"],
@@ -410,7 +412,8 @@ def run_profile(batches: list[tuple[Tensor, Tensor]], *, steps: int, quick: bool
                 schedule: tuple[int, int]) -> dict[str, Any]:
     """Phase breakdown of ``steps`` eigen K-FAC steps (after one warm-up step) plus one explicit refresh."""
     fus, ius = schedule
-    kfac_runner = make_runner(Config(fus, ius, "eigen"), batches, quick=quick, seed=seed)
+    kfac_runner = make_runner(Config(fus, ius, "eigen-truncated" if TRUNCATE else "eigen"), batches, quick=quick,
+                              seed=seed)
     sgd_runner = make_runner(Config(fus, ius, "sgd"), batches, quick=quick, seed=seed)
     for r in (kfac_runner, sgd_runner):
         r.step()  # warm-up (K-FAC: initial factor update + refresh)
@@ -513,11 +516,12 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: 
     import matplotlib.pyplot as plt
 
     schedules = list(dict.fromkeys(r["schedule"] for r in rows))
-    methods = [m for m in METHODS + KAISA_METHODS if m != "sgd" and any(r["method"] == m for r in rows)]
+    methods = [m for m in METHODS + ("eigen-truncated",) + KAISA_METHODS
+               if m != "sgd" and any(r["method"] == m for r in rows)]
     show_reference = show_reference and not any(m in KAISA_METHODS for m in methods)
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"eigen": "tab:blue", "inverse": "tab:orange", "kaisa-eigen": "tab:cyan", "kaisa-inverse": "tab:red"}
+    colors = {"eigen": "tab:blue", "inverse": "tab:orange", "eigen-truncated": "tab:green", "kaisa-eigen": "tab:cyan", "kaisa-inverse": "tab:red"}
     ref_labelled = False
     for j, method in enumerate(methods):
         xs, ys, lo, hi = [], [], [], []
@@ -542,7 +546,8 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: 
                 ref_labelled = True
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors[method],
                label=(f"KAISA compute_method={method.removeprefix('kaisa-')} (measured)" if method in KAISA_METHODS
-                      else f"kfac.KFAC method={method} (measured)"))
+                      else f"kfac.KFAC method=eigen, truncate={TRUNCATE.get('truncate')} (measured)"
+                      if method == "eigen-truncated" else f"kfac.KFAC method={method} (measured)"))
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(range(len(schedules)), [f"{s}\n(factor_update_steps, inv_update_steps)" for s in schedules])
     ax.set_ylabel("ms/step relative to plain SGD (median)")
@@ -581,7 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=32, help="synthetic batches in the cycled pool (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truncate", type=float, default=None,
-                   help="eigen configurations (and the profile) use a truncated eigenbasis with this epsilon")
+                   help="add eigen-truncated configurations (method='eigen', truncate=this epsilon) beside eigen; the "
+                        "profile then uses it")
     p.add_argument("--image-size", type=int, default=IMAGE,
                    help=f"input height and width (default {IMAGE}; 64 and above make every ResNet-18 factor dense)")
     p.add_argument("--schedules", nargs="+", default=None, metavar="F,I",
