@@ -562,7 +562,8 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str, show_reference: 
 
 def plot_title(result: dict[str, Any]) -> str:
     st, m = result["settings"], result["machine"]
-    return (f"kfac.KFAC per-step time / SGD: {result['model']}, batch {result['batch_size']}, "
+    size = result.get("image_size", 32)
+    return (f"kfac.KFAC per-step time / SGD: {result['model']}, {size}x{size}, batch {result['batch_size']}, "
             f"CPU, {st['threads']} thread(s)\n{m['cpu_model']}, torch {m['torch']}, synthetic data, "
             f"median of {st['repeats']} (error bars: paired per-repeat min-max)")
 
