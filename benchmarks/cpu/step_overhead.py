@@ -62,9 +62,12 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -145,10 +148,7 @@ class KaisaRunner:
     """KAISA's preconditioner for one configuration, in its own worker process (see ``kaisa_worker.py``)."""
 
     def __init__(self, config: Config, kaisa: Path, payload: Path, threads: int) -> None:
-        import json
-        import subprocess
-
-        self.config, self.steps, self._json = config, 0, json
+        self.config, self.steps = config, 0
         spec = {"threads": threads, "payload": str(payload), "sgd": SGD_KWARGS, "kfac": KFAC_KWARGS,
                 "factor_update_steps": config.factor_update_steps, "inv_update_steps": config.inv_update_steps,
                 "method": config.method.removeprefix("kaisa-")}
@@ -169,13 +169,13 @@ class KaisaRunner:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"KAISA worker for {self.config.key} exited (code {self.proc.wait()})")
-        out: dict[str, Any] = self._json.loads(line)
+        out: dict[str, Any] = json.loads(line)
         return out
 
     def run(self, steps: int) -> dict[str, Any]:
         """Run ``steps`` steps in the worker (garbage collector paused there); its ``seconds`` and ``first_step``."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(self._json.dumps({"cmd": "steps", "steps": steps}) + "\n")
+        self.proc.stdin.write(json.dumps({"cmd": "steps", "steps": steps}) + "\n")
         self.proc.stdin.flush()
         out = self._read()
         self.steps += steps
@@ -184,7 +184,7 @@ class KaisaRunner:
     def close(self) -> None:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
-            self.proc.stdin.write(self._json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
             self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=30)
@@ -258,8 +258,6 @@ def run_benchmark(configs: list[Config], batches: list[tuple[Tensor, Tensor]], *
                   threads: int = 1) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Warm every configuration up, then time interleaved windows; return raw records per configuration key and
     where KAISA came from (empty without it)."""
-    import tempfile
-
     runners: list[Runner | KaisaRunner] = []
     origin: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,8 +58,7 @@ class KFACPreconditioner(Communicating, StateMixin):
             (the absolute damping of KAISA's conventions scales with ``1 / batch²``). Default ``False`` (KAISA).
         warm_start: refresh eigenbases from the previous ones -- kept when their first-order error in the damped
             inverse is within tolerance, else one Jacobi-like correction, else ``eigh`` (``True``, or a
-            :class:`kfac.WarmStart`; eigen and EK-FAC; see :mod:`kfac.kronecker.methods.warm`). Default ``False``
-            (an exact ``eigh`` each refresh).
+            :class:`kfac.WarmStart`; eigen and EK-FAC; :mod:`kfac.kronecker.methods.warm`). Default ``False``: ``eigh``.
         truncate: ``ε`` of the truncated eigenbasis (eigen): ``A``-eigendirections within ``ε λ / max(dG)`` of the
             median eigenvalue share it exactly, an error of at most ``ε / λ`` in the damped inverse, for ``2 g a k``
             instead of ``2 g a²`` flops (``k`` other columns; used when ``k <= a / 2``; see
