@@ -21,7 +21,6 @@ import json
 import sys
 import time
 import traceback
-from typing import Any
 
 
 def main() -> int:
@@ -39,10 +38,9 @@ def main() -> int:
         model, batches = payload["model"], payload["batches"]
         model.train()
         opt = torch.optim.SGD(model.parameters(), **spec["sgd"])
-        kw: dict[str, Any] = dict(spec["kfac"])
         pre = KFACPreconditioner(model, factor_update_steps=spec["factor_update_steps"],
                                  inv_update_steps=spec["inv_update_steps"], lr=spec["sgd"]["lr"],
-                                 compute_method=ComputeMethod[spec["method"].upper()], **kw)
+                                 compute_method=ComputeMethod[spec["method"].upper()], **spec["kfac"])
     except Exception:
         print(json.dumps({"error": traceback.format_exc()}), flush=True)
         return 1

@@ -148,7 +148,7 @@ class KaisaRunner:
     """KAISA's preconditioner for one configuration, in its own worker process (see ``kaisa_worker.py``)."""
 
     def __init__(self, config: Config, kaisa: Path, payload: Path, threads: int) -> None:
-        self.config, self.steps = config, 0
+        self.config = config
         spec = {"threads": threads, "payload": str(payload), "sgd": SGD_KWARGS, "kfac": KFAC_KWARGS,
                 "factor_update_steps": config.factor_update_steps, "inv_update_steps": config.inv_update_steps,
                 "method": config.method.removeprefix("kaisa-")}
@@ -177,9 +177,7 @@ class KaisaRunner:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"cmd": "steps", "steps": steps}) + "\n")
         self.proc.stdin.flush()
-        out = self._read()
-        self.steps += steps
-        return out
+        return self._read()
 
     def close(self) -> None:
         if self.proc.poll() is None:
