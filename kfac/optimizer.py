@@ -7,6 +7,7 @@ One mechanism, :class:`PreconditionedOptimizer`, for all of them: it drives any 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +17,10 @@ from torch import Tensor, nn
 
 from .curvature import Preconditioner
 from ._tensor import all_finite
-from .adaptive.controller import AdaptiveConfig, AdaptiveController, Inputs
+from .adaptive.contract import RandomState, check_equal_parts, gradient_versions, same_inputs, step_lr
+from .adaptive.controller import AdaptiveConfig, AdaptiveController, Part
+from .adaptive.output_loss import OutputLoss
+from .adaptive.quadratic import batch_statistics_only
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorStore
 
@@ -189,34 +193,56 @@ class KFAC(PreconditionedOptimizer):
             if closure is not None and not callable(closure):
                 raise TypeError("several closures per step are for adaptive K-FAC with accumulation_steps > 1")
             return super().step(closure)
+        return self._adaptive_step(closure)
+
+    def _adaptive_step(self, closure: Callable[[], Any] | Sequence[Callable[[], Any]] | None) -> Tensor:
         controller, pre = self.adaptive, self.kfac
+        assert controller is not None  # adaptive mode
         closures = _closures(closure, pre.accumulation_steps)
+        lr = step_lr(self.param_groups)
         scaler = pre.grad_scaler if pre.grad_scaler is not None and pre.grad_scaler.is_enabled() else None
+        params = list(controller.params.values())
         self.zero_grad()
-        batches: list[Inputs] = []
+        pre.discard_pending_statistics()  # the step's statistics come from the closure's forward passes alone
+        randomness = RandomState(p.device for p in params)
+        parts: list[Part] = []
         losses: list[Tensor] = []
         for c in closures:
-            controller.inputs = controller.outputs = None
-            with torch.enable_grad():
+            before = gradient_versions(params)
+            with controller.recording() as forwards, torch.enable_grad():
                 loss = c()
             if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.requires_grad):
-                raise TypeError("adaptive K-FAC: the closure must return the batch's mean loss as a scalar tensor "
-                                "that requires grad (and must not call backward)")
-            if controller.inputs is None:
+                raise TypeError("adaptive K-FAC: the closure must return the batch's loss as a scalar tensor that "
+                                "requires grad (and must not call backward)")
+            if gradient_versions(params) != before:
+                raise RuntimeError("adaptive K-FAC: the closure called backward(); K-FAC runs the backward pass "
+                                   "itself (and the loss's second derivatives): remove loss.backward() from the "
+                                   "closure and return the loss")
+            if not forwards:
                 raise RuntimeError("adaptive K-FAC: the closure must run the forward pass of the model K-FAC was "
                                    "built on (no forward pass was seen)")
+            with pre.statistics_paused():  # ∇_z L and H u reach the hooks on the last layer's output
+                parts.append(Part(forwards=forwards, loss=OutputLoss(loss, [z for f in forwards for z in f.outputs])))
+            check_equal_parts([part.forwards for part in parts])
             if pre.fisher == "mc" and pre.capturing():
-                if controller.outputs is None:
-                    raise RuntimeError("adaptive K-FAC: the model's forward pass must return its outputs as a tensor")
-                generator = controller.sampling_generator(controller.outputs.device, pre.communicator.rank)
-                pre.mc_backward(controller.outputs, loss=controller.config.loss, generator=generator)
-            controller.outputs = None
+                generator = controller.sampling_generator(parts[-1].loss.outputs[0].device, pre.communicator.rank)
+                factor = (scaler.get_scale() if scaler is not None else 1.0) / math.sqrt(len(closures))
+                with pre.statistics_paused():
+                    samples = parts[-1].loss.sample(controller.config.loss, generator, controller.class_dims)
+                pre.sampled_backward(parts[-1].loss.outputs, [u * factor for u in samples])
             part = loss / len(closures)
-            (scaler.scale(part) if scaler is not None else part).backward()
-            batches.append(controller.inputs)
+            (scaler.scale(part) if scaler is not None else part).backward(retain_graph=True)
             losses.append(loss.detach())
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # an overflow leaves non-finite gradients: the step is skipped
+        weight_decay = {controller.names[id(p)]: float(group.get("weight_decay", 0.0))
+                        for group in self.param_groups for p in group["params"]
+                        if id(p) in controller.names and group.get("weight_decay", 0.0)}
+        with torch.no_grad():
+            for name, eta in weight_decay.items():  # ∇(f + η‖θ‖²/2): preconditioned with the loss's gradient
+                p = controller.params[name]
+                if p.grad is not None:
+                    p.grad.add_(p, alpha=eta)
         g = controller.gradient()
         comm = pre.communicator
         device = next(iter(g.values())).device
@@ -232,28 +258,39 @@ class KFAC(PreconditionedOptimizer):
                       if p.grad is not None and id(p) not in self._param_to_layer]
             return pre.step(grads_finite=all_finite(others))
 
-        def evaluate() -> float:
-            with torch.no_grad():
-                value = sum(float(c()) for c in closures) / len(closures)
-            return float(reduce([torch.tensor([value], dtype=torch.float64)])[0])
+        saved: dict[str, Tensor] = {}
 
         def apply(update: dict[str, Tensor]) -> None:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    name = controller.names.get(id(p))
-                    if name is not None and name in update:
-                        p.grad = (-update[name] / group["lr"]).to(p.dtype)
-            self.optimizer.step()
-
-        def undo(update: dict[str, Tensor]) -> None:
             with torch.no_grad():
-                for n, p in controller.params.items():
-                    if n in update:
-                        p.sub_(update[n].to(p.dtype))
+                for name, delta in update.items():
+                    p = controller.params[name]
+                    saved[name] = p.detach().clone()
+                    p.add_(delta.to(p.dtype))
+
+        def restore() -> None:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    controller.params[name].copy_(value)
+
+        def evaluate() -> float:
+            value = 0.0
+            with torch.no_grad(), randomness.replay(), batch_statistics_only(controller.model):
+                for c, part in zip(closures, parts):
+                    with controller.recording() as forwards:
+                        value += float(c()) / len(closures)
+                    if not same_inputs(part.forwards, forwards):
+                        restore()
+                        raise RuntimeError("adaptive K-FAC calls the closure twice per step (the second time without "
+                                           "gradients, to measure the loss after the update) and it must compute the "
+                                           "same batch both times: draw the batch outside the closure (the update "
+                                           "was undone)")
+            return float(reduce([torch.tensor([value], dtype=torch.float64)])[0])
 
         mean = torch.stack(losses).mean()
-        controller.update(g, precondition, batches, reduce([mean.double().reshape(1)])[0], evaluate, apply, undo,
-                          reduce)
+        with pre.statistics_paused():
+            controller.update(g=g, weight_decay=weight_decay, precondition=precondition, parts=parts,
+                              loss=float(reduce([mean.double().reshape(1)])[0]), lr=lr, evaluate=evaluate,
+                              apply=apply, restore=restore, reduce=reduce)
         if scaler is not None:
             scaler.update()
         return mean
@@ -289,7 +326,8 @@ a refresh every step ended at 0.325 on the autoencoder (AdamW 0.284) and 96.7% o
 97.8% at a tenth of the refresh cost. A damping is absolute (it scales with ``1 / batch²``); ``adaptive=True`` needs
 none."""
 
-ADAPTIVE_DEFAULTS: dict[str, Any] = {"fisher": "mc", "factor_decay": 0.7, "inv_update_steps": 3}
+ADAPTIVE_DEFAULTS: dict[str, Any] = {"fisher": "mc", "factor_decay": 0.7, "inv_update_steps": 3,
+                                     "units": "curvature", "factor_init": "zero"}
 """Adaptive K-FAC's preconditioner defaults: the Monte-Carlo Fisher (the curvature the quadratic model uses; it
 reached the autoencoder's target in ~0.8x the steps of the empirical Fisher) and fresh factors (decay 0.7,
 eigenbases every 3 steps: chosen on the time-to-result suite's tuning seeds, where decay 0.95 with a refresh every
@@ -304,6 +342,10 @@ def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, ada
                                                       optimizer.param_groups):
         raise ValueError("adaptive K-FAC computes the whole update (momentum included): use "
                          "torch.optim.SGD(params, lr=1.0) without momentum as the base optimizer")
+    step_lr(optimizer.param_groups)  # one lr, no maximize (clear errors)
+    if kwargs.get("units", "curvature") != "curvature":
+        raise ValueError("adaptive K-FAC scales every layer's direction by one step size, which needs every block in "
+                         "the curvature's units: units='curvature' (the default in adaptive mode)")
     fixed = sorted(k for k in ("damping", "kl_clip", "relative_damping") if k in kwargs)
     if fixed:
         raise ValueError(f"adaptive K-FAC sets {fixed} itself (Levenberg-Marquardt damping, relative factor "

@@ -1,34 +1,41 @@
 """Adaptive K-FAC (Martens & Grosse, ICML 2015, sections 6-7): step size, momentum and damping from the exact
 local quadratic model of the current batch.
 
-Each step, with the gradient ``g``, the K-FAC direction ``Δ = -(F̂ + γ I)^{-1} g`` (the preconditioner at
-damping ``γ``, no ``kl_clip``) and the previous update ``δ₀``, the update is ``δ = α Δ + μ δ₀`` with ``(α, μ)``
-minimising ``M(δ) = g^T δ + ½ δ^T (C + λ I) δ`` (``C`` the exact GGN/Fisher of the batch; ``α`` alone on the first
-step, see :mod:`kfac.adaptive.quadratic`). Every ``adapt_every`` steps the loss after the update is compared with the
-model's prediction, ``ρ = (f(θ + δ) - f(θ)) / M(δ)``, and ``λ`` follows the Levenberg-Marquardt rule with
-``ω = (19/20)^adapt_every``. A non-finite update is never applied: the step is skipped and ``λ`` grows.
+Each step, with the gradient ``g`` (including the base optimizer's weight decay ``η θ``), the K-FAC direction
+``Δ = -(F̂ + γ I)^{-1} g`` (the preconditioner at damping ``γ``, no ``kl_clip``, factors in curvature units so
+every layer's direction is its own damped natural gradient on one scale) and the previous update ``δ₀``, the update
+is ``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimising ``M(δ) = g^T δ + ½ δ^T (C + (λ + η) I) δ`` (``C`` the exact GGN of
+the closure's own loss, see :mod:`kfac.adaptive.output_loss`; ``α`` alone on the first step, see
+:mod:`kfac.adaptive.quadratic`). The base optimizer's ``lr`` multiplies the chosen update (``1.0``: the model's
+step; a scheduler or warm-up scales it; ``0``: no update). After every update the closure's loss is measured again
+and compared with the model's prediction, ``ρ = (f(θ + δ) - f(θ)) / M(δ)``; a step after which the loss rose
+(``ρ < 0``) is undone exactly (the parameters are restored bit for bit), the momentum direction dropped and ``λ``
+multiplied by ``undo_factor``. Otherwise, every ``adapt_every`` steps ``λ`` follows the Levenberg-Marquardt rule with ``ω = (19/20)^adapt_every``. A non-finite
+update is never applied: the step is skipped and ``λ`` grows.
 
 The factors' damping ``γ`` is relative (``relative_damping=True``): each layer adds ``γ`` times its mean
-curvature eigenvalue, so one value fits every layer, batch size and loss normalisation (KAISA's factors carry
-``1/N²``, an absolute damping would not). Martens & Grosse also adapt ``γ`` (a greedy search); on the time-to-result
-suite a fixed relative ``γ = 1e-2`` did as well or better than the search and than ``γ`` tied to ``λ`` (which let
-``γ`` collapse and diverged with fresh factors), so ``γ`` is fixed and only ``λ`` adapts. The factors' ``G`` come
-from labels sampled from the model (``fisher="mc"``, the Fisher ``C`` is), drawn from the controller's own seeded
-generator so that resuming is exact. A step after which the batch's loss rose (``ρ < 0``, measured every
-``adapt_every`` steps) is undone, the momentum direction dropped and ``λ`` raised.
+curvature eigenvalue, so one value fits every layer, batch size and loss normalisation. Martens & Grosse also
+adapt ``γ`` (a greedy search); on the time-to-result suite a fixed relative ``γ = 1e-2`` did as well or better
+than the search and than ``γ`` tied to ``λ`` (which let ``γ`` collapse and diverged with fresh factors), so ``γ``
+is fixed and only ``λ`` adapts. The factors' ``G`` come from Monte-Carlo samples of the loss's output Hessian
+(``fisher="mc"``), drawn from the controller's own seeded generator so that resuming is exact.
 
-Contract (``torch.optim`` style): ``opt.step(closure)`` where ``closure()`` runs the forward pass of the model K-FAC
-was built on and returns the mean loss of the batch, *without* calling ``backward`` (K-FAC does, and calls the
-closure again without gradients to measure ``ρ``). The base optimizer must be ``torch.optim.SGD`` without momentum
-(momentum comes from the model): K-FAC writes ``-δ / lr`` into ``.grad``, so SGD applies ``δ`` (and its weight
-decay, if any).
+Contract (``torch.optim.LBFGS`` style): ``opt.step(closure)`` where ``closure()`` runs the forward pass of the
+model K-FAC was built on (once or more) and returns the batch's loss, *without* calling ``backward`` (K-FAC does;
+a closure that does is a clear error). The closure is called **twice** per step: once with gradients, once without
+after the update to measure ``ρ``; the second call runs with the random state of the first (the same dropout
+masks) and batch-norm layers keep their running statistics, and it must see the same inputs (a closure that draws
+a new batch on each call is a clear error, and the update is undone). The base optimizer must be
+``torch.optim.SGD`` without momentum or ``maximize``, all param groups at one ``lr``; K-FAC applies the update
+itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,9 +43,10 @@ from torch import Tensor, nn
 
 from .._tensor import all_finite
 from .losses import LOSSES
-from .quadratic import Direction, levenberg_marquardt, output_jvps, quadratic_model
+from .output_loss import OutputLoss
+from .quadratic import Direction, levenberg_marquardt, model_outputs, output_jvps, quadratic_model
 
-__all__ = ["AdaptiveConfig", "AdaptiveController", "Inputs"]
+__all__ = ["AdaptiveConfig", "AdaptiveController", "Forward", "Inputs"]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 """The positional and keyword arguments of one forward pass of the model."""
@@ -49,23 +57,31 @@ class AdaptiveConfig:
     """Settings of adaptive K-FAC (the defaults need no tuning).
 
     Attributes:
-        loss: the loss the closure computes from the model's outputs: ``"cross_entropy"``, ``"mse"`` or
-            ``"bernoulli"`` (see :mod:`kfac.adaptive.losses`).
+        loss: the structure of the closure's loss in the model's outputs, for the Monte-Carlo samples of its
+            output Hessian (``fisher="mc"``): ``"cross_entropy"`` (softmax blocks along the class dimension: any
+            cross-entropy, with weights, smoothing, ignored rows, over ``(N, C)``, ``(N, T, C)`` or
+            ``(N, C, H, W)`` logits), ``"mse"`` or ``"bernoulli"`` (a diagonal output Hessian). The quadratic
+            model uses the exact GGN of whatever loss the closure computes (see
+            :mod:`kfac.adaptive.output_loss`).
         initial_damping: the starting ``λ`` of the quadratic model (adapted by Levenberg-Marquardt).
         factor_damping: ``γ``, the relative damping of the K-FAC direction (in units of each layer's mean
             eigenvalue; 1e-3 ... 1e-2 did equally well on the time-to-result suite, 1e-4 diverged on one seed).
-        adapt_every: steps between Levenberg-Marquardt updates of ``λ`` (``T₁`` of the paper).
+        adapt_every: steps between Levenberg-Marquardt updates of ``λ`` (``T₁`` of the paper); ``ρ`` and the
+            undo of a step that raised the loss act on every step.
         momentum: use the previous update as the second direction (``μ``); ``False``: ``α`` alone.
+        undo_factor: ``λ`` is multiplied by it when a step is undone (a trust region that shrinks at once, rather
+            than by ``1/ω`` per step, so a run that starts with too small a ``λ`` loses a few steps, not dozens).
         min_damping, max_damping: bounds of ``λ``.
-        seed: seeds the labels sampled for the Monte-Carlo Fisher (``fisher="mc"``, the default in adaptive mode;
-            rank ``r`` of a distributed run uses ``seed + r``); the generator's state is checkpointed.
+        seed: seeds the Monte-Carlo samples (rank ``r`` of a distributed run uses ``seed + r``); the generator's
+            state is checkpointed.
     """
 
     loss: str = "cross_entropy"
     initial_damping: float = 1e-3
     factor_damping: float = 1e-2
-    adapt_every: int = 5
+    adapt_every: int = 1
     momentum: bool = True
+    undo_factor: float = 4.0
     min_damping: float = 1e-8
     max_damping: float = 1e4
     seed: int = 0
@@ -77,6 +93,8 @@ class AdaptiveConfig:
             raise ValueError(f"adapt_every must be a positive integer, got {self.adapt_every!r}")
         if not (isinstance(self.factor_damping, (int, float)) and 0 < self.factor_damping < math.inf):
             raise ValueError(f"factor_damping must be a positive number, got {self.factor_damping!r}")
+        if not (isinstance(self.undo_factor, (int, float)) and 1 <= self.undo_factor < math.inf):
+            raise ValueError(f"undo_factor must be a number >= 1, got {self.undo_factor!r}")
         if not 0 < self.min_damping <= self.initial_damping <= self.max_damping:
             raise ValueError("damping bounds must satisfy 0 < min_damping <= initial_damping <= max_damping, got "
                              f"{self.min_damping}, {self.initial_damping}, {self.max_damping}")
@@ -85,6 +103,23 @@ class AdaptiveConfig:
     def omega(self) -> float:
         """``ω₁ = (19/20)^T₁``, the factor of ``λ``'s Levenberg-Marquardt rule."""
         return (19 / 20) ** self.adapt_every
+
+
+@dataclass
+class Forward:
+    """One forward pass of the model inside the closure: its inputs and the output tensors."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Part:
+    """One closure call (micro-batch): its forward passes and its loss as a function of their outputs."""
+
+    forwards: list[Forward]
+    loss: OutputLoss
 
 
 class AdaptiveController:
@@ -102,23 +137,36 @@ class AdaptiveController:
         self.previous: dict[str, Tensor] | None = None  # δ₀
         self.direction: dict[str, Tensor] | None = None  # Δ of the last step
         self.last: dict[str, float] = {}                # α, μ, ρ, predicted change of the last step
-        self.outputs: Tensor | None = None              # the outputs of the closure's forward pass
-        self.generator: torch.Generator | None = None   # labels of the Monte-Carlo Fisher (created on first use)
+        self.generator: torch.Generator | None = None   # Monte-Carlo samples (created on first use)
         self._generator_state: Tensor | None = None     # loaded before the generator exists
-        self.inputs: Inputs | None = None  # of the closure's last forward pass
-        self._handles = [self.model.register_forward_pre_hook(self._capture, with_kwargs=True),
+        self.forwards: list[Forward] = []               # of the closure call being recorded
+        self.class_dims: dict[int, int] = {}            # cross-entropy class dimension of each output
+        self._recording = False
+        self._pending: Inputs | None = None
+        self._handles = [self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
                          self.model.register_forward_hook(self._capture_outputs)]
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.is_grad_enabled():
-            self.inputs = (args, dict(kwargs))
+    def _capture_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._recording:
+            self._pending = (args, dict(kwargs))
 
     def _capture_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.is_grad_enabled() and isinstance(output, Tensor):
-            self.outputs = output
+        if self._recording and self._pending is not None:
+            outputs = model_outputs(output) if torch.is_grad_enabled() else []
+            self.forwards.append(Forward(*self._pending, outputs=outputs))
+            self._pending = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[Forward]]:
+        """Record the model's forward passes (inputs, outputs) while the block runs."""
+        self.forwards, self._pending, self._recording = [], None, True
+        try:
+            yield self.forwards
+        finally:
+            self._recording, self._pending = False, None
 
     def sampling_generator(self, device: torch.device, rank: int) -> torch.Generator:
-        """The generator of the Monte-Carlo Fisher's labels on ``device`` (seeded ``seed + rank``)."""
+        """The generator of the Monte-Carlo samples on ``device`` (seeded ``seed + rank``)."""
         if self.generator is None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.config.seed + rank)
@@ -141,13 +189,14 @@ class AdaptiveController:
         """``-.grad`` of the trained parameters: the K-FAC direction ``Δ`` after preconditioning."""
         return {n: -p.grad.detach().clone() for n, p in self.params.items() if p.grad is not None}
 
-    def update(self, g: dict[str, Tensor], precondition: Callable[[], bool], batches: Sequence[Inputs],
-               loss: Tensor | float, evaluate: Callable[[], float], apply: Callable[[dict[str, Tensor]], None],
-               undo: Callable[[dict[str, Tensor]], None], reduce: Callable[[list[Tensor]], list[Tensor]]) -> bool:
+    def update(self, *, g: dict[str, Tensor], weight_decay: dict[str, float], precondition: Callable[[], bool],
+               parts: Sequence[Part], loss: float, lr: float, evaluate: Callable[[], float],
+               apply: Callable[[dict[str, Tensor]], None], restore: Callable[[], None],
+               reduce: Callable[[list[Tensor]], list[Tensor]]) -> bool:
         """One adaptive step: ``precondition()`` turns ``.grad`` into ``(F̂ + γ I)^{-1} g`` (``False``: skipped),
-        ``batches`` are the model's inputs of each micro-batch (equal sizes: the batch's curvature is their mean),
-        ``apply(δ)`` applies the update (``undo(δ)`` takes it back), ``evaluate()`` gives the loss at the new
-        parameters, ``reduce`` averages the model's scalars over ranks. Returns whether an update was kept."""
+        ``parts`` are the closure calls of the step (equal micro-batches: the batch's curvature is their mean),
+        ``apply(δ)`` applies an update (``restore()`` takes it back exactly), ``evaluate()`` gives the loss at the
+        new parameters, ``reduce`` averages the model's scalars over ranks. Returns whether an update was kept."""
         if not precondition():
             return False
         config = self.config
@@ -156,30 +205,41 @@ class AdaptiveController:
         directions: list[Direction] = [delta]
         if config.momentum and self.previous is not None:
             directions.append(self.previous)
-        models = [quadratic_model(config.loss, *output_jvps(self.model, args, directions, kwargs), directions, g)
-                  for args, kwargs in batches]
+        models = []
+        for part in parts:
+            outputs: list[Tensor] = []
+            products: list[list[Tensor]] = [[] for _ in directions]
+            for f in part.forwards:
+                z, jv = output_jvps(self.model, f.args, directions, f.kwargs)
+                outputs += z
+                for i, p in enumerate(jv):
+                    products[i] += p
+            models.append(quadratic_model(part.loss.hvp, outputs, products, directions, g, weight_decay))
         model = models[0]
         if len(models) > 1:
             model.curvature = torch.stack([m.curvature for m in models]).mean(0)
         model.curvature, model.linear = reduce([model.curvature, model.linear])
         coefficients = model.solve(self.damping)
-        predicted = float(model.value(coefficients, self.damping))
-        step = {n: sum((float(c) * d[n] for c, d in zip(coefficients, directions) if n in d),
+        predicted = float(model.value(coefficients * lr, self.damping))  # the change of the applied update
+        step = {n: sum((float(c) * lr * d[n] for c, d in zip(coefficients, directions) if n in d),
                        torch.zeros_like(v)) for n, v in delta.items()}
         if not (math.isfinite(predicted) and all_finite(step.values())):
             return self._reject()
-        apply(step)
-        self.previous = step
-        self.steps += 1
         rho = float("nan")
-        if self.steps % config.adapt_every == 0:
-            rho = (evaluate() - float(loss)) / predicted if predicted < 0 else float("nan")
-            self.damping = levenberg_marquardt(self.damping, rho, omega=config.omega,
-                                               min_damping=config.min_damping, max_damping=config.max_damping)
-            if not rho >= 0:  # the batch's loss rose (or the model predicted no decrease): take the step back
-                undo(step)
+        if lr > 0:
+            apply(step)
+            self.previous = step
+            self.steps += 1
+            if predicted < 0:
+                rho = (evaluate() - loss) / predicted
+            if not rho >= 0:  # the loss rose (or no decrease was predicted): take the step back, bit for bit
+                restore()
                 self.previous = None
                 self.undone += 1
+                self.damping = min(self.damping * config.undo_factor, config.max_damping)
+            elif self.steps % config.adapt_every == 0:
+                self.damping = levenberg_marquardt(self.damping, rho, omega=config.omega,
+                                                   min_damping=config.min_damping, max_damping=config.max_damping)
         self.last = {"alpha": float(coefficients[0]), "mu": float(coefficients[1]) if len(coefficients) > 1 else 0.0,
                      "rho": rho, "predicted": predicted}
         return True

@@ -13,62 +13,119 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from .losses import hessian_vector_product
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuadraticModel", "output_jvps", "quadratic_model", "levenberg_marquardt"]
+__all__ = ["QuadraticModel", "batch_statistics_only", "model_outputs", "output_jvps", "quadratic_model", "levenberg_marquardt"]
 
 Direction = Mapping[str, Tensor]
 """A parameter-space direction: ``{parameter name (as in named_parameters): tensor of its shape}``; parameters
 left out are zero along it."""
 
 
+def model_outputs(result: Any) -> list[Tensor]:
+    """The tensors of a forward pass's result that a loss is computed from: the tensor itself, the ``logits`` of a
+    Hugging Face ``ModelOutput`` (or of a dict), else every floating-point tensor of a tuple, list or dict."""
+    if isinstance(result, Tensor):
+        return [result]
+    logits = result.get("logits") if isinstance(result, Mapping) else getattr(result, "logits", None)
+    if isinstance(logits, Tensor):
+        return [logits]
+    items = list(result.values()) if isinstance(result, Mapping) else list(result) \
+        if isinstance(result, (tuple, list)) else []
+    tensors = [t for t in items if isinstance(t, Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise TypeError(f"adaptive K-FAC: the model's forward pass returned {type(result).__name__} without "
+                        "floating-point tensors (a tensor, a ModelOutput with logits, or a tuple/dict of tensors)")
+    return tensors
+
+
 def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Direction],
-                kwargs: Mapping[str, Any] | None = None) -> tuple[Tensor, list[Tensor]]:
-    """The outputs ``z = model(*args, **kwargs)`` and ``J v`` for each direction ``v`` (forward-mode AD, one pass
-    batched over the directions where ``vmap`` can batch the model, else one pass each).
-    Batch-norm layers in training mode use the batch statistics as in training, without updating their running
-    statistics (nothing of the model changes)."""
+                kwargs: Mapping[str, Any] | None = None) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """The outputs ``z = model(*args, **kwargs)`` (as :func:`model_outputs` lists them) and, for each direction
+    ``v``, ``J v`` per output (forward-mode AD, one pass batched over the directions where ``vmap`` can batch the
+    model, else one pass each; where an operator has no forward-mode derivative, reverse-over-reverse).
+    Attention runs PyTorch's composite (math) kernel and CPU recurrent layers their native kernel, which have
+    forward-mode derivatives. Batch-norm layers in training mode use the batch statistics as in training, without
+    updating their running statistics (nothing of the model changes)."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     unknown = sorted({n for d in directions for n in d} - set(params))
     if unknown:
         raise ValueError(f"directions name parameters the model does not train: {unknown}")
-    def outputs(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model, p, tuple(args), dict(kwargs or {}))
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model must return a tensor of outputs, got {type(out).__name__}")
-        return out
+
+    def outputs(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return tuple(model_outputs(functional_call(model, p, tuple(args), dict(kwargs or {}))))
 
     tangents = [{n: d[n].to(p.dtype) if n in d else torch.zeros_like(p) for n, p in params.items()}
                 for d in directions]
-    with _batch_statistics_only(model):
-        if not tangents:
-            with torch.no_grad():
-                return outputs(params), []
-        if len(tangents) > 1:
-            # one forward pass for all directions (vmap over the tangents; the primal is computed once)
-            stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
-            try:
-                dims: Any = (None, 0)  # the outputs are the same for every direction
-                result = vmap(lambda t: jvp(outputs, (params,), (t,)), randomness="same", out_dims=dims)(stacked)
-                return result[0], list(result[1].unbind(0))
-            except (RuntimeError, NotImplementedError, ValueError) as exc:  # an op vmap cannot batch
-                logger.debug("kfac: batched JVPs failed (%s); one pass per direction", exc)
-        results = [jvp(outputs, (params,), (t,)) for t in tangents]
-    return results[0][0], [r[1] for r in results]
+    with batch_statistics_only(model):
+        try:
+            return _output_jvps(outputs, params, tangents, reverse_fallback=False)
+        except NotImplementedError as exc:  # a fused kernel without a forward-mode derivative
+            logger.debug("kfac: %s; JVPs through composite kernels", exc)
+        with _differentiable_kernels():
+            return _output_jvps(outputs, params, tangents, reverse_fallback=True)
+
+
+def _output_jvps(outputs: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], params: dict[str, Tensor],
+                 tangents: list[dict[str, Tensor]], *, reverse_fallback: bool,
+                 ) -> tuple[list[Tensor], list[list[Tensor]]]:
+    if not tangents:
+        with torch.no_grad():
+            return list(outputs(params)), []
+    if len(tangents) > 1:
+        # one forward pass for all directions (vmap over the tangents; the primal is computed once)
+        stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
+        try:
+            dims: Any = (None, 0)  # the outputs are the same for every direction
+            result = vmap(lambda t: jvp(outputs, (params,), (t,)), randomness="same", out_dims=dims)(stacked)
+            return list(result[0]), [[jv[i] for jv in result[1]] for i in range(len(tangents))]
+        except (RuntimeError, ValueError) as exc:  # an op vmap cannot batch
+            logger.debug("kfac: batched JVPs failed (%s); one pass per direction", exc)
+    results = [_jvp(outputs, params, t, reverse_fallback) for t in tangents]
+    return list(results[0][0]), [list(r[1]) for r in results]
+
+
+def _jvp(f: Any, params: dict[str, Tensor], tangent: dict[str, Tensor], reverse_fallback: bool) -> tuple[Any, Any]:
+    """``(f(params), J tangent)``: forward mode, or (``reverse_fallback``) reverse-over-reverse where an operator
+    lacks it: ``J t`` is the derivative of ``u -> J^T u`` applied to ``t``."""
+    try:
+        return jvp(f, (params,), (tangent,))
+    except NotImplementedError as exc:
+        if not reverse_fallback:
+            raise
+        logger.debug("kfac: forward-mode AD unavailable (%s); reverse-over-reverse products", exc)
+    out, pullback = vjp(f, params)
+    _, transpose = vjp(lambda u: pullback(u)[0], tuple(torch.zeros_like(o) for o in out))
+    return out, transpose(tangent)[0]
 
 
 @contextlib.contextmanager
-def _batch_statistics_only(model: nn.Module) -> Iterator[None]:
+def _differentiable_kernels() -> Iterator[None]:
+    """Attention through the composite kernel and CPU recurrent layers through the native one (both have
+    forward-mode derivatives; the fused CPU kernels do not)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        except ImportError:  # pragma: no cover (torch < 2.3)
+            pass
+        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
     """Batch-norm layers in training mode normalise by the batch without touching their running statistics."""
     changed = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                and m.training and m.track_running_stats]
@@ -104,18 +161,33 @@ class QuadraticModel:
         return self.linear @ c + 0.5 * c @ (self.curvature + damping * self.gram) @ c
 
 
-def quadratic_model(loss: str, outputs: Tensor, products: Sequence[Tensor], directions: Sequence[Direction],
-                    gradient: Direction) -> QuadraticModel:
-    """The model over ``directions`` from the outputs, their Jacobian-vector products along each direction and the
-    gradient (all float64 reductions)."""
-    hv = [hessian_vector_product(loss, outputs, jv) for jv in products]
-    rows = torch.stack([jv.reshape(-1).double() for jv in products])      # J v_i
-    hrows = torch.stack([h.reshape(-1).double() for h in hv])             # H J v_i
+def quadratic_model(loss: str | Callable[[list[Tensor]], list[Tensor]], outputs: Tensor | Sequence[Tensor],
+                    products: Sequence[Tensor] | Sequence[Sequence[Tensor]], directions: Sequence[Direction],
+                    gradient: Direction, weight_decay: Mapping[str, float] | None = None) -> QuadraticModel:
+    """The model over ``directions`` from the outputs, their Jacobian-vector products along each direction
+    (``products[i]``: one tensor per output) and the gradient (float64 reductions). ``loss`` applies the output
+    Hessian: a name of :mod:`kfac.adaptive.losses` or ``u -> H u`` over the outputs (e.g.
+    :meth:`kfac.adaptive.output_loss.OutputLoss.hvp`). ``weight_decay`` ``{parameter: η}`` adds ``η ‖δ‖²/2`` of
+    those parameters to the curvature (the gradient must include ``η θ``)."""
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    prods = [[p] if isinstance(p, Tensor) else list(p) for p in products]
+    if isinstance(loss, str):
+        name = loss
+        hv = [[hessian_vector_product(name, z, jv) for z, jv in zip(outs, p)] for p in prods]
+    else:
+        hv = [loss(p) for p in prods]
+    rows = torch.stack([torch.cat([jv.reshape(-1).double() for jv in p]) for p in prods])    # J v_i
+    hrows = torch.stack([torch.cat([h.reshape(-1).double() for h in p]) for p in hv])       # H J v_i
     curvature = rows @ hrows.T
     flat = _flatten([gradient, *directions])
     vectors = flat[1:]
-    return QuadraticModel(curvature=(0.5 * (curvature + curvature.T)).cpu(), gram=(vectors @ vectors.T).cpu(),
-                          linear=(vectors @ flat[0]).cpu())
+    curvature = (0.5 * (curvature + curvature.T)).cpu()
+    scaled = [{n: d[n] * eta ** 0.5 for n, eta in (weight_decay or {}).items() if n in d and eta}
+              for d in directions]
+    if any(scaled):
+        decayed = _flatten(scaled)
+        curvature = curvature + (decayed @ decayed.T).cpu()
+    return QuadraticModel(curvature=curvature, gram=(vectors @ vectors.T).cpu(), linear=(vectors @ flat[0]).cpu())
 
 
 def levenberg_marquardt(damping: float, rho: float, *, omega: float, lower: float = 0.25, upper: float = 0.75,

@@ -178,7 +178,10 @@ class FactorReduction:
                 factors = []
                 world = float(self.comm.world_size)
                 power_a, power_g = self.entries[n].gradient_power  # how world² splits (see _launch)
-                norms = (a_n * world ** power_a, g_n * world ** power_g)
+                norms = [a_n * world ** power_a, g_n * world ** power_g]
+                if self.entries[n].gradient_sum:  # curvature units: the gradient side is a sum over rows
+                    side = 0 if power_a > power_g else 1
+                    norms[side] = world ** (power_a, power_g)[side]
                 for j, (f, norm) in enumerate(zip(("A", "G"), norms)):
                     t = received.get((n, f)) if seen else None
                     if t is not None and self.overlaps:

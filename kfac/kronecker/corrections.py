@@ -4,6 +4,8 @@ On correction steps each backward pass projects its per-example gradients onto t
 ``(QG^T V_n QA)^2 / T_n`` summed over examples ``n`` (``T_n`` rows per example; nothing per-example is kept), and
 the step divides the sum over ranks by the global example count and by ``world_size^2`` (the gradient-averaging
 convention of :mod:`kfac.distributed.executor`) to get ``Lambda_batch`` (see :mod:`kfac.kronecker.methods.ekfac`).
+In curvature units (``FactorEntry.gradient_sum``) ``Lambda_batch = sum_n (QG^T V_n QA)^2 / world_size^2``, the
+diagonal of the batch loss's empirical Fisher in the Kronecker eigenbasis, in the units of ``dG dA^T``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def add(layer: "LayerState", method: Any, x: Tensor, grad: Tensor, scale: Tensor
     a_rows, g_rows = layer.adapter.example_rows(x, g, dtype)
     part = method.correction_sum(layer.entry, a_rows, g_rows)
     if part is not None:
-        part = part / a_rows.shape[1]  # per-row units (see kfac.kronecker.methods.ekfac)
+        if not layer.entry.gradient_sum:  # KAISA's per-row units; curvature units: the plain sum over examples
+            part = part / a_rows.shape[1]
         layer.corr_sum = part if layer.corr_sum is None else layer.corr_sum.add_(part)
         layer.corr_count += a_rows.shape[0]
 
@@ -60,4 +63,5 @@ def update(layers: Sequence["LayerState"], method: Any, executor: Executor, comm
     scale = float(comm.world_size) ** 2
     for layer, total, n in zip(names, sums, count.tolist()):
         if n > 0:
-            method.update_corrections(layer.entry, total / (n * scale), decay)
+            norm = scale if layer.entry.gradient_sum else n * scale
+            method.update_corrections(layer.entry, total / norm, decay)

@@ -117,19 +117,27 @@ class CurvatureEngine:
             return None
         return batches
 
-    def absorb(self, entries: Iterable[FactorEntry], batches: Mapping[str, Reduced], decay: float) -> None:
-        """``F <- decay F + (1 - decay) F_batch`` for every factor this rank holds (identity before the first)."""
+    def absorb(self, entries: Iterable[FactorEntry], batches: Mapping[str, Reduced], decay: float, *,
+               init: str = "identity") -> None:
+        """``F <- decay F + (1 - decay) F_batch`` for every factor this rank holds, from the identity
+        (``init="identity"``, KAISA) or from zero with the bias correction of Adam / kfac-jax (``init="zero"``:
+        ``F_k = sum_i w_i F_batch_i`` with weights ``∝ decay^(k-i)`` summing to 1, i.e. a lerp with weight
+        ``(1 - decay) / (1 - decay^k)`` at the ``k``-th update, so the first update is the first batch's factor)."""
         for entry in entries:
             a_batch, g_batch, seen = batches[entry.name]
+            weight = 1 - decay
+            if init == "zero":  # decay 1: the plain running mean
+                k = entry.num_updates + 1
+                weight = 1 / k if decay >= 1 else (1 - decay) / (1 - decay ** k)
             if a_batch is not None:
                 if entry.A is None:
                     entry.A = (torch.ones_like(a_batch) if entry.a_diagonal else
                                torch.eye(entry.a_dim, dtype=a_batch.dtype, device=a_batch.device))
-                entry.A = torch.lerp(entry.A, a_batch, 1 - decay)  # decay A + (1 - decay) A_batch, a new tensor
+                entry.A = torch.lerp(entry.A, a_batch, weight)  # (1 - w) A + w A_batch, a new tensor
             if g_batch is not None:
                 if entry.G is None:
                     entry.G = torch.eye(entry.g_dim, dtype=g_batch.dtype, device=g_batch.device)
-                entry.G = torch.lerp(entry.G, g_batch, 1 - decay)
+                entry.G = torch.lerp(entry.G, g_batch, weight)
             if seen:
                 entry.num_updates += 1
 

@@ -88,6 +88,7 @@ class StatisticsHooks:
         self.factor_dtype, self.fisher, self.accumulation_steps = factor_dtype, fisher, accumulation_steps
         self.grad_scaler, self.schedule, self.method, self.mark_final = grad_scaler, schedule, method, mark_final
         self.in_mc_backward = False
+        self.paused = False  # backward passes of the caller's own (e.g. loss derivatives) are not statistics
         self.warned_accumulation = False
 
     # -- installation --------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class StatisticsHooks:
 
     def grad_hook(self, layer: LayerState, capture: bool, x: Tensor | None, x_stat: Tensor | None,
                   grad: Tensor) -> None:
-        if not layer.handles:
+        if not layer.handles or self.paused:
             return
         if x is not None and not self.in_mc_backward:  # EK-FAC corrections use the data's own labels
             with statistics_mode(grad):
@@ -195,10 +196,18 @@ class StatisticsHooks:
             sampled = sampled / self.accumulation_steps
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             sampled = self.grad_scaler.scale(sampled)
-        weights = [layer.adapter.weight for layer in self.layers if layer.handles]
+        self.sampled_backward([sampled], [torch.ones_like(sampled)])
+
+    def sampled_backward(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """Back-propagate ``grads`` (Monte-Carlo samples, already scaled as the caller's loss is) from ``outputs``
+        through the hooked layers only, as the ``G`` statistics of ``fisher="mc"``; parameter gradients are not
+        touched (frozen layers are left out)."""
+        weights = [layer.adapter.weight for layer in self.layers if layer.handles and layer.adapter.weight.requires_grad]
+        if not weights:
+            return
         self.in_mc_backward = True
         try:
-            torch.autograd.grad(sampled, weights, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(list(outputs), weights, grad_outputs=list(grads), retain_graph=True, allow_unused=True)
         finally:
             self.in_mc_backward = False
 

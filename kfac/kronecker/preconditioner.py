@@ -10,10 +10,11 @@ are scaled by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <P(g), g>|))``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +65,14 @@ class KFACPreconditioner(Communicating, StateMixin):
             instead of ``2 g a²`` flops (``k`` other columns; used when ``k <= a / 2``; see
             :mod:`kfac.kronecker.methods.eigen`). Default ``None`` (exact).
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
+        factor_init: ``"identity"`` (KAISA: the running factors start at ``I``) or ``"zero"`` (they start at zero
+            with a bias correction, so the first factor is the first batch's and no identity swamps small
+            curvature; see :meth:`kfac.kronecker.engine.CurvatureEngine.absorb`).
+        units: ``"kaisa"`` (KAISA's per-row means; convolutions divide patches and output gradients by the
+            number of positions) or ``"curvature"``: every block's ``A ⊗ G`` approximates the block of the
+            curvature of the loss that was back-propagated (``A`` the mean of the input rows' outer products,
+            ``G`` the *sum* of the output-gradient rows' outer products; no position scaling), the same units
+            for every layer type (see :mod:`kfac.modules.base`).
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
         method: ``"eigen"``, ``"inverse"`` or ``"ekfac"`` (eigen K-FAC with eigenvalues re-estimated from
@@ -99,6 +108,8 @@ class KFACPreconditioner(Communicating, StateMixin):
         warm_start: WarmStart | bool = False,
         truncate: float | None = None,
         factor_decay: Hyper = 0.95,
+        factor_init: str = "identity",
+        units: str = "kaisa",
         kl_clip: Hyper | None = 1e-3,
         lr: Hyper | None = 0.1,
         method: str = "eigen",
@@ -117,6 +128,11 @@ class KFACPreconditioner(Communicating, StateMixin):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if fisher not in ("empirical", "mc"):
             raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+        if factor_init not in ("identity", "zero"):
+            raise ValueError(f"factor_init must be 'identity' or 'zero', got {factor_init!r}")
+        if units not in ("kaisa", "curvature"):
+            raise ValueError(f"units must be 'kaisa' or 'curvature', got {units!r}")
+        self.factor_init, self.units = factor_init, units
         if factor_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype} (half precision "
                              "factors lose the small eigenvalues that set the step; autocast the model instead)")
@@ -171,7 +187,7 @@ class KFACPreconditioner(Communicating, StateMixin):
             self._hooks.install()
         options = {**self.hparams.comparable(), "fisher": fisher, "accumulation_steps": self.accumulation_steps,
                    "factor_dtype": str(factor_dtype), "method": method, "relative_damping": relative_damping,
-                   "warm_start": repr(warm_start), "truncate": truncate}
+                   "warm_start": repr(warm_start), "truncate": truncate, "factor_init": factor_init, "units": units}
         self.engine = CurvatureEngine.create(
             store=self.store, method=self.method, factor_dtype=factor_dtype, config=config, options=options,
             devices={layer.name: layer.adapter.weight.device for layer in self._layers},
@@ -205,9 +221,10 @@ class KFACPreconditioner(Communicating, StateMixin):
                 self.skipped.append((t.name, f"method={self.method.name!r} needs per-example gradients, which "
                                              f"{type(t.adapter).__name__} layers do not give (use method='eigen')"))
                 continue
+            t.adapter.position_scaling = self.units == "kaisa"
             entry = self.store.add(t.name, a_dim=t.adapter.a_dim, g_dim=t.adapter.g_dim,
-                                   a_diagonal=t.adapter.a_diagonal,
-                                   gradient_power=t.adapter.gradient_power)
+                                   a_diagonal=t.adapter.a_diagonal, gradient_power=t.adapter.gradient_power,
+                                   gradient_sum=self.units == "curvature")
             layer = LayerState(name=t.name, module=t.module, adapter=t.adapter, entry=entry,
                                input_name=first_input(t.module))
             self._layers.append(layer)
@@ -261,6 +278,25 @@ class KFACPreconditioner(Communicating, StateMixin):
         if not self.capturing():
             return
         self._hooks.mc_backward(outputs, loss=loss, reduction=reduction, generator=generator)
+
+    def sampled_backward(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """Collect ``G`` for ``fisher="mc"`` by back-propagating Monte-Carlo samples ``grads`` of the loss's output
+        Hessian (``E[u u^T] = H``, scaled as the loss is: accumulation, AMP) from ``outputs``; a no-op on steps
+        that do not update factors. Parameter gradients are not touched."""
+        if self.fisher != "mc":
+            raise RuntimeError("sampled_backward() needs fisher='mc' (this preconditioner uses the empirical Fisher)")
+        if self.capturing():
+            self._hooks.sampled_backward(outputs, grads)
+
+    @contextlib.contextmanager
+    def statistics_paused(self) -> Iterator[None]:
+        """Backward passes inside the block collect no statistics (e.g. derivatives of the loss with respect to the
+        model's outputs, which reach the hooks of the last layer's output)."""
+        self._hooks.paused = True
+        try:
+            yield
+        finally:
+            self._hooks.paused = False
 
     def discard_pending_statistics(self) -> None:
         """Drop statistics collected since the last step (e.g. those of a step that was skipped), finishing any
@@ -410,7 +446,7 @@ class KFACPreconditioner(Communicating, StateMixin):
         if not self._reported_unused:  # once, from globally reduced counts: the same on every rank
             self._reported_unused = True
             guards.warn_unused(self.unused_layers)
-        self.engine.absorb([layer.entry for layer in self._layers], batches, decay)
+        self.engine.absorb([layer.entry for layer in self._layers], batches, decay, init=self.factor_init)
 
     def _refresh(self, damping: float) -> None:
         self.engine.refresh(damping, [layer.entry for layer in self._layers])

@@ -54,6 +54,11 @@ class FactorEntry:
     """Powers of the loss-gradient scale in ``(A, G)`` (they add up to 2): ``(0, 2)`` for the usual layers,
     ``(2, 0)`` where ``A`` is built from per-example gradients (normalisation layers), ``(1, 1)`` for tied
     weights. A rank's statistics of a local-batch mean loss carry ``world`` to these powers."""
+    gradient_sum: bool = field(default=False, compare=False)
+    """Curvature units (``units="curvature"``): the factor built from gradients (the one with the larger
+    :attr:`gradient_power`, ``G`` for most layers) is the *sum* over the batch's rows instead of their mean, so
+    ``A ⊗ G`` approximates the curvature block of the loss whose gradients were collected (see
+    :mod:`kfac.modules.base`)."""
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """Derived, never persisted data (e.g. the block structure of a decomposition), keyed by field name."""
 
@@ -116,11 +121,11 @@ class FactorStore(Mapping[str, FactorEntry]):
         return f"FactorStore({len(self)} entries, {self.nbytes() / 2**20:.1f} MiB)"
 
     def add(self, name: str, *, a_dim: int, g_dim: int, a_diagonal: bool = False,
-            gradient_power: tuple[int, int] = (0, 2)) -> FactorEntry:
+            gradient_power: tuple[int, int] = (0, 2), gradient_sum: bool = False) -> FactorEntry:
         if name in self._entries:
             raise KeyError(f"module {name!r} is already in the store")
         entry = FactorEntry(name=name, a_dim=a_dim, g_dim=g_dim, a_diagonal=a_diagonal,
-                            gradient_power=gradient_power)
+                            gradient_power=gradient_power, gradient_sum=gradient_sum)
         self._entries[name] = entry
         return entry
 

@@ -1,12 +1,21 @@
 """Module adapters: how a layer type maps to Kronecker factors.
 
-Conventions (shared by every adapter, and equal to KAISA / kfac-pytorch 0.4.2):
+Conventions (shared by every adapter; ``units="kaisa"`` equals KAISA / kfac-pytorch 0.4.2):
 
 * A layer's weight gradient is viewed as a matrix ``V`` of shape ``(d_out, d_in)``, where ``d_in`` includes
   a trailing ones column when the layer has a bias (so the bias gradient is ``V[:, -1]``).
 * ``A_batch = a^T a / N`` with ``a`` the ``(N, d_in)`` rows built from the layer input.
 * ``G_batch = g^T g / N`` with ``g`` the ``(N, d_out)`` rows built from the gradient w.r.t. the layer output as
-  autograd delivers it.
+  autograd delivers it (KAISA's units; convolutions also divide each row of ``a`` and ``g`` by the number of
+  positions ``S``).
+* Curvature units (``units="curvature"``): ``G_batch = g^T g`` (a sum) and no position scaling. For a loss
+  ``L`` whose gradients are back-propagated (the batch mean, with any normalisation), ``A ⊗ G`` then approximates
+  the block ``sum_n ∇_W L_n ∇_W L_n^T`` of the curvature (``L_n`` example ``n``'s share of ``L``; with the
+  Monte-Carlo Fisher, the GGN ``J^T H J``): exactly for one example with one row, by K-FAC's independence
+  assumption for a batch, K-FAC-expand for rows over sequences (Eschenhagen et al. 2023) and KFC's for
+  convolutions (Grosse & Martens 2016: ``Ω ⊗ Γ`` with ``Ω = E[Σ_t a a^T]``, ``Γ = E[Σ_t g g^T] / S``). Every
+  layer type is in the same units, so one step size and one relative damping fit them all. Layers whose
+  gradient-side factor is ``A`` (normalisation layers, :attr:`ModuleAdapter.gradient_power`) sum that one.
 * Adapters return *sums* ``a^T a`` together with the row count ``N``, so statistics from several micro-batches
   add up to those of the concatenated batch (computed by :func:`kfac.ext.sym_outer_update`: one triangle when the
   C++ extension is loaded).
@@ -43,6 +52,10 @@ class ModuleAdapter(ABC):
     gradient_power: tuple[int, int] = (0, 2)
     """Powers of the loss-gradient scale carried by ``(A, G)``: ``G`` holds squared gradients, ``A`` none; an
     adapter whose statistics come from gradients differently says so (the reduction corrects by these powers)."""
+
+    position_scaling: bool = True
+    """Whether rows over positions are divided by their number (KAISA's convolution convention; the preconditioner
+    turns it off in curvature units)."""
 
     per_example: bool = True
     """Whether :meth:`example_rows` gives per-example gradients ``V_n = sum_t g_nt a_nt^T`` (EK-FAC corrections

@@ -3,7 +3,8 @@ convolutions: :class:`GroupedConvAdapter`).
 
 With ``S`` the number of output positions per example, ``a`` holds the ``N*S`` im2col patches (plus a ones
 column for the bias) divided by ``S`` and ``g`` the ``N*S`` output-gradient vectors divided by ``S``; both
-factors are then normalised by ``N*S`` rows (KAISA's convention). A 1-d convolution is the 2-d one over inputs of
+factors are then normalised by ``N*S`` rows (KAISA's convention; in curvature units nothing is divided by ``S``,
+see :mod:`kfac.modules.base`). A 1-d convolution is the 2-d one over inputs of
 height 1 (kernel ``(1, k)``), so both share one code path and one convention.
 """
 
@@ -87,7 +88,7 @@ class ConvAdapter(ModuleAdapter):
         rows = patches.reshape(n, m.groups, width, spatial).permute(0, 3, 1, 2).reshape(-1, width)
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows, spatial
+        return rows, spatial if self.position_scaling else 1
 
     def a_rows(self, x: Tensor) -> Tensor:
         rows, spatial = self.a_rows_unscaled(x)
@@ -97,12 +98,13 @@ class ConvAdapter(ModuleAdapter):
         return x.shape[0] if x.dim() == self.spatial_dims + 2 else 1
 
     def example_scale(self, rows_per_example: int) -> float:
-        return float(rows_per_example)  # rows are patches / S and output gradients / S, with S positions
+        # rows are patches / S and output gradients / S, with S positions (KAISA's units)
+        return float(rows_per_example) if self.position_scaling else 1.0
 
     def g_rows_unscaled(self, g: Tensor) -> tuple[Tensor, float]:
         """The ``(N*S, g_dim)`` output-gradient vectors and ``S``."""
         g = self._as_2d(g)
-        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]), g.shape[2] * g.shape[3]
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]), g.shape[2] * g.shape[3] if self.position_scaling else 1
 
     def g_rows(self, g: Tensor) -> Tensor:
         rows, spatial = self.g_rows_unscaled(g)

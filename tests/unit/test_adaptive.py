@@ -55,7 +55,7 @@ def _flat(d, names):
 
 def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direction_and_previous_update():
     model = _model()
-    opt = _opt(model, adapt_every=100)  # damping fixed over these steps
+    opt = _opt(model, adapt_every=100, initial_damping=1.0)  # damping fixed over these steps (none undone)
     ctl = opt.adaptive
     previous = None
     for step in range(3):
@@ -72,6 +72,7 @@ def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direc
         a = torch.stack([torch.stack([u @ ggn @ v + damping * u @ v for v in dirs]) for u in dirs])
         c = -torch.linalg.solve(a, torch.stack([g @ u for u in dirs]))
         want = sum(ci * u for ci, u in zip(c, dirs))
+        assert ctl.undone == 0
         torch.testing.assert_close(after - before, want, rtol=1e-8, atol=1e-12)
         assert ctl.last["alpha"] == pytest.approx(float(c[0]), rel=1e-8)
         if previous is not None:
@@ -98,14 +99,16 @@ def test_direction_is_the_kfac_direction_at_the_relative_factor_damping():
 
 def test_damping_follows_the_levenberg_marquardt_rule_and_training_makes_progress():
     model = _model()
-    opt = _opt(model, adapt_every=2, initial_damping=1.0)
+    opt = _opt(model, adapt_every=2)
     ctl = opt.adaptive
     x, y = _batch(0)
     first = float(F.cross_entropy(model(x), y))
     for step in range(8):
-        before = ctl.damping
+        before, undone = ctl.damping, ctl.undone
         opt.step(lambda: F.cross_entropy(model(x), y))
-        if ctl.steps % 2 == 0:
+        if ctl.undone > undone:  # a step that raised the loss: taken back, λ multiplied at once
+            assert ctl.damping == pytest.approx(before * 4)
+        elif ctl.steps % 2 == 0:
             assert ctl.damping == pytest.approx(levenberg_marquardt(before, ctl.last["rho"], omega=(19 / 20) ** 2))
         else:
             assert ctl.damping == before
@@ -185,17 +188,18 @@ def test_a_step_after_which_the_batch_loss_rose_is_undone():
     """On a step where ρ is measured, a loss increase takes the step back exactly, drops the momentum direction
     and raises λ (here the closure reports a higher loss when evaluated after the update)."""
     model = _model()
-    opt = _opt(model, adapt_every=1)
+    opt = _opt(model, adapt_every=1, initial_damping=1.0)
     x, y = _batch(0)
     opt.step(lambda: F.cross_entropy(model(x), y))
+    assert opt.adaptive.undone == 0
     before = [p.detach().clone() for p in model.parameters()]
     damping = opt.adaptive.damping
     opt.step(lambda: F.cross_entropy(model(x), y) + (0.0 if torch.is_grad_enabled() else 1.0))
     assert opt.adaptive.undone == 1 and opt.adaptive.last["rho"] < 0
     assert opt.adaptive.previous is None
-    assert opt.adaptive.damping == pytest.approx(damping / (19 / 20))
+    assert opt.adaptive.damping == pytest.approx(damping * 4)  # AdaptiveConfig.undo_factor
     for p, q in zip(model.parameters(), before):
-        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-15)
+        assert torch.equal(p.detach(), q)  # bit for bit
     assert opt.state_dict()["kfac_adaptive"]["undone"] == 1
 
 
