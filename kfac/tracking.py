@@ -153,10 +153,28 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
             raise ValueError(f"layer {c.name!r} has parameters on the meta device: materialise the model "
                              "(to_empty() and load or initialise its weights) before building K-FAC")
         out.layers.append(TrackedLayer(c.name, c.module, adapter))
+    _set_example_dims(model, out.layers)
     _resolve_ties(out, ties)
     if warn_unmatched:
         rules.warn_unmatched(stacklevel=3)
     return out
+
+
+def _set_example_dims(model: nn.Module, layers: list[TrackedLayer]) -> None:
+    """Layers whose statistics group rows by example (normalisation layers) inside a sequence-first container
+    (the nearest ancestor with a ``batch_first`` attribute, e.g. ``nn.TransformerEncoderLayer``, says
+    ``False``) see examples along dim 1 of ``(T, N, E)``."""
+    layout: dict[str, bool] = {n: bool(m.batch_first) for n, m in model.named_modules()
+                               if isinstance(getattr(m, "batch_first", None), bool)}
+    for t in layers:
+        if not hasattr(t.adapter, "example_dim"):
+            continue
+        parts = t.name.split(".")
+        for k in range(len(parts) - 1, -1, -1):
+            owner = ".".join(parts[:k])
+            if owner in layout:
+                t.adapter.example_dim = 0 if layout[owner] else 1
+                break
 
 
 def _unsupported(c: Candidate, reason: str) -> str:

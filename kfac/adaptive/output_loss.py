@@ -54,7 +54,8 @@ class OutputLoss:
         inputs = [i for i, z in enumerate(self.outputs) if z.requires_grad]
         out = [torch.zeros_like(v) for v in vectors]
         if live:
-            hv = torch.autograd.grad([self.grads[i] for i in live], [self.outputs[i] for i in inputs],
+            hv = torch.autograd.grad([g for i in live if (g := self.grads[i]) is not None],
+                                     [self.outputs[i] for i in inputs],
                                      grad_outputs=[vectors[i].to(self.outputs[i].dtype) for i in live],
                                      retain_graph=True, allow_unused=True)
             for i, h in zip(inputs, hv):

@@ -99,13 +99,14 @@ def _jvp(f: Any, params: dict[str, Tensor], tangent: dict[str, Tensor], reverse_
     """``(f(params), J tangent)``: forward mode, or (``reverse_fallback``) reverse-over-reverse where an operator
     lacks it: ``J t`` is the derivative of ``u -> J^T u`` applied to ``t``."""
     try:
-        return jvp(f, (params,), (tangent,))
+        result = jvp(f, (params,), (tangent,))
+        return result[0], result[1]
     except NotImplementedError as exc:
         if not reverse_fallback:
             raise
         logger.debug("kfac: forward-mode AD unavailable (%s); reverse-over-reverse products", exc)
-    out, pullback = vjp(f, params)
-    _, transpose = vjp(lambda u: pullback(u)[0], tuple(torch.zeros_like(o) for o in out))
+    out, pullback = vjp(f, params)[:2]
+    transpose = vjp(lambda u: pullback(u)[0], tuple(torch.zeros_like(o) for o in out))[1]
     return out, transpose(tangent)[0]
 
 

@@ -10,11 +10,10 @@ are scaled by ``nu = min(1, sqrt(kl_clip / |sum_layers lr^2 <P(g), g>|))``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from .hooks import LayerState, StatisticsHooks, first_input
 from .methods import WarmStart, make_method
 from .schedule import SCHEDULED, KFACHyperparameters
 from .state import StateMixin
+from .sampled import SampledStatisticsMixin
 from .store import FactorStore
 
 __all__ = ["KFACPreconditioner"]
@@ -42,7 +42,7 @@ __all__ = ["KFACPreconditioner"]
 logger = logging.getLogger("kfac")
 
 
-class KFACPreconditioner(Communicating, StateMixin):
+class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
     """Kronecker-factored preconditioner for the supported layers of ``model``.
 
     Usage (own training loop, KAISA style)::
@@ -65,14 +65,12 @@ class KFACPreconditioner(Communicating, StateMixin):
             instead of ``2 g a²`` flops (``k`` other columns; used when ``k <= a / 2``; see
             :mod:`kfac.kronecker.methods.eigen`). Default ``None`` (exact).
         factor_decay: running-average decay ``a`` in ``F <- a F + (1 - a) F_batch``.
-        factor_init: ``"identity"`` (KAISA: the running factors start at ``I``) or ``"zero"`` (they start at zero
-            with a bias correction, so the first factor is the first batch's and no identity swamps small
-            curvature; see :meth:`kfac.kronecker.engine.CurvatureEngine.absorb`).
-        units: ``"kaisa"`` (KAISA's per-row means; convolutions divide patches and output gradients by the
-            number of positions) or ``"curvature"``: every block's ``A ⊗ G`` approximates the block of the
-            curvature of the loss that was back-propagated (``A`` the mean of the input rows' outer products,
-            ``G`` the *sum* of the output-gradient rows' outer products; no position scaling), the same units
-            for every layer type (see :mod:`kfac.modules.base`).
+        factor_init: ``"identity"`` (KAISA: running factors start at ``I``) or ``"zero"`` (bias-corrected from
+            zero: no identity swamps small curvature; :meth:`kfac.kronecker.engine.CurvatureEngine.absorb`).
+        units: ``"kaisa"`` (KAISA's per-row means; convolutions divide rows by their positions) or
+            ``"curvature"``: every block's ``A ⊗ G`` approximates the block of the back-propagated loss's curvature
+            (``A`` the mean, ``G`` the *sum* of row outer products), one scale for every layer type (see
+            :mod:`kfac.modules.base`).
         kl_clip: trust-region bound on ``lr^2 <P(g), g>``; ``None`` disables the scaling.
         lr: learning rate used by ``kl_clip`` (the :class:`kfac.KFAC` wrapper reads the optimizer's instead).
         method: ``"eigen"``, ``"inverse"`` or ``"ekfac"`` (eigen K-FAC with eigenvalues re-estimated from
@@ -264,40 +262,6 @@ class KFACPreconditioner(Communicating, StateMixin):
             self._correct_flag = self.method.corrects and self.steps % cus == 0
 
     # -- statistics ----------------------------------------------------------------------------------------
-    def mc_backward(self, outputs: Tensor, *, loss: str = "cross_entropy", reduction: str = "mean",
-                    generator: torch.Generator | None = None) -> None:
-        """Collect ``G`` for ``fisher="mc"`` from a loss on labels sampled from ``outputs`` (see
-        :mod:`kfac.kronecker.sampling`).
-
-        Call after the forward pass and before ``loss.backward()`` on every (micro-)batch; it is a no-op on steps
-        that do not update factors. Parameter gradients are not touched. Like the user's loss under gradient
-        accumulation, the sampled loss is divided by ``accumulation_steps``.
-        """
-        if self.fisher != "mc":
-            raise RuntimeError("mc_backward() needs fisher='mc' (this preconditioner uses the empirical Fisher)")
-        if not self.capturing():
-            return
-        self._hooks.mc_backward(outputs, loss=loss, reduction=reduction, generator=generator)
-
-    def sampled_backward(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        """Collect ``G`` for ``fisher="mc"`` by back-propagating Monte-Carlo samples ``grads`` of the loss's output
-        Hessian (``E[u u^T] = H``, scaled as the loss is: accumulation, AMP) from ``outputs``; a no-op on steps
-        that do not update factors. Parameter gradients are not touched."""
-        if self.fisher != "mc":
-            raise RuntimeError("sampled_backward() needs fisher='mc' (this preconditioner uses the empirical Fisher)")
-        if self.capturing():
-            self._hooks.sampled_backward(outputs, grads)
-
-    @contextlib.contextmanager
-    def statistics_paused(self) -> Iterator[None]:
-        """Backward passes inside the block collect no statistics (e.g. derivatives of the loss with respect to the
-        model's outputs, which reach the hooks of the last layer's output)."""
-        self._hooks.paused = True
-        try:
-            yield
-        finally:
-            self._hooks.paused = False
-
     def discard_pending_statistics(self) -> None:
         """Drop statistics collected since the last step (e.g. those of a step that was skipped), finishing any
         reduction of them already in flight."""

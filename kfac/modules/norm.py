@@ -40,6 +40,9 @@ class NormAdapter(ModuleAdapter):
     stats_from_backward = True
     gradient_power = (2, 0)
     per_example = False
+    example_dim = 0
+    """The examples' dimension of a ``(…, normalised)`` input: 0, or 1 inside a sequence-first container (set by
+    :func:`kfac.tracking.track_layers`)."""
 
     @property
     def has_bias(self) -> bool:
@@ -75,6 +78,7 @@ class NormAdapter(ModuleAdapter):
 
     def per_example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
         """``[dγ_n, dβ_n]`` per example, ``(N, a_dim)``."""
+        x, g = self.examples_first(x, g)
         xhat = self.normalised(x.to(g.dtype))
         m = self.module
         if isinstance(m, (nn.GroupNorm, *_BATCH_NORMS)):  # channels at dim 1 of (N, C, *)
@@ -88,6 +92,12 @@ class NormAdapter(ModuleAdapter):
             dgamma = (g * xhat).reshape(shape).sum(1)
             dbeta = g.reshape(shape).sum(1)
         return torch.cat([dgamma, dbeta], 1) if self.has_bias else dgamma
+
+    def examples_first(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` and ``g`` with the examples' dimension first (a sequence-first input is transposed)."""
+        if self.example_dim and x.dim() - self.weight.dim() > self.example_dim:
+            return x.movedim(self.example_dim, 0), g.movedim(self.example_dim, 0)
+        return x, g
 
     def backward_stats(self, x: Tensor, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None,
                        ) -> tuple[Stat, Stat]:
@@ -140,6 +150,7 @@ class ScaleShiftAdapter(NormAdapter):
     def per_example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
         from torch.func import functional_call, vjp, vmap
 
+        x, g = self.examples_first(x, g)
         params = {k: p.detach().to(g.dtype) for k, p in self.module.named_parameters(recurse=False)}
         module = self.module
 
