@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,18 @@ def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Dire
     tangents = [{n: d[n].to(p.dtype) if n in d else torch.zeros_like(p) for n, p in params.items()}
                 for d in directions]
     with batch_statistics_only(model):
-        try:
-            return _output_jvps(outputs, params, tangents, reverse_fallback=False)
-        except NotImplementedError as exc:  # a fused kernel without a forward-mode derivative
-            logger.debug("kfac: %s; JVPs through composite kernels", exc)
+        if model not in _COMPOSITE:
+            try:
+                return _output_jvps(outputs, params, tangents, reverse_fallback=False)
+            except NotImplementedError as exc:  # a fused kernel without a forward-mode derivative
+                logger.debug("kfac: %s; JVPs through composite kernels from now on", exc)
+                _COMPOSITE.add(model)
         with _differentiable_kernels():
             return _output_jvps(outputs, params, tangents, reverse_fallback=True)
+
+
+_COMPOSITE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Models whose forward has an operator without a forward-mode derivative (tried once, then remembered)."""
 
 
 def _output_jvps(outputs: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], params: dict[str, Tensor],
