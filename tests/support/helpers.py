@@ -58,3 +58,24 @@ def params(model: nn.Module) -> list[torch.Tensor]:
 def grad_matrix(layer: nn.Linear) -> torch.Tensor:
     """The layer's gradient as K-FAC's ``(g_dim, a_dim)`` matrix (bias as last column), a copy."""
     return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).clone()
+
+
+def dense_ggn(model: nn.Module, x: torch.Tensor, loss) -> tuple[torch.Tensor, list[str]]:
+    """The dense generalised Gauss-Newton ``J^T H J`` of ``loss(outputs)`` at ``model``'s parameters (``torch.func``:
+    the Jacobian of the flattened outputs and the Hessian of the loss in them), with the parameter names in the
+    order of the flattening."""
+    from torch.func import functional_call, hessian, jacrev
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(flat: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, dict(zip(names, (t.reshape(s) for t, s in zip(flat.split(sizes), shapes)))),
+                               (x,))
+
+    z = outputs(theta)
+    jac = jacrev(lambda t: outputs(t).reshape(-1))(theta)
+    h = hessian(lambda zz: loss(zz.reshape(z.shape)))(z.reshape(-1).detach())
+    return jac.T @ h @ jac, names

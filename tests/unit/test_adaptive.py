@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
 
 import kfac
 from kfac.adaptive.controller import AdaptiveConfig
 from kfac.adaptive.quadratic import levenberg_marquardt
 
-from helpers import single_thread  # noqa: F401  (autouse fixture)
+from helpers import dense_ggn, single_thread  # noqa: F401  (autouse fixture)
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -34,19 +33,7 @@ def _opt(model, inv_update_steps=10, fisher="mc", accumulation_steps=1, grad_sca
 
 
 def _dense_ggn(model, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def outputs(flat):
-        return functional_call(model, dict(zip(names, (t.reshape(s) for t, s in zip(flat.split(sizes), shapes)))),
-                               (x,))
-
-    z = outputs(theta)
-    jac = jacrev(lambda t: outputs(t).reshape(-1))(theta)
-    h = hessian(lambda zz: F.cross_entropy(zz.reshape(z.shape), y))(z.reshape(-1))
-    return jac.T @ h @ jac, names
+    return dense_ggn(model, x, lambda z: F.cross_entropy(z, y))
 
 
 def _flat(d, names):

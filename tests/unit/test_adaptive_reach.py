@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian
 
 import kfac
 from kfac.adaptive.controller import AdaptiveConfig
 from kfac.adaptive.output_loss import OutputLoss
 from kfac.adaptive.quadratic import output_jvps, quadratic_model
 
-from helpers import single_thread  # noqa: F401  (autouse fixture)
+from helpers import dense_ggn, single_thread  # noqa: F401  (autouse fixture)
 
 V = 5
 WEIGHTS = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
@@ -49,27 +49,11 @@ def _problem(seed: int = 0):
     return model, x, y
 
 
-def _dense_ggn(model, x, loss):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def outputs(flat):
-        return functional_call(model, dict(zip(names, (t.reshape(s) for t, s in zip(flat.split(sizes), shapes)))),
-                               (x,))
-
-    z = outputs(theta)
-    jac = jacrev(lambda t: outputs(t).reshape(-1))(theta)
-    h = hessian(lambda zz: loss(zz.reshape(z.shape)))(z.reshape(-1).detach())
-    return jac.T @ h @ jac, names
-
-
 @pytest.mark.parametrize("kind", sorted(LOSSES))
 def test_quadratic_model_is_the_exact_ggn_of_the_closures_own_loss(kind):
     model, x, y = _problem()
     loss_fn = LOSSES[kind]
-    ggn, names = _dense_ggn(model, x, lambda z: loss_fn(z, y))
+    ggn, names = dense_ggn(model, x, lambda z: loss_fn(z, y))
     z = model(x)
     loss = loss_fn(z, y)
     of = OutputLoss(loss, [z])
@@ -237,7 +221,7 @@ def test_weight_decay_is_in_the_quadratic_model_and_an_undone_step_is_exact():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = _data()
     eta = 0.1
-    ggn, names = _dense_ggn(model, x, lambda z: F.cross_entropy(z, y))
+    ggn, names = dense_ggn(model, x, lambda z: F.cross_entropy(z, y))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(x), y),
                                                                list(model.parameters()))]) + eta * theta
