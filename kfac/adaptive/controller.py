@@ -9,8 +9,9 @@ the closure's own loss, see :mod:`kfac.adaptive.output_loss`; ``α`` alone on th
 :mod:`kfac.adaptive.quadratic`). The base optimizer's ``lr`` multiplies the chosen update (``1.0``: the model's
 step; a scheduler or warm-up scales it; ``0``: no update). After every update the closure's loss is measured again
 and compared with the model's prediction, ``ρ = (f(θ + δ) - f(θ)) / M(δ)``; a step after which the loss rose
-(``ρ < 0``) is undone exactly (the parameters are restored bit for bit), the momentum direction dropped and ``λ``
-multiplied by ``undo_factor``. Otherwise, every ``adapt_every`` steps ``λ`` follows the Levenberg-Marquardt rule with ``ω = (19/20)^adapt_every``. A non-finite
+by more than the model predicted it to fall (``ρ < -1``; a smaller rise near a plateau is float noise as often as
+not, and the Levenberg-Marquardt rule answers it) is undone exactly (the parameters are restored bit for bit), the
+momentum direction dropped and ``λ`` multiplied by ``undo_factor``. Otherwise, every ``adapt_every`` steps ``λ`` follows the Levenberg-Marquardt rule with ``ω = (19/20)^adapt_every``. A non-finite
 update is never applied: the step is skipped and ``λ`` grows.
 
 The factors' damping ``γ`` is relative (``relative_damping=True``): each layer adds ``γ`` times its mean
@@ -69,6 +70,9 @@ class AdaptiveConfig:
         adapt_every: steps between Levenberg-Marquardt updates of ``λ`` (``T₁`` of the paper); ``ρ`` and the
             undo of a step that raised the loss act on every step.
         momentum: use the previous update as the second direction (``μ``); ``False``: ``α`` alone.
+        gradient_direction: add ``-g`` as a third direction of the quadratic model (one more JVP), so a K-FAC
+            direction spoiled by one badly estimated block (zero-initialised factors, a plateau) cannot stall
+            the run.
         undo_factor: ``λ`` is multiplied by it when a step is undone (a trust region that shrinks at once, rather
             than by ``1/ω`` per step, so a run that starts with too small a ``λ`` loses a few steps, not dozens).
         min_damping, max_damping: bounds of ``λ``.
@@ -82,6 +86,7 @@ class AdaptiveConfig:
     adapt_every: int = 1
     momentum: bool = True
     undo_factor: float = 4.0
+    gradient_direction: bool = True
     min_damping: float = 1e-8
     max_damping: float = 1e4
     seed: int = 0
@@ -205,6 +210,8 @@ class AdaptiveController:
         directions: list[Direction] = [delta]
         if config.momentum and self.previous is not None:
             directions.append(self.previous)
+        if config.gradient_direction:  # the steepest-descent direction beside Δ (a poorly estimated block of the
+            directions.append({n: -v for n, v in g.items()})  # factors can make Δ useless; the model then uses -g)
         models = []
         for part in parts:
             outputs: list[Tensor] = []
@@ -232,7 +239,7 @@ class AdaptiveController:
             self.steps += 1
             if predicted < 0:
                 rho = (evaluate() - loss) / predicted
-            if not rho >= 0:  # the loss rose (or no decrease was predicted): take the step back, bit for bit
+            if not rho >= -1:  # the loss rose by more than the model promised to lower it: take it back, bit for bit
                 restore()
                 self.previous = None
                 self.undone += 1
@@ -240,7 +247,9 @@ class AdaptiveController:
             elif self.steps % config.adapt_every == 0:
                 self.damping = levenberg_marquardt(self.damping, rho, omega=config.omega,
                                                    min_damping=config.min_damping, max_damping=config.max_damping)
-        self.last = {"alpha": float(coefficients[0]), "mu": float(coefficients[1]) if len(coefficients) > 1 else 0.0,
+        momentum = len(directions) - int(config.gradient_direction) == 2  # [Δ, δ₀, (-g)]
+        self.last = {"alpha": float(coefficients[0]), "mu": float(coefficients[1]) if momentum else 0.0,
+                     "beta": float(coefficients[-1]) if config.gradient_direction else 0.0,
                      "rho": rho, "predicted": predicted}
         return True
 

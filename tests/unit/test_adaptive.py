@@ -40,7 +40,7 @@ def _flat(d, names):
     return torch.cat([d[n].reshape(-1) for n in names])
 
 
-def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direction_and_previous_update():
+def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direction_previous_update_and_gradient():
     model = _model()
     opt = _opt(model, adapt_every=100, initial_damping=1.0)  # damping fixed over these steps (none undone)
     ctl = opt.adaptive
@@ -55,7 +55,7 @@ def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direc
         opt.step(lambda: F.cross_entropy(model(x), y))
         after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         delta = _flat(ctl.direction, names)
-        dirs = [delta] if previous is None else [delta, previous]
+        dirs = ([delta] if previous is None else [delta, previous]) + [-g]  # AdaptiveConfig.gradient_direction
         a = torch.stack([torch.stack([u @ ggn @ v + damping * u @ v for v in dirs]) for u in dirs])
         c = -torch.linalg.solve(a, torch.stack([g @ u for u in dirs]))
         want = sum(ci * u for ci, u in zip(c, dirs))
@@ -64,6 +64,7 @@ def test_each_update_minimises_the_exact_damped_quadratic_model_on_span_of_direc
         assert ctl.last["alpha"] == pytest.approx(float(c[0]), rel=1e-8)
         if previous is not None:
             assert ctl.last["mu"] == pytest.approx(float(c[1]), rel=1e-8)
+        assert ctl.last["beta"] == pytest.approx(float(c[-1]), rel=1e-8)
         previous = after - before
 
 
