@@ -19,8 +19,8 @@ from torch import Tensor
 from ..distributed.comm import Communicator
 from ..distributed.executor import Executor
 
-if TYPE_CHECKING:  # typing only: hooks imports this module
-    from .hooks import LayerState
+if TYPE_CHECKING:
+    from .layer import LayerState
 
 __all__ = ["add", "update"]
 

@@ -9,7 +9,7 @@ from collections.abc import MutableSet, Sequence
 from torch import nn
 
 from ..modules import adapter_for
-from .hooks import LayerState
+from .layer import LayerState
 
 __all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused"]
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..distributed.comm import Communicator
     from ..planner import Plan
     from .engine import CurvatureEngine
-    from .hooks import LayerState
+    from .layer import LayerState
 
 __all__ = ["StateMixin"]
 
