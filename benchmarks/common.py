@@ -9,16 +9,18 @@ imports this module as ``benchmarks.common``), or as ``python -m benchmarks.<cpu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
+import gc
 import io
 import json
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,30 @@ import kfac
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 32
 NUM_CLASSES = 10
+T = TypeVar("T")
+
+
+def log(msg: str) -> None:
+    """Print a progress line at once (benchmarks are often piped through ``tee``)."""
+    print(msg, flush=True)
+
+
+def rotated(items: Sequence[T], k: int) -> list[T]:
+    """``items`` started at position ``k % len(items)``: the order of round ``k`` of interleaved timing windows, so
+    that slow drifts of machine load hit every configuration alike."""
+    k %= max(len(items), 1)
+    return [*items[k:], *items[:k]]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """A full collection, then the garbage collector off for the block (timed windows)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def build_model(quick: bool, seed: int) -> nn.Module:
