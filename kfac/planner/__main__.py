@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from .assign import MemoryCapError
 from .cost import METHODS, CostModel, LayerSpec, calibrate, layer_specs
-from .plan import STRATEGIES, Plan
+from .plan import STRATEGIES, Plan, format_ms
 from .search import ASSIGNERS, default_strategy, make_plan
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -109,13 +109,13 @@ def _compare(plans: dict[str, Optional[Plan]], max_ranks: int) -> str:
     if n <= max_ranks:
         for r in range(n):
             def load(p: Plan, r: int = r) -> str:
-                return f"{p.rank_load[r] * 1e3:.3f}"
+                return format_ms(p.rank_load[r])
             row(f"rank {r} load ms", load)
     else:
         for q, label in ((0.0, "max"), (0.1, "p90"), (0.5, "median"), (1.0, "min")):
             def pick(p: Plan, q: float = q) -> str:
                 loads = sorted(p.rank_load, reverse=True)
-                return f"{loads[min(n - 1, int(q * (n - 1)))] * 1e3:.3f}"
+                return format_ms(loads[min(n - 1, int(q * (n - 1)))])
             row(f"{label} rank load ms", pick)
     label_w = max(len(label) for label, _ in rows) + 2
     out = [f"{'metric':<{label_w}}" + "".join(f"{name:>{width}}" for name in names)]

@@ -364,7 +364,7 @@ class Plan:
             f"factor_update_steps={self.factor_update_steps} inv_update_steps={self.inv_update_steps} "
             f"cost model={self.cost_model.source} factors={self.factor_communication}"
             + (f" memory_cap={_mib(self.memory_cap)} MiB" if self.memory_cap is not None else ""),
-            f"makespan {_ms(self.makespan)} ms/step | lower bound {_ms(self.lower_bound)} ms/step | "
+            f"makespan {format_ms(self.makespan)} ms/step | lower bound {format_ms(self.lower_bound)} ms/step | "
             f"imbalance {self.imbalance:.3f} | idle ranks {len(self.idle_ranks)}",
             f"memory/rank MiB: max {_mib(max(mem))} min {_mib(min(mem))} mean {_mib(sum(mem) / n)}",
             f"bytes/step MiB (all ranks): factor reduction {_mib(self.comm.factor_reduction)} | decomposition "
@@ -383,17 +383,21 @@ class Plan:
                      f"{'precond layers':>15} {'memory MiB':>11}")
         for r in ranks:
             share = self.rank_load[r] / self.makespan if self.makespan > 0 else 0.0
-            lines.append(f"{r:>6} {_ms(self.rank_load[r]):>13} {share:>18.3f} {jobs[r]:>8} {grads[r]:>15} "
+            lines.append(f"{r:>6} {format_ms(self.rank_load[r]):>13} {share:>18.3f} {jobs[r]:>8} {grads[r]:>15} "
                          f"{_mib(mem[r]):>11}")
         if n > max_ranks:
             lines.append(f"  ... {n - max_ranks} less loaded ranks not shown (least loaded: rank "
                          f"{min(range(n), key=lambda r: (self.rank_load[r], r))}, "
-                         f"{_ms(min(self.rank_load))} ms/step)")
+                         f"{format_ms(min(self.rank_load))} ms/step)")
         return "\n".join(lines)
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}"
+def format_ms(seconds: float) -> str:
+    """Milliseconds to 3 decimals; a load too small for that (a rank holding only diagonal factors) in scientific
+    notation, so that only an idle rank (zero load) prints as ``0.000``."""
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms == 0 or abs(ms) >= 0.0005 else f"{ms:.2e}"
+
 
 
 def _mib(nbytes: float) -> str:

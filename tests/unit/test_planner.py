@@ -416,3 +416,38 @@ def test_lower_bound_is_valid_against_exhaustive_search(strategy, n, kwargs):
         assert plan.lower_bound <= opt * (1 + 1e-12)
         assert plan.makespan >= opt * (1 - 1e-12)
         assert plan.makespan <= 4 / 3 * opt + 1e-12
+
+
+def _norm_heavy() -> list[LayerSpec]:
+    """Six dense layers and thirty norm-like layers (diagonal A, one output): on 16 dp-kfac ranks some ranks get only
+    norm layers, whose load (~1e-10 s/step) is not zero but rounds to 0.000 ms."""
+    return [LayerSpec(f"c{i}", 256, 256) for i in range(6)] + [
+        LayerSpec(f"n{i}", 64, 1, a_diagonal=True) for i in range(30)]
+
+
+@pytest.mark.parametrize("specs,n,idle", [(_norm_heavy(), 16, False), (_toy(), 16, True)], ids=["busy", "idle"])
+def test_summary_idle_count_agrees_with_least_loaded(specs, n, idle):
+    """The header's "idle ranks" (ranks with zero load) and the least-loaded line agree: a rank printed with
+    0.000 ms/step is idle, and a rank with work is never printed as 0.000."""
+    plan = make_plan(specs, n, "dp-kfac", inv_update_steps=10)
+    assert bool(plan.idle_ranks) == idle and (min(plan.rank_load) == 0) == idle
+    text = plan.summary(max_ranks=4)
+    count = int(re.search(r"idle ranks (\d+)", text).group(1))
+    rank, load = re.search(r"least loaded: rank (\d+), (\S+) ms/step", text).groups()
+    assert count == len(plan.idle_ranks)
+    assert (float(load) == 0) == (count > 0) == (int(rank) in plan.idle_ranks)
+    zero_rows = [line for line in text.splitlines() if re.match(r"^ +\d+ +0\.000 ", line)]
+    assert len(zero_rows) <= count
+
+
+def test_cli_compare_min_load_is_zero_only_with_idle_ranks(tmp_path):
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps([s.to_dict() for s in _norm_heavy()]))
+    out = _run_cli("--json", str(shapes), "--world-size", "16", "--strategy", "dp-kfac", "--inv-update-steps", "10",
+                   "--max-ranks", "4", "--compare")
+    idle = next(line for line in out.splitlines() if line.startswith("idle ranks")).split()[2:]
+    least = next(line for line in out.splitlines() if line.startswith("min rank load ms")).split()[4:]
+    assert len(idle) == len(least) == 3
+    for count, load in zip(idle, least):
+        assert (float(load) == 0) == (int(count) > 0), out
+    assert "least loaded: rank" in out and ", 0.000 ms/step" not in out
