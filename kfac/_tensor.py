@@ -60,6 +60,20 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
+def finite_groups(groups: Sequence[Sequence[Tensor]]) -> list[bool]:
+    """Per group of tensors, whether all its entries are finite; one host sync for all groups (each tensor's
+    max-norm, stacked)."""
+    flat = [(i, t) for i, ts in enumerate(groups) for t in ts if t.numel()]
+    if not flat:
+        return [True] * len(groups)
+    norms = [torch.linalg.vector_norm(t.detach(), float("inf")).float() for _, t in flat]
+    if len({n.device for n in norms}) > 1:
+        norms = [n.cpu() for n in norms]
+    ok = torch.isfinite(torch.stack(norms)).tolist()
+    bad = {i for (i, _), fine in zip(flat, ok) if not fine}
+    return [i not in bad for i in range(len(groups))]
+
+
 @contextlib.contextmanager
 def statistics_mode(t: Tensor) -> Iterator[None]:
     """No autograd and no autocast: statistics are computed in ``factor_dtype`` even inside an autocast region

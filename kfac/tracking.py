@@ -161,19 +161,27 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
 
 
 def _set_example_dims(model: nn.Module, layers: list[TrackedLayer]) -> None:
-    """Layers whose statistics group rows by example (normalisation layers) inside a sequence-first container
-    (the nearest ancestor with a ``batch_first`` attribute, e.g. ``nn.TransformerEncoderLayer``, says
-    ``False``) see examples along dim 1 of ``(T, N, E)``."""
-    layout: dict[str, bool] = {n: bool(m.batch_first) for n, m in model.named_modules()
-                               if isinstance(getattr(m, "batch_first", None), bool)}
+    """Layers whose statistics group rows by example (normalisation layers) see examples along dim 1 of
+    ``(T, N, E)`` where the model uses them sequence-first. The layout is read where PyTorch's modules declare it
+    (a ``batch_first`` attribute: attention, transformer layers, recurrent layers): from the nearest enclosing
+    module that declares one, else from the nearest enclosing module inside which every declaring module agrees
+    (a custom block with a sequence-first ``nn.MultiheadAttention`` beside its ``LayerNorm``). A user's own
+    container declares its layout the same way, with a ``batch_first`` attribute."""
+    named = dict(model.named_modules())
+    declared = {n: bool(m.batch_first) for n, m in named.items() if isinstance(getattr(m, "batch_first", None), bool)}
     for t in layers:
         if not hasattr(t.adapter, "example_dim"):
             continue
-        parts = t.name.split(".")
+        parts = t.name.split(".") if t.name else []
         for k in range(len(parts) - 1, -1, -1):
             owner = ".".join(parts[:k])
-            if owner in layout:
-                t.adapter.example_dim = 0 if layout[owner] else 1
+            inside = {v for n, v in declared.items() if n == owner or n.startswith(owner + ".") or not owner}
+            if owner in declared or len(inside) > 1:  # declared here, or a mixed container: stop at it
+                if owner in declared:
+                    t.adapter.example_dim = 0 if declared[owner] else 1
+                break
+            if inside:
+                t.adapter.example_dim = 0 if inside.pop() else 1
                 break
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._tensor import all_finite, foreach_mul_, kl_clip_scale, update_dots
+from .._tensor import finite_groups, foreach_mul_, kl_clip_scale, update_dots
 from ..distributed.comm import Communicator
 from ..distributed.config import DistributedConfig
 from ..distributed.executor import Executor
@@ -86,7 +86,7 @@ class CurvatureEngine:
             cost_model = dataclasses.replace(cost_model, refresh_fraction=WARM_REFRESH_FRACTION)
         plan_kwargs: dict[str, Any] = {"method": method.decomposition, "cost_model": cost_model,
                                        "memory_cap": config.memory_cap, "split": config.split_factors, **intervals}
-        comm = Communicator(group=config.process_group, comm_dtype=config.comm_dtype)
+        comm = Communicator(group=config.process_group, comm_dtype=config.comm_dtype, step_timeout=config.step_timeout)
         comm.check_identical({**options, **config.comparable()}, what="K-FAC options")
         executor = Executor(comm=comm, entries=[store[n] for n in store], devices=devices, factor_dtype=factor_dtype,
                             strategy=config.strategy, grad_worker_fraction=config.grad_worker_fraction,
@@ -95,27 +95,26 @@ class CurvatureEngine:
         return cls(store=store, comm=comm, executor=executor, method=method, factor_dtype=factor_dtype)
 
     # -- factors -------------------------------------------------------------------------------------------
-    def reduce_factors(self, step: int) -> dict[str, Reduced] | None:
-        """This step's batch factors, reduced under the plan; ``None`` (logged) when they are non-finite on some
-        rank -- after an overflow of a narrow wire dtype, factors travel in ``factor_dtype`` from then on."""
+    def reduce_factors(self, step: int) -> tuple[dict[str, Reduced], list[str]] | None:
+        """This step's batch factors, reduced under the plan, without the layers whose batch factors are
+        non-finite (returned second: they keep their factors); ``None`` (logged) when a narrow wire dtype
+        overflowed on some rank -- this step's statistics are dropped and factors travel in ``factor_dtype``
+        from then on."""
         batches = self.executor.reduce_statistics()
         # batch factors are Gram matrices: |M_ij| <= sqrt(M_ii M_jj), so they are finite iff their diagonals are
         # (O(d) to check instead of O(d^2))
-        held = [t.diagonal() if t.dim() == 2 else t for a, g, _ in batches.values() for t in (a, g) if t is not None]
-        finite = all_finite(held)
+        names = list(batches)
+        finite = finite_groups([[t.diagonal() if t.dim() == 2 else t for t in batches[n][:2] if t is not None]
+                                for n in names])
         if self.executor.narrow_factor_wire:  # float16 on the wire can overflow: decide together, then widen it
-            finite = self.comm.all_true(finite)
-            if not finite:
+            if not self.comm.all_true(all(finite)):
                 self.executor.widen_factor_wire()
                 logger.warning("kfac: factor statistics overflowed %s on the wire at step %d; this step's statistics "
                                "are dropped and factors travel in %s from now on", self.comm.comm_dtype,
                                step, self.factor_dtype)
                 return None
-        if not finite:
-            logger.warning("kfac: non-finite factor statistics at step %d (finite gradients); factors not updated "
-                           "this step", step)
-            return None
-        return batches
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        return {n: batches[n] for n, ok in zip(names, finite) if ok}, bad
 
     def absorb(self, entries: Iterable[FactorEntry], batches: Mapping[str, Reduced], decay: float, *,
                init: str = "identity") -> None:
@@ -124,6 +123,8 @@ class CurvatureEngine:
         ``F_k = sum_i w_i F_batch_i`` with weights ``∝ decay^(k-i)`` summing to 1, i.e. a lerp with weight
         ``(1 - decay) / (1 - decay^k)`` at the ``k``-th update, so the first update is the first batch's factor)."""
         for entry in entries:
+            if entry.name not in batches:  # dropped (non-finite statistics)
+                continue
             a_batch, g_batch, seen = batches[entry.name]
             weight = 1 - decay
             if init == "zero":  # decay 1: the plain running mean

@@ -4,14 +4,14 @@ never fire again), modules added after it (not preconditioned), and ``step()`` t
 from __future__ import annotations
 
 import warnings
-from collections.abc import MutableSet, Sequence
+from collections.abc import Mapping, MutableSet, Sequence
 
 from torch import nn
 
-from ..modules import adapter_for
+from ..modules import ModuleAdapter, adapter_for
 from .layer import LayerState
 
-__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused"]
+__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused", "StatisticsHealth"]
 
 
 def check_modules(model: nn.Module, layers: Sequence[LayerState], at_start: MutableSet[nn.Module] | set[nn.Module],
@@ -64,3 +64,34 @@ def warn_fallback(name: str, step: int, warned: set[str]) -> None:
         warnings.warn(f"kfac: non-finite preconditioned gradient for layer {name!r} at step {step} (its factors "
                       "are too ill-conditioned for the damping, or its decompositions are not finite); it uses its "
                       "plain gradient (warned once per refresh; counted in fallbacks)", stacklevel=6)
+
+
+class StatisticsHealth:
+    """One layer's bad statistics never switch K-FAC off for the others: a layer whose reduced batch factors are
+    non-finite keeps its factors that update (warned once, naming it); after ``limit`` such updates in a row it is
+    untracked (its gradient is used as it is), with a warning giving the adapter's own diagnosis when it has one
+    (``ModuleAdapter.refusal``, e.g. a normalisation module that couples the examples of a batch)."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.streak: dict[str, int] = {}
+
+    def record(self, names: Sequence[str], bad: Sequence[bool], step: int,
+               adapters: Mapping[str, ModuleAdapter]) -> dict[str, str]:
+        """Given each layer's verdict (agreed by every rank), the layers to untrack, with the reason."""
+        out = {}
+        for name, is_bad in zip(names, bad):
+            if not is_bad:
+                self.streak.pop(name, None)
+                continue
+            refusal = getattr(adapters[name], "refusal", None)  # the adapter's diagnosis: untracked at once
+            self.streak[name] = self.limit if refusal else self.streak.get(name, 0) + 1
+            why = refusal or "non-finite factor statistics"
+            if self.streak[name] == 1 and self.limit > 1:
+                warnings.warn(f"kfac: layer {name!r}: {why} at step {step}; its factors are not updated (the other "
+                              f"layers' are); untracked after {self.limit} such updates in a row", stacklevel=5)
+            if self.streak[name] >= self.limit:
+                out[name] = f"{why} at {self.limit} factor updates in a row (last: step {step})"
+                warnings.warn(f"kfac: layer {name!r} untracked: {out[name]}; its gradient is used as it is",
+                              stacklevel=5)
+        return out

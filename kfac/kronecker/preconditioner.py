@@ -124,12 +124,10 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if fisher not in ("empirical", "mc"):
-            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
-        if factor_init not in ("identity", "zero"):
-            raise ValueError(f"factor_init must be 'identity' or 'zero', got {factor_init!r}")
-        if units not in ("kaisa", "curvature"):
-            raise ValueError(f"units must be 'kaisa' or 'curvature', got {units!r}")
+        for option, value, allowed in (("fisher", fisher, ("empirical", "mc")), ("units", units, ("kaisa", "curvature")),
+                                       ("factor_init", factor_init, ("identity", "zero"))):
+            if value not in allowed:
+                raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
         self.factor_init, self.units = factor_init, units
         if factor_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype} (half precision "
@@ -157,6 +155,7 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
         self.skipped: list[tuple[str, str]] = []
         self.not_executed: list[str] = []  # layers dropped by a checkpoint of an older version (state compat)
         self.fallbacks: dict[str, int] = {}  # steps each layer used its plain gradient (non-finite update)
+        self._health = guards.StatisticsHealth()
         self._layers: list[LayerState] = []
         self._by_name: dict[str, LayerState] = {}
         self._model = weakref.ref(model)
@@ -271,9 +270,9 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
             layer.discard_pending()
 
     def discard_stale_statistics(self) -> None:
-        """Drop statistics only if a backward pass already ran (a step that never reached ``step()``); the
-        statistics of a forward pass whose backward is still to come are kept."""
-        if any(layer.g_calls for layer in self._layers):
+        """Drop the statistics of a backward pass that never reached ``step()`` (fenced: every rank must skip)."""
+        if any(layer.g_calls for layer in self._layers):  # not those of a forward pass still awaiting its backward
+            self._comm.fence(self.steps, "zero_grad() after a backward pass without step()")
             self.discard_pending_statistics()
 
     # -- step ----------------------------------------------------------------------------------------------
@@ -301,9 +300,7 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
 
     def _drop_unexecuted(self, names: Iterable[str]) -> None:
         """Untrack layers that a checkpoint of an older version recorded as never executed (state compatibility)."""
-        dropped = self._untrack(names, "registered but never executed through forward() (recorded in the "
-                                       "loaded checkpoint); its gradient is left unpreconditioned")
-        self.not_executed += dropped
+        self.not_executed += self._untrack(names, "registered but never executed (recorded in the loaded checkpoint)")
 
     def _untrack(self, names: Iterable[str], reason: str) -> list[str]:
         """Stop tracking ``names`` (hooks removed, store entries deleted, listed in ``skipped``). Every rank must
@@ -334,10 +331,10 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
         ``lr`` overrides the ``lr`` hyperparameter for ``kl_clip`` (a float, or a mapping layer name -> lr).
         Returns ``False`` (and changes nothing but the ``skipped_steps`` counter) when a tracked gradient is
         non-finite on any rank, or ``grads_finite`` is ``False`` on any rank (the wrapper's check of the other
-        parameters); every rank then skips together. Non-finite factor statistics with finite gradients (e.g. an
-        overflow in ``a^T a``) are dropped with a warning: that step preconditions with the current factors but
-        does not update them. A layer whose preconditioned gradient is non-finite (factors too ill-conditioned for
-        the damping) keeps its plain gradient that step, with a warning (counted in :attr:`fallbacks`).
+        parameters); every rank then skips together. A layer's non-finite factor statistics with finite gradients
+        (e.g. an overflow in ``a^T a``) are dropped, warned (:class:`kfac.kronecker.guards.StatisticsHealth`): it
+        keeps its factors, the others update; a layer whose preconditioned gradient is non-finite keeps its plain
+        gradient that step, warned (counted in :attr:`fallbacks`).
         The same step also checks that every rank's hyperparameter schedules agree for this and the next step.
         """
         grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
@@ -345,11 +342,11 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
             raise RuntimeError("KFACPreconditioner.step() was called before loss.backward(): "
                                "no tracked parameter has a gradient")
         self._check_fresh_gradients()
+        self._comm.fence(self.steps, "step()")  # every rank here at this step, or a clear error instead of a hang
         self._check_execution()
         hp = self.hparams.at(self.steps)
         lrs = self._layer_lrs(hp, lr)
-        update = self.steps % hp["factor_update_steps"] == 0
-        refresh = self.steps % hp["inv_update_steps"] == 0
+        update, refresh = (self.steps % hp[k] == 0 for k in ("factor_update_steps", "inv_update_steps"))
         correct = not refresh and self.correcting()
         if refresh:
             self._check_modules()
@@ -398,14 +395,20 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
 
     def _preconditioned(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
                         lrs: Mapping[str, float] | None) -> Staged:
+        grads = {n: grads[n] for n in self.layers}  # without layers untracked this step
         return self.engine.precondition(self.adapters, grads, damping=hp["damping"], kl_clip=hp["kl_clip"], lrs=lrs)
 
     def _update_factors(self, decay: float) -> None:
         self._hooks.check_collected()
-        batches = self.engine.reduce_factors(self.steps)
-        if batches is None:
+        reduced = self.engine.reduce_factors(self.steps)
+        if reduced is None or reduced[1]:
             self.discarded_statistics += 1
+        if reduced is None:
             return
+        batches, bad = reduced
+        verdict = self._comm.agree(True, 0, [n in bad for n in self.layers])[2]  # same layers on every rank
+        for name, reason in self._health.record(self.layers, verdict, self.steps, self.adapters).items():
+            self._untrack([name], reason)
         self._seen.update(name for name, (_, _, seen) in batches.items() if seen)
         if not self._reported_unused:  # once, from globally reduced counts: the same on every rank
             self._reported_unused = True

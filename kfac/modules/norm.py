@@ -13,7 +13,9 @@ examples are coupled through the batch statistics: ``v_n`` is the per-example sh
 
 from __future__ import annotations
 
-from typing import cast
+import functools
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import ModuleAdapter, Stat
 
-__all__ = ["NormAdapter", "ScaleShiftAdapter", "is_norm", "is_scale_shift"]
+__all__ = ["NormAdapter", "ScaleShiftAdapter", "is_norm", "is_scale_shift", "couples_examples", "probe_coupling"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *_BATCH_NORMS) + (
@@ -29,8 +31,44 @@ _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *_BATCH_NORMS
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A supported normalisation layer with a learnable scale (``elementwise_affine`` / ``affine``)."""
-    return type(module) in _NORMS and isinstance(getattr(module, "weight", None), nn.Parameter)
+    """A PyTorch normalisation layer (or a subclass that keeps its ``forward``) with a learnable scale
+    (``elementwise_affine`` / ``affine``): its ``x̂`` is recomputed by formula."""
+    base = next((t for t in _NORMS if isinstance(module, t)), None)
+    return (base is not None and type(module).forward is base.forward
+            and isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
+def couples_examples(module: Callable[[Tensor], Any], x: Tensor, out: Tensor | None = None, dim: int = 0) -> bool | None:
+    """Whether ``module``'s output for one example depends on the other examples along ``dim`` of ``x`` (a
+    normalisation over the batch): the batched output ``out`` (computed if not given) against the first and last
+    examples run alone. ``None`` when it cannot tell (the module does not map ``x`` to a tensor of its shape)."""
+    try:
+        with torch.no_grad():
+            out = module(x) if out is None else out
+            if not isinstance(out, Tensor) or out.shape != x.shape or x.shape[dim] < 2:
+                return None
+            for i in (0, x.shape[dim] - 1):
+                alone = module(x.narrow(dim, i, 1))
+                if not torch.allclose(alone, out.narrow(dim, i, 1), rtol=1e-4, atol=1e-5):
+                    return True
+    except Exception:  # a probe the module does not accept says nothing about it
+        return None
+    return False
+
+
+def probe_coupling(module: nn.Module) -> bool | None:
+    """:func:`couples_examples` on small random inputs of the shapes a scale-and-shift module of ``d`` channels
+    takes (``(4, 3, d)``, then channels first: ``(4, d, 3)``, ``(4, d, 2, 2)``); the first conclusive answer.
+    The random numbers come from a private generator (the global one is left alone)."""
+    w = cast(Tensor, module.weight)
+    d = w.shape[0] if w.dim() == 1 else None
+    gen = torch.Generator().manual_seed(0)
+    for shape in ([(4, 3, *w.shape)] + ([(4, d, 3), (4, d, 2, 2)] if d is not None else [])):
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(w.dtype).to(w.device)
+        verdict = couples_examples(module, x)
+        if verdict is not None:
+            return verdict
+    return None
 
 
 class NormAdapter(ModuleAdapter):
@@ -95,7 +133,8 @@ class NormAdapter(ModuleAdapter):
 
     def examples_first(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` and ``g`` with the examples' dimension first (a sequence-first input is transposed)."""
-        if self.example_dim and x.dim() - self.weight.dim() > self.example_dim:
+        channels_first = isinstance(self.module, (nn.GroupNorm, *_BATCH_NORMS))  # always (N, C, *)
+        if self.example_dim and not channels_first and x.dim() - self.weight.dim() > self.example_dim:
             return x.movedim(self.example_dim, 0), g.movedim(self.example_dim, 0)
         return x, g
 
@@ -128,16 +167,21 @@ class NormAdapter(ModuleAdapter):
 
 
 def is_scale_shift(module: nn.Module) -> bool:
-    """Another library's normalisation module (class name containing ``Norm``, e.g. Hugging Face's
-    ``LlamaRMSNorm`` or ``T5LayerNorm``): no submodules and no running statistics (examples stay independent), a
-    1-d ``weight`` and at most a ``bias`` of the same shape as its only parameters."""
-    if type(module) in _NORMS or "norm" not in type(module).__name__.lower() or next(module.children(), None):
+    """A normalisation module whose ``x̂`` has no formula here: another library's (class name containing ``Norm``,
+    e.g. Hugging Face's ``LlamaRMSNorm`` or ``T5LayerNorm``) or a subclass of a PyTorch norm other than batch norm
+    that overrides ``forward`` (e.g. torchvision's ``LayerNorm2d``). No submodules, no running statistics, and a
+    ``weight`` (1-d unless it subclasses a PyTorch norm) and at most a ``bias`` of its shape as only parameters.
+    A module that normalises over the batch is refused by :meth:`ScaleShiftAdapter.unsupported_reason`."""
+    if is_norm(module) or next(module.children(), None) is not None or isinstance(module, _BATCH_NORMS):
+        return False
+    subclass = isinstance(module, _NORMS)
+    if not subclass and "norm" not in type(module).__name__.lower():
         return False
     if any(name.startswith("running_") for name, _ in module.named_buffers()):
         return False
     params = dict(module.named_parameters(recurse=False))
     weight, bias = params.pop("weight", None), params.pop("bias", None)
-    return (not params and weight is not None and weight.dim() == 1
+    return (not params and weight is not None and (weight.dim() == 1 or subclass)
             and (bias is None or bias.shape == weight.shape))
 
 
@@ -145,7 +189,22 @@ class ScaleShiftAdapter(NormAdapter):
     """Normalisation modules of other libraries (:func:`is_scale_shift`): the same diagonal block as
     :class:`NormAdapter`, with the per-example gradients of the module's own forward taken by ``torch.func``
     (``vmap`` over examples of a ``vjp`` w.r.t. its parameters), so no formula per class is needed -- e.g. Gemma's
-    ``x̂ (1 + γ)`` is handled as Llama's ``x̂ γ``. Costs one more forward of the module per statistics step."""
+    ``x̂ (1 + γ)`` is handled as Llama's ``x̂ γ``. Costs one more forward of the module per statistics step.
+
+    Examples must be independent: a module whose output for one example depends on the others (a normalisation
+    over the batch) is refused when it is built (a probe on random inputs), or, where the probe cannot tell, at
+    its first statistics (the per-example outputs against the batched one): it then reports non-finite
+    statistics with :attr:`refusal` set, and the preconditioner untracks it, warning (the other layers stay)."""
+
+    refusal: str | None = None
+    checked: bool = False
+
+    @staticmethod
+    def unsupported_reason(module: nn.Module) -> str | None:
+        if probe_coupling(module):
+            return (f"{type(module).__name__} normalises over the batch (one example's output depends on the "
+                    "others): no per-example statistics")
+        return None
 
     def per_example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
         from torch.func import functional_call, vjp, vmap
@@ -158,7 +217,16 @@ class ScaleShiftAdapter(NormAdapter):
             pull = vjp(lambda p: functional_call(module, p, (xi[None],))[0], params)[1]
             return cast(dict[str, Tensor], pull(gi)[0])
 
-        per = vmap(one)(x.to(g.dtype), g) if x.dim() > 1 else one(x[None], g[None])
+        x = x.to(g.dtype)
+        if not self.checked:  # once: one example's output must not depend on the others
+            self.checked = True
+            if x.dim() > 1 and couples_examples(functools.partial(functional_call, module, params), x):
+                self.refusal = (f"{type(module).__name__} normalises over the batch (one example's output depends "
+                                "on the others): no per-example statistics")
+        if self.refusal is not None:
+            return torch.full((x.shape[0] if x.dim() > 1 else 1, self.a_dim), float("nan"), dtype=g.dtype,
+                              device=g.device)
+        per = vmap(one)(x, g) if x.dim() > 1 else one(x[None], g[None])
         parts = [per["weight"].reshape(per["weight"].shape[0], -1)]
         if self.has_bias:
             parts.append(per["bias"].reshape(parts[0].shape[0], -1))

@@ -79,3 +79,30 @@ def dense_ggn(model: nn.Module, x: torch.Tensor, loss) -> tuple[torch.Tensor, li
     jac = jacrev(lambda t: outputs(t).reshape(-1))(theta)
     h = hessian(lambda zz: loss(zz.reshape(z.shape)))(z.reshape(-1).detach())
     return jac.T @ h @ jac, names
+
+
+class LlamaStyleRMSNorm(nn.Module):
+    """Written as Hugging Face writes its RMSNorm classes (computed in float32, scale applied after)."""
+
+    def __init__(self, d: int, gemma: bool = False) -> None:
+        super().__init__()
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.zeros(d) if gemma else torch.ones(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        normed = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return normed * (1.0 + self.weight) if self.gemma else self.weight * normed
+
+
+class HandLayerNorm(nn.Module):
+    """A LayerNorm-style module with a scale and a shift, from another library."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias

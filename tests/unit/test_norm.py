@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, vmap
 import kfac
 import kfac.modules
 
-from helpers import single_thread  # noqa: F401  (autouse fixture)
+from helpers import HandLayerNorm, LlamaStyleRMSNorm, single_thread  # noqa: F401  (autouse fixture)
 
 CASES = {
     "layernorm": (lambda: nn.LayerNorm(6), (8, 5, 6)),
@@ -23,33 +23,6 @@ CASES = {
 }
 if hasattr(nn, "RMSNorm"):
     CASES["rmsnorm"] = (lambda: nn.RMSNorm(6, eps=1e-6), (8, 5, 6))
-
-
-class LlamaStyleRMSNorm(nn.Module):
-    """Written as Hugging Face writes its RMSNorm classes (computed in float32, scale applied after)."""
-
-    def __init__(self, d: int, gemma: bool = False) -> None:
-        super().__init__()
-        self.gemma = gemma
-        self.weight = nn.Parameter(torch.zeros(d) if gemma else torch.ones(d))
-        self.variance_epsilon = 1e-6
-
-    def forward(self, hidden_states):
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        normed = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return normed * (1.0 + self.weight) if self.gemma else self.weight * normed
-
-
-class HandLayerNorm(nn.Module):
-    """A LayerNorm-style module with a scale and a shift, from another library."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
-
-    def forward(self, x):
-        mu, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
-        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
 
 
 OTHER_LIBRARIES = {  # matched by structure (kfac.modules.is_scale_shift); gradients by torch.func
