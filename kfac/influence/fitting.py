@@ -66,6 +66,11 @@ def fit_factors(passes: DataPasses, engine: KFACPreconditioner, args: InfluenceA
         flat = comm.all_reduce_sum(flat, category="influence")
     if bool((counts[:, 1] == 0).any()):
         raise ValueError("influence: fit() saw no training examples")
+    masked = [n for n, rows_n in zip(layers, counts[:, 0].tolist()) if rows_n == 0]
+    if masked:
+        raise ValueError(f"influence: fit() saw {int(counts[0, 1])} training examples but not one position that "
+                         f"counts for layers {masked}: the task's positions() (e.g. the attention mask) masks every "
+                         "position of the training data; fit on data with unmasked positions")
     fit = Fit(examples=int(counts[0, 1]))
     for i, name in enumerate(layers):
         entry = store[name]

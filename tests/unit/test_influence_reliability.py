@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from helpers import float64_default, single_thread  # noqa: F401
-from kfac.influence import ClassificationTask, InfluenceAnalyzer, weights_digest
+from kfac.influence import CausalLMTask, ClassificationTask, InfluenceAnalyzer, weights_digest
 from kfac.kronecker.methods import EigenCorrectedKFAC
 from kfac.modules import ConvAdapter, LinearAdapter
 from kfac.kronecker.store import FactorEntry
@@ -155,6 +155,26 @@ def test_loaders_of_only_empty_batches_are_a_clear_error():
         an.pairwise_scores(empty, batches(x, y, 3))
     with pytest.raises(ValueError, match="training loader yielded no examples"):
         an.self_scores(empty)
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+
+    def forward(self, ids, attention_mask=None):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_fit_on_data_whose_every_position_is_masked_is_a_clear_error(method):
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(0))
+    masked = [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}]
+    an = InfluenceAnalyzer(TinyLM(), CausalLMTask(), method=method, **F64)
+    with pytest.raises(ValueError, match=r"saw 4 training examples but not one position that counts"):
+        an.fit(masked)
+    an.fit([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])  # the same data unmasked fits
 
 
 @pytest.mark.parametrize("adapter", ["linear", "conv"])
