@@ -12,14 +12,21 @@ K-FAC's collectives run on a private duplicate of the process group, so that red
 during the backward pass can never interleave with DDP's gradient all-reduces (whose launch order may differ
 between ranks) on the same group. A communicator over a single process (or with ``torch.distributed`` not
 initialised) performs no communication.
+
+With a ``step_timeout``, :meth:`Communicator.fence` checks once per step, on a gloo side group that times out after
+``step_timeout`` seconds, that every rank reached the same call at the same step: a rank that skips ``step()`` or
+calls it an extra time gets every rank a clear error naming the step and the ranks, not a silent hang until the
+process-group timeout.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import time
+import zlib
 from collections import Counter
-import datetime
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
@@ -72,9 +79,12 @@ class Communicator:
             With a subgroup, ranks outside it create no K-FAC groups, and torch names new groups with a per-rank
             counter: create any world-wide groups you need before building K-FAC on a subgroup.
         comm_dtype: dtype for payloads on the wire (e.g. ``torch.bfloat16``); ``None`` keeps each tensor's dtype.
+        step_timeout: seconds :meth:`fence` waits for the other ranks (a gloo side group, also beside NCCL);
+            ``None``: no fence (no side group).
     """
 
-    def __init__(self, *, group: Any | None = None, comm_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, *, group: Any | None = None, comm_dtype: torch.dtype | None = None,
+                 step_timeout: float | None = None) -> None:
         if comm_dtype is not None and not (isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point):
             raise ValueError(f"comm_dtype must be a floating point torch.dtype (e.g. torch.bfloat16), got {comm_dtype!r}"
                              ": integer dtypes would truncate factors and decompositions on the wire")
@@ -89,6 +99,9 @@ class Communicator:
                        else list(range(self.world_size)))
         self._timeout = _group_timeout(group) if self.enabled else None
         self.group = self._new_group(self._ranks) if self.enabled else group
+        self.step_timeout = step_timeout
+        self._side = (self._new_group(self._ranks, backend="gloo", timeout=datetime.timedelta(seconds=step_timeout))
+                       if self.enabled and step_timeout is not None else None)
 
     # -- buckets -------------------------------------------------------------------------------------------
     def _flatten(self, tensors: Sequence[Tensor], *, exact: bool = False, dtype: torch.dtype | None = None,
@@ -218,6 +231,44 @@ class Communicator:
         out = t.tolist()
         return out[0] == 0, out[1] == -out[2], [bool(v) for v in out[3:]]
 
+    def fence(self, step: int, what: str) -> None:
+        """Check that every rank reached ``what`` (e.g. ``"step()"``) at K-FAC step ``step``: one tiny all-gather
+        on the gloo side group. Raises the same clear error on every rank if they reached different calls or steps,
+        and, on the ranks that arrived, if some rank did not within ``step_timeout`` (naming the ranks)."""
+        if self._side is None:
+            return
+        mine = torch.tensor([step, zlib.crc32(what.encode())], dtype=torch.int64)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(out, mine, group=self._side)
+        except Exception as exc:  # timeout, or a peer that exited meanwhile
+            absent = self._absent(step)
+            who = f"rank(s) {absent}" if absent else "some rank(s)"
+            raise RuntimeError(f"kfac: rank {self.rank} reached {what} at step {step}, but {who} did not within "
+                               f"step_timeout={self.step_timeout:g} s. {_FENCE_HINT}") from exc
+        if all(torch.equal(t, mine) for t in out):
+            return
+        whats: list[Any] = [None] * self.world_size  # every rank sees the mismatch: all take this branch together
+        dist.all_gather_object(whats, what, group=self._side)
+        seen = ", ".join(f"rank {r}: {w} at step {int(t[0])}" for r, (w, t) in enumerate(zip(whats, out)))
+        raise RuntimeError(f"kfac: ranks disagree at step {step} ({seen}). {_FENCE_HINT}")
+
+    def _absent(self, step: int) -> list[int] | None:
+        """After a failed fence: the ranks that have not marked ``step``'s fence in the store within a grace
+        period (best effort; ``None`` where the store cannot tell)."""
+        try:  # private API: the group's store
+            store = dist.distributed_c10d._get_default_store()
+            prefix = f"kfac_fence/{self._side.group_name}/{step}/"  # type: ignore[union-attr]
+            store.set(prefix + str(self._global(self.rank)), "1")
+            deadline = time.monotonic() + min(float(self.step_timeout or 0.0), 10.0)
+            while True:
+                absent = [r for r in range(self.world_size) if not store.check([prefix + str(self._global(r))])]
+                if not absent or time.monotonic() > deadline:
+                    return absent
+                time.sleep(0.1)
+        except Exception:
+            return None
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.enabled:
             return [obj]
@@ -247,8 +298,10 @@ class Communicator:
         """A subgroup of this communicator's ranks; called by its members only (in the same order on each)."""
         return self._new_group([self._ranks[r] for r in ranks]) if self.enabled else None
 
-    def _new_group(self, global_ranks: Sequence[int]) -> Any:
-        return dist.new_group(ranks=list(global_ranks), timeout=self._timeout, use_local_synchronization=True)
+    def _new_group(self, global_ranks: Sequence[int], backend: str | None = None,
+                   timeout: datetime.timedelta | None = None) -> Any:
+        return dist.new_group(ranks=list(global_ranks), timeout=timeout or self._timeout, backend=backend,
+                              use_local_synchronization=True)
 
     def _global(self, rank: int) -> int:
         return self._ranks[rank]
@@ -284,6 +337,11 @@ class Communicating:
         """This rank's share of the bytes on the wire so far, by category (e.g. factors, decompositions, gradients,
         control flags; M-FAC: ``"mfac"`` Gram-row sums); summed over ranks it is the total traffic."""
         return {k: int(round(v)) for k, v in self._comm.bytes_sent.items()}
+
+
+_FENCE_HINT = ("Every rank must call step() after the same backward passes: a rank that skips it (e.g. `continue` "
+               "after an exception) or calls it an extra time desynchronises K-FAC's collectives; skip a step on "
+               "every rank together instead")
 
 
 def _short(text: str | None, limit: int = 120) -> str:

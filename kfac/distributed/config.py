@@ -29,6 +29,9 @@ class DistributedConfig:
         memory_cap: bytes of factors and decompositions per rank the planner may use (``None``: no cap).
         split_factors: allow a layer's ``A`` and ``G`` on different ranks (``None``: by predicted time).
         bucket_cap_mb: size of the factor-reduction buckets launched during the backward pass.
+        step_timeout: seconds a rank waits in ``step()`` for the others before a clear error naming the step and
+            the ranks that did not arrive (one tiny all-gather per step on a gloo side group, beside NCCL too);
+            ``None``: no check (a rank that skips ``step()`` then hangs every rank until the process-group timeout).
     """
 
     strategy: str | None = None
@@ -40,6 +43,7 @@ class DistributedConfig:
     memory_cap: int | None = None
     split_factors: bool | None = None
     bucket_cap_mb: float = 25.0
+    step_timeout: float | None = 300.0
 
     def __post_init__(self) -> None:
         if self.factor_reduction not in FACTOR_REDUCTIONS:
@@ -52,6 +56,9 @@ class DistributedConfig:
         if isinstance(self.bucket_cap_mb, bool) or not isinstance(self.bucket_cap_mb, (int, float)) \
                 or not self.bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {self.bucket_cap_mb!r}")
+        if self.step_timeout is not None and (isinstance(self.step_timeout, bool) or not isinstance(
+                self.step_timeout, (int, float)) or not 0 < self.step_timeout < float("inf")):
+            raise ValueError(f"step_timeout must be a positive number of seconds or None, got {self.step_timeout!r}")
 
     @property
     def bucket_cap_bytes(self) -> int:
@@ -63,4 +70,4 @@ class DistributedConfig:
                 "factor_reduction": self.factor_reduction,
                 "comm_dtype": None if self.comm_dtype is None else str(self.comm_dtype),
                 "memory_cap": self.memory_cap, "split_factors": self.split_factors,
-                "bucket_cap_mb": self.bucket_cap_mb}
+                "bucket_cap_mb": self.bucket_cap_mb, "step_timeout": self.step_timeout}
