@@ -21,7 +21,7 @@ from torch import nn
 from .modules import ModuleAdapter, OutProjectionAdapter, TiedEmbeddingAdapter, adapter_for, is_tied_head
 
 __all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped",
-           "factor_size"]
+           "summarize", "factor_size"]
 
 CHOSEN = ("matched skip_layers", "parent module", "parameters do not require grad", "tied to")
 """Reasons not warned about: the user's own choices (skip_layers, frozen parameters), and tied weights (their
@@ -239,14 +239,23 @@ def _resolve_ties(out: Tracking, ties: list[tuple[str, nn.Module, str]]) -> None
         out.skipped = [(n, r) for n, r in out.skipped if n not in (tracked, other)] + [(other, reason)]
 
 
+def summarize(skipped: Iterable[tuple[str, str]], *, shown: int = 4) -> str:
+    """One short line per reason, naming its modules (the first ``shown``, then how many more)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(repr(name) if name else "<root>")
+    lines = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        lines.append(f"  {', '.join(names[:shown])}{more}: {reason}")
+    return "\n".join(lines)
+
+
 def warn_skipped(skipped: list[tuple[str, str]], *, stacklevel: int = 3) -> None:
     """One warning naming the modules with trainable parameters left unpreconditioned for a reason the user did
-    not choose (unsupported types, functional uses, shared weights); ``skipped`` lists all of them."""
+    not choose (unsupported types, functional uses, shared weights), one line per reason; ``skipped`` lists all."""
     unchosen = [(n, r) for n, r in skipped if not r.startswith(CHOSEN)]
-    if not unchosen:
-        return
-    shown = "; ".join(f"{n or '<root>'!r} ({r})" for n, r in unchosen[:4])
-    more = f"; and {len(unchosen) - 4} more" if len(unchosen) > 4 else ""
-    warnings.warn(f"kfac: {len(unchosen)} module(s) with trainable parameters are not preconditioned (their "
-                  f"gradients are used as they are): {shown}{more}. All of them, with reasons: .skipped",
-                  stacklevel=stacklevel + 1)
+    if unchosen:
+        warnings.warn(f"kfac: {len(unchosen)} module(s) with trainable parameters are not preconditioned (their "
+                      f"gradients are used as they are; all of them with reasons: .skipped):\n{summarize(unchosen)}",
+                      stacklevel=stacklevel + 1)

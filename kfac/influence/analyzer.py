@@ -38,6 +38,8 @@ from ..distributed.comm import Communicator
 from ..kronecker.methods import EigenCorrectedKFAC
 from ..kronecker.preconditioner import KFACPreconditioner
 from ..kronecker.store import FactorStore
+from ..modules import GroupedConvAdapter, ModuleAdapter, NormAdapter, TiedEmbeddingAdapter
+from ..tracking import summarize
 from ..mfac.static import StaticFisher
 from . import persistence, scoring
 from .arguments import METHODS, InfluenceArguments  # noqa: F401 (METHODS: re-exported)
@@ -115,10 +117,10 @@ class InfluenceAnalyzer:
             drop = [n for n in pre.layers if n not in wanted]
             if len(drop) < len(pre.layers):  # (none left: the check below names what cannot be tracked)
                 pre.untrack(drop, "not listed in tracked_modules")
-        without = [n for n, a in pre.adapters.items() if not a.per_example]
+        without = {n: a for n, a in pre.adapters.items() if not a.per_example}
         if without and len(without) < len(pre.layers):
-            pre.untrack(without, "influence needs per-example gradients in the V_n = sum_t g a^T form, which grouped "
-                                 "convolutions, normalisation layers and tied embeddings do not give")
+            for name, adapter in without.items():
+                pre.untrack([name], not_per_example(adapter))
         diagonal = [n for n, a in pre.adapters.items() if a.a_diagonal]
         if diagonal and len(diagonal) < len(pre.layers):
             pre.untrack(diagonal, "influence does not track embeddings (per-example gradients are dim x vocab)")
@@ -145,14 +147,18 @@ class InfluenceAnalyzer:
             reasons.setdefault(name, "not listed in tracked_modules" if wanted is not None and name not in wanted
                                else reason)
         tracked = set(self.layers)
+        for name, reason in reasons.items():  # a head tied to an embedding influence does not track either
+            owner = reason.partition("tied to ")[2].partition("'")[2].partition("'")[0]
+            if reason.startswith("tied to ") and owner not in tracked:
+                reasons[name] = f"shares its weight with {owner!r}, which influence does not track either"
         skipped = {n: reasons.get(n, "not tracked") for n in modules if n not in tracked}  # in model order
         unexpected = [(n, r) for n, r in skipped.items()
                       if (wanted is None or n in wanted) and not isinstance(modules[n], nn.Embedding)
                       and any(p.requires_grad for p in modules[n].parameters(recurse=False))]
         if unexpected:
-            warnings.warn("influence: not tracking " + ", ".join(f"{n or '<root>'!r} ({r})" for n, r in unexpected)
-                          + ": their parameters get no influence (scores cover the tracked layers only); pass "
-                          "tracked_modules to choose the layers explicitly", UserWarning, stacklevel=3)
+            warnings.warn(f"influence: {len(unexpected)} module(s) not tracked: their parameters get no influence "
+                          "(scores cover the tracked layers only; tracked_modules chooses the layers):\n"
+                          + summarize(unexpected), UserWarning, stacklevel=3)
         return list(skipped.items())
 
     def _passes(self) -> DataPasses:
@@ -335,3 +341,16 @@ class InfluenceAnalyzer:
             analyzer._set_mfac(persistence.load_mfac_gradients(path, analyzer.layers))
         analyzer._fit = persistence.saved_fit(settings)
         return analyzer
+
+
+def not_per_example(adapter: ModuleAdapter) -> str:
+    """Why influence does not track a layer whose per-example gradients lack the ``V_n = sum_t g_t a_t^T`` form
+    that its scores project (one short reason per kind of block)."""
+    if isinstance(adapter, TiedEmbeddingAdapter):
+        return ("embedding tied to an output layer: the shared matrix's per-example gradient adds a vocab x dim "
+                "scatter to the head's V_n, which has no Kronecker form to project")
+    if isinstance(adapter, NormAdapter):
+        return "normalisation layer: a diagonal block of per-example gradients, not the V_n = sum_t g a^T form"
+    if isinstance(adapter, GroupedConvAdapter):
+        return "grouped convolution: one block per group with a shared A, not the V_n = sum_t g a^T form"
+    return f"{type(adapter).__name__}: no per-example gradients of the V_n = sum_t g a^T form"

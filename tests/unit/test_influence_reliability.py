@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kfac
 from torch.func import functional_call, grad, vmap
 
 from helpers import float64_default, single_thread  # noqa: F401
@@ -327,3 +329,55 @@ def test_modules_left_out_of_tracked_modules_are_listed_without_a_warning():
         warnings.simplefilter("always")
         an = InfluenceAnalyzer(mlp(), ClassificationTask(), **F64)
     assert an.skipped == [] and influence_warnings(record) == []
+
+
+class TiedLM(nn.Module):
+    """GPT-2's pattern: token and position embeddings, norms, a head tied to the token embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte, self.wpe = nn.Embedding(7, 4), nn.Embedding(5, 4)
+        self.ln_1, self.ln_f = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 7, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids, attention_mask=None):
+        h = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        return self.lm_head(self.ln_f(self.fc(self.ln_1(h))))
+
+
+def test_skip_warning_is_one_short_line_per_reason_and_names_the_tied_head_truthfully():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        an = InfluenceAnalyzer(TiedLM(), CausalLMTask(), **F64)
+    assert an.layers == ["fc"]
+    skipped = dict(an.skipped)
+    assert "tied to an output layer" in skipped["wte"] and "embeddings" in skipped["wpe"]
+    assert skipped["lm_head"] == "shares its weight with 'wte', which influence does not track either"
+    (msg,) = influence_warnings(record)
+    lines = msg.splitlines()
+    assert len(lines) == 3 and all(len(line) <= 160 for line in lines), lines  # a header, then one per reason
+    assert lines[1].startswith("  'ln_1', 'ln_f': normalisation layer")
+    assert lines[2].startswith("  'lm_head': shares its weight with 'wte'")
+
+
+def test_kfac_skip_warning_groups_modules_by_reason():
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnns = nn.ModuleList([nn.GRU(3, 3) for _ in range(6)])
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            for rnn in self.rnns:
+                x = rnn(x)[0]
+            return self.head(x)
+
+    with pytest.warns(UserWarning) as record:
+        kfac.KFACPreconditioner(Recurrent())
+    (msg,) = [str(w.message) for w in record if "not preconditioned" in str(w.message)]
+    lines = msg.splitlines()
+    assert len(lines) == 2 and all(len(line) <= 200 for line in lines), lines
+    assert lines[1].startswith("  'rnns.0', 'rnns.1', 'rnns.2', 'rnns.3' and 2 more: recurrent layer GRU")
