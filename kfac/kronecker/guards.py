@@ -3,15 +3,20 @@ never fire again), modules added after it (not preconditioned), and ``step()`` t
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, MutableSet, Sequence
+from typing import Any
 
 from torch import nn
 
 from ..modules import ModuleAdapter, adapter_for
 from .layer import LayerState
 
-__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused", "StatisticsHealth"]
+logger = logging.getLogger("kfac")
+
+__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused", "warn_no_corrections",
+           "StatisticsHealth"]
 
 
 def check_modules(model: nn.Module, layers: Sequence[LayerState], at_start: MutableSet[nn.Module] | set[nn.Module],
@@ -95,3 +100,13 @@ class StatisticsHealth:
                 warnings.warn(f"kfac: layer {name!r} untracked: {out[name]}; its gradient is used as it is",
                               stacklevel=5)
         return out
+
+
+def warn_no_corrections(method: Any, hparams: Any) -> None:
+    """At the first ``step()``: EK-FAC whose correction schedule only hits refresh steps never applies a correction
+    in ``step()`` (a refresh starts new eigenbases; corrections in the old ones are dropped)."""
+    iu, cu = hparams.inv_update_steps, hparams.correction_update_steps
+    if method.corrects and isinstance(iu, int) and isinstance(cu, int) and cu % iu == 0:
+        logger.warning("kfac: method=%r with correction_update_steps=%d and inv_update_steps=%d: step() never applies "
+                       "a correction (refresh steps drop them; update() and refresh() called directly apply them)",
+                       method.name, cu, iu)

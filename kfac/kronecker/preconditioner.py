@@ -191,10 +191,6 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
             intervals={k: self.hparams.constant_interval(k) for k in ("factor_update_steps", "inv_update_steps")},
             stats=lambda name: self._by_name[name].pending())
         self._comm, self._exec = self.engine.comm, self.engine.executor
-        iu, cu = self.hparams.inv_update_steps, self.hparams.correction_update_steps
-        if self.method.corrects and isinstance(iu, int) and isinstance(cu, int) and cu % iu == 0:
-            logger.warning("kfac: method=%r with correction_update_steps=%d and inv_update_steps=%d never applies a "
-                           "correction (corrections are skipped on refresh steps)", method, cu, iu)
         if self.method.corrects and self.world_size > 1 and self.plan.grad_workers_per_layer != self.world_size:
             raise ValueError(f"method={method!r} in a distributed run needs strategy='comm-opt': every rank projects "
                              "its per-example gradients onto the eigenbases, so every rank must hold them")
@@ -344,6 +340,8 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
         self._check_fresh_gradients()
         self._comm.fence(self.steps, "step()")  # every rank here at this step, or a clear error instead of a hang
         self._check_execution()
+        if not self._written:  # first step(): its schedule (update() and refresh() called directly apply corrections)
+            guards.warn_no_corrections(self.method, self.hparams)
         hp = self.hparams.at(self.steps)
         lrs = self._layer_lrs(hp, lr)
         update, refresh = (self.steps % hp[k] == 0 for k in ("factor_update_steps", "inv_update_steps"))

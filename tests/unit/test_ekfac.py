@@ -232,3 +232,24 @@ def test_batched_precondition_equals_one_matrix_at_a_time(method):
     torch.testing.assert_close(batched, torch.stack([m.precondition(entry, vi, damping=0.1) for vi in v]))
     key = "A_inv" if method == "inverse" else "QA"
     assert entry.cache[key][1] is not None  # the structured path ran
+
+
+def test_no_correction_warning_only_where_step_would_never_apply_one(kfac_caplog):
+    """The curvature interface (update / refresh called directly) applies corrections: no warning; step() with
+    corrections only on refresh steps applies none: warned once, at the first step()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    pre = kfac.KFACPreconditioner(model, method="ekfac", factor_decay=0.0, correction_decay=0.0, kl_clip=None)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    for fit_pass in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.update()
+        if fit_pass == 0:
+            pre.refresh()
+    assert "Lambda" in pre.store["0"].extras and "never applies" not in kfac_caplog.text
+    for _ in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+    assert kfac_caplog.text.count("step() never applies a correction") == 1
