@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,8 +83,38 @@ def count_events(start: int, steps: int, every: int) -> int:
     return (start + steps - 1) // every - (start - 1) // every  # floor division, also right for start == 0
 
 
+TRACKED_CODE = ("kfac", "benchmarks", "examples", "csrc", "setup.py", "pyproject.toml")
+"""The paths whose local changes make a run's results untraceable (``benchmarks/*/results`` excluded: outputs)."""
+
+
+def tree_state() -> dict[str, Any]:
+    """``git_commit`` (HEAD), ``tree_clean`` (no local change, tracked or untracked, under :data:`TRACKED_CODE`)
+    and the first ``changed_files``; ``None`` values outside a git checkout."""
+    try:
+        def git(*cmd: str) -> str:
+            return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout
+
+        commit = git("rev-parse", "HEAD").strip() or None
+        changed = [line[3:] for line in git("status", "--porcelain", "--", *TRACKED_CODE,
+                                            ":(exclude)benchmarks/*/results").splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "tree_clean": None, "changed_files": None}
+    return {"git_commit": commit, "tree_clean": not changed, "changed_files": changed[:10]}
+
+
+AT_START = tree_state()
+"""The tree when the benchmark started (imported first thing by every script); a dirty one is said loudly."""
+if AT_START["tree_clean"] is False:
+    print(f"\n{'!' * 100}\nWARNING: this benchmark runs on a DIRTY tree (changed files "
+          f"under {', '.join(TRACKED_CODE)}: {', '.join(AT_START['changed_files'][:5])}).\nIts results cannot be "
+          f"traced to commit {AT_START['git_commit']}; the JSON records tree_clean=false. Commit first to publish "
+          f"them.\n{'!' * 100}\n", file=sys.stderr, flush=True)
+
+
 def machine_info(**extra: Any) -> dict[str, Any]:
-    """CPU, cores, library versions, git commit (and whether kfac/ had local changes), date; plus ``extra``."""
+    """CPU, cores, library versions, date, and provenance: the git commit and whether the tree was clean (at the
+    start of the run and now: a file changed mid-run makes it dirty; :func:`tree_state`); plus ``extra``."""
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -92,13 +123,11 @@ def machine_info(**extra: Any) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "kfac"], cwd=REPO_ROOT, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    now = tree_state()
+    clean = (None if now["tree_clean"] is None else
+             bool(AT_START["tree_clean"] and now["tree_clean"] and now["git_commit"] == AT_START["git_commit"]))
+    if clean is False:
+        print("WARNING: results from a DIRTY tree (tree_clean=false): not traceable to a commit", file=sys.stderr)
     try:
         import torchvision
 
@@ -109,7 +138,8 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "cpu_model": cpu, "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__, "torchvision": tv,
-        "kfac": kfac.__version__, "git_commit": commit, "kfac_dir_dirty": dirty,
+        "kfac": kfac.__version__, "git_commit": AT_START["git_commit"], "tree_clean": clean,
+        "changed_files": sorted(set(AT_START["changed_files"] or []) | set(now["changed_files"] or []))[:10],
         "python": platform.python_version(), "platform": platform.platform(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import ModuleAdapter, OutProjectionAdapter, TiedEmbeddingAdapter, adapter_for, is_tied_head
+from .modules import (CrossInProjectionAdapter, InProjectionAdapter, ModuleAdapter, OutProjectionAdapter,
+                      TiedEmbeddingAdapter, adapter_for, is_tied_head)
+from .modules.loose import LooseAdapter, head_bias_adapter, loose_adapter
 
 __all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped",
            "summarize", "factor_size"]
@@ -137,10 +139,14 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
             adapter, reason = OutProjectionAdapter(c.module, parent), None
         else:
             adapter, reason = adapter_for(c.module)
+            if type(adapter) is InProjectionAdapter and id(c.module) in cross:  # query is not key: A_q, A_kv
+                adapter = CrossInProjectionAdapter(c.module)
+            if adapter is None:  # parameters a container uses itself: a diagonal block (kfac.modules.loose)
+                adapter = loose_adapter(c.module, c.params, reason)
         if adapter is None:
             out.skipped.append((c.name, _unsupported(c, reason or "unsupported")))
             continue
-        if c.partly_frozen:
+        if c.partly_frozen and not isinstance(adapter, LooseAdapter):
             out.skipped.append((c.name, "parameters do not require grad (frozen)"))
             continue
         if [id(p) for p in adapter.parameters()] != [id(p) for p in c.params]:
@@ -153,8 +159,8 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
             raise ValueError(f"layer {c.name!r} has parameters on the meta device: materialise the model "
                              "(to_empty() and load or initialise its weights) before building K-FAC")
         out.layers.append(TrackedLayer(c.name, c.module, adapter))
-    _set_example_dims(model, out.layers)
     _resolve_ties(out, ties)
+    _set_example_dims(model, out.layers)
     if warn_unmatched:
         rules.warn_unmatched(stacklevel=3)
     return out
@@ -223,8 +229,9 @@ def _resolve_ties(out: Tracking, ties: list[tuple[str, nn.Module, str]]) -> None
             out.layers[index] = TrackedLayer(emb_name, emb, TiedEmbeddingAdapter(emb, head))
             tracked, other = emb_name, head_name
             reason = f"tied to {tracked!r}: both uses' curvature is in {tracked!r}'s block (kfac.modules.tied)"
-            if getattr(head, "bias", None) is not None:
-                reason += "; the head's bias keeps its plain gradient"
+            bias = head_bias_adapter(head, {id(p) for t in out.layers for p in t.adapter.parameters()})
+            if bias is not None:  # its own bias: a diagonal block (kfac.modules.loose)
+                out.layers.append(TrackedLayer(head_name, head, bias))
         else:
             adapter, _ = adapter_for(module)
             if adapter is None or [id(p) for p in adapter.parameters()] != [id(p) for p in
