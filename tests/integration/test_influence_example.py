@@ -62,7 +62,7 @@ def test_influence_benchmark_quick_run(tmp_path):
     assert "LDS" in out and "kronfluence" in out
     assert_png(tmp_path / "influence_quick.png")
     res = json.loads((tmp_path / "influence_quick.json").read_text())
-    assert res["quick"] is True and set(res["methods"]) == {"identity", "kfac", "ekfac", "mfac"}
+    assert res["quick"] is True and set(res["methods"]) == {"identity", "kfac", "ekfac", "ekfac_sampled", "mfac"}
     nq = res["queries"]["count"]
     assert nq == res["config"]["queries"] == 20 and res["subsets"]["count"] == 10
     assert res["model"]["test_accuracy"] > 0.9 and res["model"]["grad_norm"] < 1e-3  # trained to convergence
