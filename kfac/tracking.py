@@ -132,6 +132,7 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
     ties: list[tuple[str, nn.Module, str]] = []
     functional = {f"{n}.out_proj" if n else "out_proj": m for n, m in model.named_modules()
                   if isinstance(m, nn.MultiheadAttention)}
+    cross = {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
     for c in walk(model, rules, out.skipped, ties):
         parent = functional.get(c.name)
         if parent is not None and parent.out_proj is c.module:  # applied functionally: observed via its parent

@@ -65,7 +65,9 @@ class StatisticsHooks:
                                  "(kfac.KFAC built twice on one model?): both would collect statistics; call "
                                  "remove() on the old one (opt.preconditioner.remove()) first")
         for layer in self.layers:
-            layer.handles += layer.adapter.observe(functools.partial(self.forward_hook, layer))
+            hook = functools.partial(self.forward_hook, layer)
+            setattr(hook, "wanted", functools.partial(self.wanted, layer))  # see kfac.modules.attention.wants_use
+            layer.handles += layer.adapter.observe(hook)
             _HOOKED[layer.module] = weakref.ref(self)
 
     def hooks_on(self, module: nn.Module) -> bool:
@@ -82,6 +84,16 @@ class StatisticsHooks:
             del _HOOKED[layer.module]
 
     # -- hooks ---------------------------------------------------------------------------------------------
+    def wanted(self, layer: LayerState) -> bool:
+        """Whether ``layer``'s next forward collects anything (asked before a costly observation, e.g. attention's
+        capture); a training use on a step that collects nothing is counted here, as :meth:`forward_hook` would."""
+        if not (layer.module.training and torch.is_grad_enabled()) or functorch_active():
+            return False
+        if self.schedule.capturing() or self.schedule.correcting():
+            return True
+        layer.forward_calls += 1
+        return False
+
     def forward_hook(self, layer: LayerState, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()) or functorch_active():

@@ -3,8 +3,9 @@
 The registry is an ordered list of ``(match, adapter class)``; ``match`` is an ``nn.Module`` subclass or a predicate
 on the module. :func:`register_adapter` puts a third party's adapter in front of the built-in ones (the first match
 wins), so a library can teach K-FAC its own layer types without touching this package. Built in: ``nn.Linear``,
-``nn.Conv1d`` / ``nn.Conv2d`` (grouped and depthwise ones with a shared ``A``), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection; its
-``out_proj`` is adapted by :func:`kfac.tracking.track_layers`, which knows the parent), and Hugging Face ``Conv1D``
+``nn.Conv1d`` / ``nn.Conv2d`` (grouped and depthwise ones with a shared ``A``), ``nn.Embedding``, ``nn.MultiheadAttention`` (its in-projection, with
+:class:`CrossInProjectionAdapter` for cross-attention; its ``out_proj`` is adapted by
+:func:`kfac.tracking.track_layers`, which knows the parent), and Hugging Face ``Conv1D``
 (GPT-2's transposed linear layer, matched by its structure so that ``transformers`` is never imported),
 normalisation layers (PyTorch's by formula, other libraries' ``*Norm`` modules by ``torch.func``), and an
 embedding tied to an output layer (:class:`TiedEmbeddingAdapter`, chosen by
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .attention import InProjectionAdapter, OutProjectionAdapter
+from .attention import CrossInProjectionAdapter, InProjectionAdapter, OutProjectionAdapter
 from .base import ModuleAdapter, Stat
 from .conv import ConvAdapter, GroupedConvAdapter
 from .embedding import EmbeddingAdapter
@@ -26,7 +27,7 @@ from .norm import NormAdapter, ScaleShiftAdapter, is_norm, is_scale_shift
 from .tied import TiedEmbeddingAdapter, is_tied_head
 
 __all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
-           "InProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "ScaleShiftAdapter", "TiedEmbeddingAdapter", "is_tied_head",
+           "InProjectionAdapter", "CrossInProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "ScaleShiftAdapter", "TiedEmbeddingAdapter", "is_tied_head",
            "Registration", "adapter_for", "register_adapter"]
 
 Match = type[nn.Module] | Callable[[nn.Module], bool]
