@@ -39,6 +39,7 @@ from ..kronecker.methods import EigenCorrectedKFAC
 from ..kronecker.preconditioner import KFACPreconditioner
 from ..kronecker.store import FactorStore
 from ..modules import GroupedConvAdapter, ModuleAdapter, NormAdapter, TiedEmbeddingAdapter
+from ..modules.loose import LooseAdapter
 from ..tracking import summarize
 from ..mfac.static import StaticFisher
 from . import persistence, scoring
@@ -351,6 +352,8 @@ def not_per_example(adapter: ModuleAdapter) -> str:
                 "scatter to the head's V_n, which has no Kronecker form to project")
     if isinstance(adapter, NormAdapter):
         return "normalisation layer: a diagonal block of per-example gradients, not the V_n = sum_t g a^T form"
+    if isinstance(adapter, LooseAdapter):
+        return f"{adapter.describe()}: a diagonal block of per-example gradients, not the V_n = sum_t g a^T form"
     if isinstance(adapter, GroupedConvAdapter):
         return "grouped convolution: one block per group with a shared A, not the V_n = sum_t g a^T form"
     return f"{type(adapter).__name__}: no per-example gradients of the V_n = sum_t g a^T form"
