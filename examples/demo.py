@@ -43,6 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training.cli import HelpFormatter  # noqa: E402
+
 EXAMPLE = Path(__file__).resolve().parent / "torch_cifar10_resnet.py"
 PAYOFF = Path(__file__).resolve().parent / "autoencoder_payoff.py"
 PAYOFF_OPTIMIZERS = ("sgd", "adamw", "muon", "adaptive")  # Muon where this torch has it (>= 2.9)
@@ -52,7 +55,7 @@ KNOWN = ("sgd", "kfac", "ekfac", "mfac")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"),
                    help="one TensorBoard log dir per optimizer below it, plus demo.png and demo.json")
     p.add_argument("--optimizers", default="sgd,kfac,ekfac", help=f"comma-separated, from {','.join(KNOWN)}")

@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _digits import KFAC_DEFAULTS, OPTIMIZERS, RunResult, load_data, train  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--epochs", type=int, default=5, help="passes over the training split")
     parser.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import batch_indices, evaluate, load_data, make_model, make_optimizer  # noqa: E402
+from training.cli import HelpFormatter  # noqa: E402
 
 from kfac.influence import ClassificationTask, InfluenceAnalyzer  # noqa: E402
 
@@ -42,7 +43,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "output"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--method", choices=("ekfac", "kfac", "mfac", "identity"), default="ekfac",
                    help="curvature of the influence scores")
     p.add_argument("--num-queries", type=int, default=4, help="misclassified test digits to explain")

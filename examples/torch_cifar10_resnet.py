@@ -19,8 +19,9 @@ channels in the first stage), or ``resnet18``/``resnet34``/``resnet50`` (torchvi
 convolution and no max-pool, for 32x32 inputs).
 
 Defaults follow KAISA's CIFAR-10 example: global batch 128, lr 0.1 with 5 warm-up epochs and x0.1 at epochs 35, 75
-and 90 of 100, weight decay 5e-4; K-FAC factors every 10 steps, decompositions every 100, damping 0.003. Every
-flag is in ``--help``; the shared machinery (checkpoints, logging, schedule, ...) is documented in ``_train.py``.
+and 90 of 100, weight decay 5e-4; K-FAC factors every 10 steps, decompositions every 100, damping 0.003 (the
+package's defaults are 1, 10 and 1e-2; every other second-order option defaults to the package's). Every flag is in
+``--help``; the shared machinery (checkpoints, logging, schedule, ...) is documented in the ``training/`` package.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _train as T  # noqa: E402
+from training.data import Data, SeededDataset, norm_layer  # noqa: E402
+from training.loop import run  # noqa: E402
+from training.options import Recipe, make_parser  # noqa: E402
+
+RECIPE = Recipe("KAISA's CIFAR-10 recipe",
+                {"factor_update_steps": 10, "inv_update_steps": 100, "damping": 0.003})
+"""The K-FAC settings of KAISA's CIFAR-10 example, which these defaults reproduce (``--help`` names the package's)."""
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -60,7 +67,7 @@ def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-def cifar10(root: Path, seed: int) -> T.Data:
+def cifar10(root: Path, seed: int) -> Data:
     import torchvision.transforms as tf
     from torchvision.datasets import CIFAR10
 
@@ -77,12 +84,12 @@ def cifar10(root: Path, seed: int) -> T.Data:
     augment = tf.Compose([tf.Lambda(uint8_to_float), tf.RandomCrop(32, padding=4), tf.RandomHorizontalFlip(),
                           normalize])
     plain = tf.Compose([tf.Lambda(uint8_to_float), normalize])
-    return T.Data(train=T.SeededDataset(images(train), augment, seed), test=T.SeededDataset(images(test), plain, seed),
+    return Data(train=SeededDataset(images(train), augment, seed), test=SeededDataset(images(test), plain, seed),
                   num_classes=10, name="cifar10",
                   description=f"CIFAR-10 from {root} ({len(train)} train / {len(test)} test images)")
 
 
-def digits(seed: int) -> T.Data:
+def digits(seed: int) -> Data:
     import torchvision.transforms as tf
     from _digits import load_data
 
@@ -92,14 +99,14 @@ def digits(seed: int) -> T.Data:
         return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1).contiguous()
 
     train, test = Images(upscale(d.x_train), d.y_train), Images(upscale(d.x_test), d.y_test)
-    return T.Data(train=T.SeededDataset(train, tf.RandomCrop(32, padding=4), seed), test=test, num_classes=10,
+    return Data(train=SeededDataset(train, tf.RandomCrop(32, padding=4), seed), test=test, num_classes=10,
                   name="sklearn-digits-32",
                   description=(f"OFFLINE DEFAULT (no --data-dir): scikit-learn digits, NOT CIFAR-10\n"
                                f"real 8x8 handwritten digits upscaled to 32x32x3, 10 classes, {len(train)} train / "
                                f"{len(test)} test\npass --data-dir /path/to/cifar10 to train on CIFAR-10"))
 
 
-def build_data(args: argparse.Namespace) -> T.Data:
+def build_data(args: argparse.Namespace) -> Data:
     return digits(args.seed) if args.data_dir is None else cifar10(args.data_dir, args.seed)
 
 
@@ -150,7 +157,7 @@ class CifarResNet(nn.Module):
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    norm = T.norm_layer(args.norm)
+    norm = norm_layer(args.norm)
     m = re.fullmatch(r"resnet(\d+)", args.model)
     if m and args.model not in ("resnet18", "resnet34", "resnet50"):
         depth = int(m.group(1))
@@ -167,12 +174,17 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     raise SystemExit(f"unknown --model {args.model!r}: resnet<6n+2> (e.g. resnet20, resnet32) or resnet18/34/50")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = T.make_parser(__doc__.split("\n\n", 1)[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(__doc__.split("\n\n", 1)[0], recipe=RECIPE)
     parser.add_argument("--model", default="resnet32", help="resnet<6n+2> (CIFAR ResNet) or resnet18/34/50")
     parser.add_argument("--width", type=int, default=16, help="channels of the first stage (resnet<6n+2> only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return T.run(args, build_data=build_data, build_model=build_model, parser=parser)
+    return run(args, build_data=build_data, build_model=build_model, parser=parser)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Models (``--model``): any torchvision ResNet-family name (``resnet18`` ... ``res
 
 Defaults follow KAISA's ImageNet example: global batch 256, lr 0.1 with 5 warm-up epochs and x0.1 at epochs 25, 35,
 40, 45 and 50 of 55, weight decay 5e-5, label smoothing 0.1; K-FAC factors every 10 steps, decompositions every
-100, damping 0.001. Every flag is in ``--help``; the shared machinery is documented in ``_train.py``.
+100, damping 0.001 (the package's defaults are 1, 10 and 1e-2; every other second-order option defaults to the
+package's). Every flag is in ``--help``; the shared machinery is documented in the ``training/`` package.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _train as T  # noqa: E402
+from training.data import Data, SeededDataset, norm_layer, sample_seed  # noqa: E402
+from training.loop import run  # noqa: E402
+from training.options import Recipe, make_parser  # noqa: E402
+
+RECIPE = Recipe("KAISA's ImageNet recipe",
+                {"factor_update_steps": 10, "inv_update_steps": 100, "damping": 0.001})
+"""The K-FAC settings of KAISA's ImageNet example, which these defaults reproduce (``--help`` names the package's)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,19 +60,19 @@ class SyntheticImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        g = torch.Generator().manual_seed(T.sample_seed(self.seed, -1, i))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, -1, i))
         return (torch.randn(3, self.size, self.size, generator=g),
                 int(torch.randint(self.num_classes, (), generator=g)))
 
 
-def synthetic(args: argparse.Namespace) -> T.Data:
+def synthetic(args: argparse.Namespace) -> Data:
     import torchvision.transforms as tf
 
     n_test = max(args.synthetic_size // 10, 1)
     train = SyntheticImages(args.synthetic_size, args.image_size, args.num_classes, args.seed)
     test = SyntheticImages(n_test, args.image_size, args.num_classes, args.seed + 1)
     why = "--synthetic" if args.synthetic else "no --data-dir"
-    return T.Data(train=T.SeededDataset(train, tf.RandomHorizontalFlip(), args.seed), test=test,
+    return Data(train=SeededDataset(train, tf.RandomHorizontalFlip(), args.seed), test=test,
                   num_classes=args.num_classes, name=f"synthetic-{args.image_size}",
                   description=(f"SYNTHETIC DATA ({why}): random images, NOT ImageNet; accuracy is meaningless\n"
                                f"{args.synthetic_size} train / {n_test} test images of 3x{args.image_size}x"
@@ -73,7 +80,7 @@ def synthetic(args: argparse.Namespace) -> T.Data:
                                "pass --data-dir /path/to/imagenet (train/ and val/ ImageFolders) for real data"))
 
 
-def imagenet(args: argparse.Namespace) -> T.Data:
+def imagenet(args: argparse.Namespace) -> Data:
     import torchvision.transforms as tf
     from torchvision.datasets import ImageFolder
 
@@ -89,13 +96,13 @@ def imagenet(args: argparse.Namespace) -> T.Data:
                                                                tf.CenterCrop(size), tf.ToTensor(), normalize]))
     if test.classes != train.classes:
         raise SystemExit(f"--data-dir {root}: train/ and val/ have different class folders")
-    return T.Data(train=T.SeededDataset(train, augment, args.seed), test=test, num_classes=len(train.classes),
+    return Data(train=SeededDataset(train, augment, args.seed), test=test, num_classes=len(train.classes),
                   name="imagefolder", in_memory=False,
                   description=(f"ImageNet-style ImageFolder {root}: {len(train)} train / {len(test)} val images, "
                                f"{len(train.classes)} classes, {size}x{size} crops"))
 
 
-def build_data(args: argparse.Namespace) -> T.Data:
+def build_data(args: argparse.Namespace) -> Data:
     if args.synthetic and args.data_dir is not None:
         raise SystemExit("--synthetic and --data-dir exclude each other")
     return synthetic(args) if args.data_dir is None else imagenet(args)
@@ -107,22 +114,27 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if not args.model.startswith(MODEL_PREFIXES) or args.model not in torchvision.models.list_models():
         raise SystemExit(f"--model {args.model!r}: expected a torchvision ResNet-family model "
                          f"(e.g. resnet18, resnet50, resnext50_32x4d, wide_resnet50_2)")
-    return torchvision.models.get_model(args.model, num_classes=num_classes, norm_layer=T.norm_layer(args.norm))
+    return torchvision.models.get_model(args.model, num_classes=num_classes, norm_layer=norm_layer(args.norm))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = T.make_parser(
-        __doc__.split("\n\n", 1)[0], kfac_damping=0.001, epochs=55, batch_size=256, lr=0.1, weight_decay=5e-5,
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        __doc__.split("\n\n", 1)[0], recipe=RECIPE, epochs=55, batch_size=256, lr=0.1, weight_decay=5e-5,
         label_smoothing=0.1, lr_milestones=[25.0, 35.0, 40.0, 45.0, 50.0], test_batch_size=128)
     parser.add_argument("--model", default="resnet50", help="torchvision ResNet-family model name")
     parser.add_argument("--image-size", type=int, default=224, help="training crop / synthetic image side")
     parser.add_argument("--synthetic", action="store_true", help="random images (the default without --data-dir)")
     parser.add_argument("--synthetic-size", type=int, default=2560, help="synthetic training images")
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of the synthetic data")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.image_size < 8 or args.synthetic_size < 1 or args.num_classes < 2:
         parser.error("--image-size must be >= 8, --synthetic-size >= 1 and --num-classes >= 2")
-    return T.run(args, build_data=build_data, build_model=build_model, parser=parser)
+    return run(args, build_data=build_data, build_model=build_model, parser=parser)
 
 
 if __name__ == "__main__":
