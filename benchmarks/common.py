@@ -4,7 +4,11 @@ how results are written (a compact summary JSON, the raw data only on request, a
 Layout: ``benchmarks/cpu/`` holds the benchmarks that run (and were measured) on CPU, ``benchmarks/gpu/`` those
 that need a CUDA device; each folder's ``results/`` holds what is committed from them. Every script runs as
 ``python benchmarks/<cpu|gpu>/<name>.py`` from anywhere (it puts the repository root on ``sys.path`` itself and
-imports this module as ``benchmarks.common``), or as ``python -m benchmarks.<cpu|gpu>.<name>`` from the root.
+imports this module as ``benchmarks.common``), or as ``python -m benchmarks.<cpu|gpu>.<name>`` from the root. A
+benchmark too large for one file keeps its pieces in a package beside its script (``cpu/ttr/`` for
+``time_to_result.py`` and ``batch_scaling.py``, ``cpu/strategies/`` for ``distributed.py``, ``cpu/overhead/`` for
+``step_overhead.py``, ``gpu/step/`` for ``gpu_step.py``); the script keeps the command line, the docstring (which
+the JSON records) and the outputs.
 """
 
 from __future__ import annotations

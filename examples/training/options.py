@@ -107,7 +107,8 @@ def make_parser(description: str, *, recipe: Recipe | None = None, **defaults: A
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     g.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds before a stuck collective fails")
     g = p.add_argument_group("second-order optimizer (wraps SGD with --lr/--momentum/--weight-decay)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac",
+                   help="sgd alone, or K-FAC / EK-FAC / M-FAC preconditioning it")
     g.add_argument("--kfac-method", choices=("eigen", "inverse"), default="eigen", help="--optimizer kfac only")
     g.add_argument("--factor-update-steps", type=int, default=ours["factor_update_steps"],
                    help="steps between K-FAC/EK-FAC factor updates" + recipe.note("factor_update_steps", pkg))
