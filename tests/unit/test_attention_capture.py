@@ -299,3 +299,40 @@ def test_transformer_decoder_cross_attention_gets_its_own_blocks_and_trains():
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert not opt.preconditioner.unused_layers
+
+
+@pytest.mark.parametrize("units", ["kaisa", "curvature"])
+@pytest.mark.parametrize("adapter", ["cross", "packed"])
+def test_ekfac_corrections_of_a_cross_attention_in_projection_come_from_its_per_example_gradients(adapter, units):
+    """EK-FAC on a cross-attention call: ``Lambda = sum_n (QG^T V_n QA)^2`` (curvature units; KAISA's divide by
+    the ``N`` examples and their ``T = L + S`` rows) with ``V_n`` torch.func's per-example gradient of the
+    batch-mean loss (``blockdiag(V_q, V_kv)`` for the cross adapter, whose eigenbases stay block-diagonal)."""
+    torch.manual_seed(3)
+    model = Cross().double()
+    reg = _cross_adapter(model) if adapter == "cross" else None
+    try:
+        pre = kfac.KFACPreconditioner(model, method="ekfac", factor_decay=0.0, correction_decay=0.0, kl_clip=None,
+                                      factor_dtype=torch.float64, units=units)
+    finally:
+        if reg is not None:
+            reg.remove()
+    q, m, y = (torch.randn(3, n, d, dtype=torch.float64) for n, d in ((4, E), (5, E), (4, 3)))
+    for i in range(2):
+        model.zero_grad()
+        F.mse_loss(model(q, m), y, reduction="sum").div(3).backward()  # the batch mean of per-example sums
+        pre.update()
+        if i == 0:
+            pre.refresh(damping=1e-3)
+    per = _per_example(model, q, m, y, True)
+    vq, vkv = _blocks(per["attn.in_proj_weight"] / 3, per["attn.in_proj_bias"] / 3)
+    e, h = pre.store["attn"], E + 1
+    if adapter == "cross":
+        v = torch.zeros(3, 3 * E, 2 * h, dtype=torch.float64)
+        v[:, :E, :h], v[:, E:, h:] = vq, vkv
+        assert e.QA[:h, :].abs().mul(e.QA[h:, :].abs()).max() < 1e-12  # no eigenvector spans both blocks
+    else:
+        v = torch.cat([vq, vkv], 1)
+    want = (e.QG.T @ v @ e.QA).square().sum(0)
+    if units == "kaisa":
+        want = want / (3 * (4 + 5))
+    torch.testing.assert_close(e.extras["Lambda"], want, rtol=1e-8, atol=1e-14)
