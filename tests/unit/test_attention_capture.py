@@ -336,3 +336,31 @@ def test_ekfac_corrections_of_a_cross_attention_in_projection_come_from_its_per_
     if units == "kaisa":
         want = want / (3 * (4 + 5))
     torch.testing.assert_close(e.extras["Lambda"], want, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("separate_value", [False, True])
+@pytest.mark.parametrize("adapter", ["cross", "packed"])
+def test_cross_attention_capture_leaves_outputs_unchanged_with_masks(adapter, separate_value, need_weights):
+    """A captured cross-attention call (projections computed apart, identities in their place) gives PyTorch's
+    outputs and attention weights, with a key padding mask and an attention mask (``S != L``)."""
+    torch.manual_seed(4)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    q, k = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 6, 8, dtype=torch.float64)
+    v = torch.randn(3, 6, 8, dtype=torch.float64) if separate_value else k
+    kw = {"need_weights": need_weights, "attn_mask": torch.randn(4, 6, dtype=torch.float64),
+          "key_padding_mask": torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 5 + [True]])}
+    out, weights = mha(q, k, v, **kw)
+    reg = register_adapter(lambda m: m is mha, CrossInProjectionAdapter) if adapter == "cross" else None
+    try:
+        pre = kfac.KFACPreconditioner(nn.ModuleDict({"attn": mha}))
+    finally:
+        if reg is not None:
+            reg.remove()
+    got, got_weights = mha(q, k, v, **kw)
+    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-14)
+    if need_weights:
+        torch.testing.assert_close(got_weights, weights, rtol=1e-12, atol=1e-14)
+    got.sum().backward()
+    pre.step()
+    assert not pre.unused_layers
