@@ -232,26 +232,26 @@ class Communicator:
         return out[0] == 0, out[1] == -out[2], [bool(v) for v in out[3:]]
 
     def fence(self, step: int, what: str) -> None:
-        """Check that every rank reached ``what`` (e.g. ``"step()"``) at K-FAC step ``step``: one tiny all-gather
+        """Check that every rank reached ``what`` (e.g. ``"step()"``) at K-FAC step ``step``: one tiny all-reduce
         on the gloo side group. Raises the same clear error on every rank if they reached different calls or steps,
         and, on the ranks that arrived, if some rank did not within ``step_timeout`` (naming the ranks)."""
         if self._side is None:
             return
-        mine = torch.tensor([step, zlib.crc32(what.encode())], dtype=torch.int64)
-        out = [torch.empty_like(mine) for _ in range(self.world_size)]
-        try:
-            dist.all_gather(out, mine, group=self._side)
+        code = zlib.crc32(what.encode())
+        t = torch.tensor([step, -step, code, -code], dtype=torch.int64)
+        try:  # one MAX reduction: equal everywhere iff the largest step and call equal minus the smallest
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._side)
         except Exception as exc:  # timeout, or a peer that exited meanwhile
             absent = self._absent(step)
             who = f"rank(s) {absent}" if absent else "some rank(s)"
             raise RuntimeError(f"kfac: rank {self.rank} reached {what} at step {step}, but {who} did not within "
                                f"step_timeout={self.step_timeout:g} s. {_FENCE_HINT}") from exc
-        if all(torch.equal(t, mine) for t in out):
+        if t[0] == -t[1] and t[2] == -t[3]:
             return
-        whats: list[Any] = [None] * self.world_size  # every rank sees the mismatch: all take this branch together
-        dist.all_gather_object(whats, what, group=self._side)
-        seen = ", ".join(f"rank {r}: {w} at step {int(t[0])}" for r, (w, t) in enumerate(zip(whats, out)))
-        raise RuntimeError(f"kfac: ranks disagree at step {step} ({seen}). {_FENCE_HINT}")
+        seen: list[Any] = [None] * self.world_size  # every rank sees the mismatch: all take this branch together
+        dist.all_gather_object(seen, (what, step), group=self._side)
+        ranks = ", ".join(f"rank {r}: {w} at step {s}" for r, (w, s) in enumerate(seen))
+        raise RuntimeError(f"kfac: ranks disagree at step {step} ({ranks}). {_FENCE_HINT}")
 
     def _absent(self, step: int) -> list[int] | None:
         """After a failed fence: the ranks that have not marked ``step``'s fence in the store within a grace

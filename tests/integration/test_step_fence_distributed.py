@@ -48,3 +48,12 @@ def test_rank_that_calls_step_an_extra_time_fails_after_step_timeout(tmp_path):
     assert r1["runtime_error"] and f"reached step() at step {W.STEPS}, but rank(s) [0] did not" in \
         r1["error_message"], r1
     assert S.STEP_TIMEOUT <= r1["elapsed"] < BOUND, r1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "300"])
+def test_step_timeout_is_validated_once(bad):
+    from kfac.distributed.config import DistributedConfig
+
+    with pytest.raises(ValueError, match="step_timeout"):
+        DistributedConfig(step_timeout=bad)
+    assert DistributedConfig().step_timeout == 300.0 and DistributedConfig(step_timeout=None).step_timeout is None
