@@ -17,8 +17,9 @@ Where per-example gradients cannot be taken (a forward that is not vmappable, ta
 single tensor, data-dependent control flow, batch norm's running statistics), the block reports non-finite
 statistics at its first statistics step with :attr:`LooseAdapter.refusal` set, and the preconditioner untracks it
 with a warning (:class:`kfac.kronecker.guards.StatisticsHealth`; listed in ``skipped``, gradients used as they are);
-the other blocks are kept. Random ops (dropout) draw their own masks per example. Not for EK-FAC or influence (no
-``V_n = Σ_t g aᵀ`` rows).
+the other blocks are kept. Random ops (dropout) draw new masks, one per example (the forward's cannot be replayed;
+an in-place draw into an unbatched tensor, as torchvision's stochastic depth, one for all examples: each example's
+mask still has the forward's distribution). Not for EK-FAC or influence (no ``V_n = Σ_t g aᵀ`` rows).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class LooseAdapter(ModuleAdapter):
         self.failure: str | None = None
         self.pending: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # inputs of the use being back-propagated
         self.set_example_dim = 0
+        self.randomness = "different"  # vmap's: each example of the recomputation draws its own dropout mask
         try:
             first = next((p.name for p in inspect.signature(module.forward).parameters.values()
                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
@@ -182,7 +184,14 @@ class LooseAdapter(ModuleAdapter):
             def one(rows: list[Tensor], gi: Tensor) -> dict[str, Tensor]:
                 return cast(dict[str, Tensor], vjp(lambda p: call(rows, p).select(e, 0), params)[1](gi)[0])
 
-            per = vmap(one, in_dims=(d, e), randomness="different")([leaves[i] for i in batched], g)
+            rows = [leaves[i] for i in batched]
+            try:
+                per = vmap(one, in_dims=(d, e), randomness=self.randomness)(rows, g)
+            except RuntimeError as exc:  # an in-place draw into an unbatched tensor (stochastic depth's mask)
+                if self.randomness == "same" or "randomness" not in str(exc):
+                    raise
+                self.randomness = "same"
+                per = vmap(one, in_dims=(d, e), randomness=self.randomness)(rows, g)
         return torch.cat([per[k].reshape(n, -1) for k in self.names], 1)
 
     @staticmethod
