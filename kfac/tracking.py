@@ -200,12 +200,7 @@ def _unsupported(c: Candidate, reason: str) -> str:
     if isinstance(c.module, nn.RNNBase):
         return (f"recurrent layer {type(c.module).__name__}: not preconditioned (no Kronecker block for recurrent "
                 "weights yet); its gradients are used as they are")
-    if next(c.module.children(), None) is not None:
-        names = [n for n, p in c.module.named_parameters(recurse=False) if any(p is q for q in c.params)]
-        return (f"loose parameters {names} of {type(c.module).__name__}: used directly by a container module, not "
-                "through a layer K-FAC models (class tokens, position embeddings, layer scales); their gradients "
-                "are used as they are")
-    return reason
+    return reason  # (a container's own parameters have a block: kfac.modules.loose)
 
 
 def factor_size(adapter: ModuleAdapter) -> int:
