@@ -56,7 +56,7 @@ class LooseAdapter(ModuleAdapter):
         self.names = [names.get(id(p), "?") for p in self.params]
         self.failure: str | None = None
         self.pending: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # inputs of the use being back-propagated
-        self.set_example_dim = 0
+        self.set_example_dim: int | None = None
         self.randomness = "different"  # vmap's: each example of the recomputation draws its own dropout mask
         try:
             first = next((p.name for p in inspect.signature(module.forward).parameters.values()
@@ -67,10 +67,16 @@ class LooseAdapter(ModuleAdapter):
 
     @property
     def example_dim(self) -> int:
-        """The examples' dimension: 1 if the owner itself says ``batch_first=False``, else the one set by
-        :func:`kfac.tracking.track_layers` from its container (0 by default)."""
+        """The examples' dimension, from the first layout declared (``batch_first``; 1 where ``False``): by the
+        owner itself, by its containers (set by :func:`kfac.tracking.track_layers`), or alike by every module
+        inside it (the root of a model of sequence-first layers); else 0."""
         own = getattr(self.module, "batch_first", None)
-        return (0 if own else 1) if isinstance(own, bool) else self.set_example_dim
+        if isinstance(own, bool):
+            return 0 if own else 1
+        if self.set_example_dim is not None:
+            return self.set_example_dim
+        inside = {m.batch_first for m in self.module.modules() if isinstance(getattr(m, "batch_first", None), bool)}
+        return 1 if inside == {False} else 0
 
     @example_dim.setter
     def example_dim(self, value: int) -> None:

@@ -76,11 +76,14 @@ class Encoder(nn.Module):
 
 class ViT(nn.Module):
     """A small ViT: patches ``(N, T, P)`` (``(T, N, P)`` sequence-first), a class token owned by the root (which
-    declares its layout), a position embedding owned by the encoder, the class token's output to the head."""
+    declares its layout, or not: then its layers' ``batch_first`` tell), a position embedding owned by the
+    encoder, the class token's output to the head."""
 
-    def __init__(self, batch_first: bool, d: int = 8, tokens: int = 3) -> None:
+    def __init__(self, batch_first: bool, d: int = 8, tokens: int = 3, declared: bool = True) -> None:
         super().__init__()
-        self.batch_first = batch_first
+        self.first = batch_first
+        if declared:
+            self.batch_first = batch_first
         self.proj = nn.Linear(4, d)
         self.class_token = nn.Parameter(torch.randn(1, 1, d))
         self.encoder = Encoder(d, tokens + 1, batch_first)
@@ -88,17 +91,18 @@ class ViT(nn.Module):
 
     def forward(self, x):
         h = self.proj(x)
-        if self.batch_first:
+        if self.first:
             h = torch.cat([self.class_token.expand(h.shape[0], -1, -1), h], 1)
             return self.head(self.encoder(h)[:, 0])
         h = torch.cat([self.class_token.expand(-1, h.shape[1], -1), h], 0)
         return self.head(self.encoder(h)[0])
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["root_declares", "layers_declare"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
-def test_vit_class_token_and_position_embedding_blocks_are_exact(batch_first):
+def test_vit_class_token_and_position_embedding_blocks_are_exact(batch_first, declared):
     torch.manual_seed(0)
-    model = ViT(batch_first).double()
+    model = ViT(batch_first, declared=declared).double()
     pre = _pre(model)
     assert {"", "encoder"} <= set(pre.layers) and not pre.skipped
     assert all(type(pre.adapters[k]) is LooseAdapter for k in ("", "encoder"))
