@@ -147,7 +147,9 @@ class LooseAdapter(ModuleAdapter):
             self.fail(f"{owner}.forward returns {type(output).__name__}, not one tensor")
             output = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.requires_grad), None)
         if self.failure is None and isinstance(output, Tensor) and output.requires_grad:
-            inputs = tree_unflatten([t.detach() if isinstance(t, Tensor) else t for t in leaves], spec)
+            dtype = self.params[0].dtype  # the recomputation runs outside autocast: inputs in the parameters' dtype
+            inputs = tree_unflatten([(t.detach().to(dtype) if t.is_floating_point() else t.detach())
+                                     if isinstance(t, Tensor) else t for t in leaves], spec)
 
             def arrived(grad: Tensor) -> None:
                 self.pending = cast(tuple[tuple[Any, ...], dict[str, Any]], inputs)
@@ -188,7 +190,8 @@ class LooseAdapter(ModuleAdapter):
             e = self.output_dim(g, n, d, lambda: call([leaves[i].narrow(d, 0, 1).squeeze(d) for i in batched], params))
 
             def one(rows: list[Tensor], gi: Tensor) -> dict[str, Tensor]:
-                return cast(dict[str, Tensor], vjp(lambda p: call(rows, p).select(e, 0), params)[1](gi)[0])
+                out, pull = vjp(lambda p: call(rows, p).select(e, 0), params)
+                return cast(dict[str, Tensor], pull(gi.to(out.dtype))[0])
 
             rows = [leaves[i] for i in batched]
             try:

@@ -309,3 +309,28 @@ def test_torchvision_vit_and_convnext_are_fully_preconditioned_and_exact():
         per = _per_example(model, F.cross_entropy, x, y)
         for k, keys in blocks.items():
             _check_block(pre, k, model, per, keys, raw[k])
+
+
+def test_block_inside_autocast_recomputes_from_its_inputs_in_the_parameters_dtype():
+    """A bfloat16 input from an autocast region (the recomputation runs outside it): the block is kept and its
+    ``A`` matches the float32 per-example gradients up to bfloat16's precision."""
+    torch.manual_seed(0)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.gain = nn.Linear(4, 4), nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return self.fc(x) * self.gain
+
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 2))
+    pre = kfac.KFACPreconditioner(model, kl_clip=None, factor_decay=0.0)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    F.mse_loss(out.float(), y).backward()
+    pre.step()
+    assert "1" in pre.layers and not pre.skipped
+    per = _per_example(model, F.mse_loss, x, y)["1.gain"]
+    torch.testing.assert_close(pre.store["1"].A, (per ** 2).mean(0), rtol=0.1, atol=1e-6)
