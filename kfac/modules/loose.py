@@ -190,7 +190,7 @@ class LooseAdapter(ModuleAdapter):
             e = self.output_dim(g, n, d, lambda: call([leaves[i].narrow(d, 0, 1).squeeze(d) for i in batched], params))
 
             def one(rows: list[Tensor], gi: Tensor) -> dict[str, Tensor]:
-                out, pull = vjp(lambda p: call(rows, p).select(e, 0), params)
+                out, pull = vjp(lambda p: call(rows, p).select(e, 0), params)[:2]
                 return cast(dict[str, Tensor], pull(gi.to(out.dtype))[0])
 
             rows = [leaves[i] for i in batched]
