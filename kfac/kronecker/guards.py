@@ -96,7 +96,8 @@ class StatisticsHealth:
                 warnings.warn(f"kfac: layer {name!r}: {why} at step {step}; its factors are not updated (the other "
                               f"layers' are); untracked after {self.limit} such updates in a row", stacklevel=5)
             if self.streak[name] >= self.limit:
-                out[name] = f"{why} at {self.limit} factor updates in a row (last: step {step})"
+                out[name] = (f"{why} (found at step {step})" if refusal else
+                             f"{why} at {self.limit} factor updates in a row (last: step {step})")
                 warnings.warn(f"kfac: layer {name!r} untracked: {out[name]}; its gradient is used as it is",
                               stacklevel=5)
         return out

@@ -86,6 +86,7 @@ class StateMixin:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` / :meth:`consolidated_state_dict` output; the tracked layers must match
         (clear error otherwise)."""
+        state = self._with_new_blocks(state, warn=True)
         self.validate_state_dict(state)
         self._drop_unexecuted(state.get("not_executed", ()))
         self.engine.load_store_state(state["store"],
@@ -101,6 +102,7 @@ class StateMixin:
 
     def validate_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
+        state = self._with_new_blocks(state)
         shard = state.get("shard")
         if shard is not None:
             here = {"rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
@@ -119,3 +121,21 @@ class StateMixin:
             raise ValueError(f"K-FAC state was saved with method={state['method']!r}, this is {self.method.name!r}")
         self.engine.validate_store_state(state["store"], [layer.entry for layer in self._layers
                                                           if layer.name in expected])
+
+    def _with_new_blocks(self, state: Mapping[str, Any], warn: bool = False) -> Mapping[str, Any]:
+        """``state`` with fresh entries for tracked layers of a kind earlier versions did not track
+        (:attr:`kfac.ModuleAdapter.absent_from_old_checkpoints`) that it lacks: such a checkpoint loads, they
+        start from no factors (their plain gradient until their first factor update)."""
+        saved = set(state.get("layers", ())) | set(state.get("not_executed", ()))
+        new = [layer for layer in self._layers if layer.name not in saved
+               and layer.adapter.absent_from_old_checkpoints and "layers" in state and "store" in state]
+        if not new:
+            return state
+        if warn:
+            logger.warning("kfac: the checkpoint has no state for %s (a kind of block earlier versions did not "
+                           "track); they start from fresh factors", [layer.name for layer in new])
+        entries = dict(state["store"]["entries"])
+        for layer in new:
+            entries[layer.name] = {"meta": {**layer.entry.meta(), "num_updates": 0, "owner": None}, "tensors": {}}
+        return {**state, "layers": [*state["layers"], *(layer.name for layer in new)],
+                "store": {**state["store"], "entries": entries}}

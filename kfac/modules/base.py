@@ -61,6 +61,10 @@ class ModuleAdapter(ABC):
     """Whether :meth:`example_rows` gives per-example gradients ``V_n = sum_t g_nt a_nt^T`` (EK-FAC corrections
     and influence need them)."""
 
+    absent_from_old_checkpoints: bool = False
+    """Whether earlier versions left layers of this kind untracked: a checkpoint without them still loads, and
+    they start from fresh factors (e.g. loose parameters' blocks)."""
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 

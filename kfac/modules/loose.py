@@ -45,6 +45,7 @@ class LooseAdapter(ModuleAdapter):
     """The diagonal block of ``params``, the own parameters of container ``module`` (see the module docstring)."""
 
     a_diagonal = True
+    absent_from_old_checkpoints = True  # untracked before: a checkpoint without these blocks loads
     stats_from_backward = True
     gradient_power = (2, 0)
     per_example = False

@@ -334,3 +334,33 @@ def test_block_inside_autocast_recomputes_from_its_inputs_in_the_parameters_dtyp
     assert "1" in pre.layers and not pre.skipped
     per = _per_example(model, F.mse_loss, x, y)["1.gain"]
     torch.testing.assert_close(pre.store["1"].A, (per ** 2).mean(0), rtol=0.1, atol=1e-6)
+
+
+def test_checkpoint_from_before_loose_blocks_loads_and_they_start_fresh(kfac_caplog):
+    """Nothing a user saved is lost: a K-FAC checkpoint written when loose parameters were untracked (no state for
+    them) loads into a model that now tracks them; every other layer's state is restored exactly."""
+    torch.manual_seed(0)
+    model = ViT(True).double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    pre = _pre(model)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    old = pre.state_dict()
+    loose = ["", "encoder"]
+    old = {**old, "layers": [n for n in old["layers"] if n not in loose],
+           "seen": [n for n in old["seen"] if n not in loose],
+           "store": {**old["store"], "entries": {n: e for n, e in old["store"]["entries"].items() if n not in loose}}}
+    pre.remove()
+    fresh = _pre(model)
+    fresh.load_state_dict(old)
+    assert "start from fresh factors" in kfac_caplog.text
+    assert fresh.steps == 1 and all(fresh.store[n].A is None for n in loose)
+    for name in old["layers"]:
+        torch.testing.assert_close(fresh.store[name].A, pre.store[name].A, rtol=0, atol=0)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    fresh.step()
+    assert all(fresh.store[n].A is not None for n in loose)
+    bad = {**old, "layers": old["layers"][1:]}  # a layer of a kind tracked before is still required
+    with pytest.raises(ValueError, match="saved for different layers"):
+        _pre(ViT(True).double()).load_state_dict(bad)
