@@ -34,7 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: `kfac` and `benchmarks` importable
     sys.path.insert(0, str(REPO_ROOT))
-from benchmarks.common import save_png  # noqa: E402
+from benchmarks.common import machine_info, save_png  # noqa: E402
 
 from kfac.planner import CostModel, LayerSpec, cache_path, calibrate, layer_specs, make_plan  # noqa: E402
 
@@ -320,6 +320,7 @@ def main() -> None:
     result = run(cost, args.factor_update_steps, args.inv_update_steps)
     print_table(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    result["machine"] = machine_info(calibrated=args.calibrate)
     (RESULTS / "planner_scale.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     if not args.no_plot:
         plot(result, RESULTS / "planner_scale.png")
