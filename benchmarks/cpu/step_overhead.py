@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=20, help="steps profiled with --profile (default 20)")
     p.add_argument("--no-bench", action="store_true", help="skip the timing benchmark (e.g. with --profile)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--name", default=None, help="file stem of the JSON/PNG (default: step_overhead, or "
+                                                "step_overhead_quick with --quick), e.g. step_overhead_64_profile")
     add_raw_argument(p, "step_overhead[_quick]")
     args = p.parse_args(argv)
     if args.warmup < 1:
@@ -194,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         log("\n" + format_profile(prof))
     info["load_average_end"] = os.getloadavg()
 
-    json_path = args.out_dir / f"step_overhead{suffix}.json"
+    stem = args.name or f"step_overhead{suffix}"
+    json_path = args.out_dir / f"{stem}.json"
     log("")
     write_results(json_path, result, RAW_KEYS, raw=args.raw, embed_raw=args.quick, indent=2, default=str)
     if rows:
-        png_path = args.out_dir / f"step_overhead{suffix}.png"
+        png_path = args.out_dir / f"{stem}.png"
         plot(rows, png_path, title=plot_title(result), show_reference=not args.quick)
         log(f"wrote {png_path}")
     return 0
