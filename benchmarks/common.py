@@ -101,7 +101,7 @@ def tree_state() -> dict[str, Any]:
 
         commit = git("rev-parse", "HEAD").strip() or None
         changed = [line[3:] for line in git("status", "--porcelain", "--", *TRACKED_CODE,
-                                            ":(exclude)benchmarks/*/results").splitlines() if line.strip()]
+                                            ":(exclude)benchmarks/*/results/*").splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "tree_clean": None, "changed_files": None}
     return {"git_commit": commit, "tree_clean": not changed, "changed_files": changed[:10]}
