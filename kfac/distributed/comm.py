@@ -21,10 +21,12 @@ process-group timeout.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import json
 import time
+import weakref
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -102,6 +104,8 @@ class Communicator:
         self.step_timeout = step_timeout
         self._side = (self._new_group(self._ranks, backend="gloo", timeout=datetime.timedelta(seconds=step_timeout))
                        if self.enabled and step_timeout is not None else None)
+        if self.enabled:  # K-FAC's references must not keep process groups alive into interpreter shutdown
+            atexit.register(_release_groups, weakref.ref(self))
 
     # -- buckets -------------------------------------------------------------------------------------------
     def _flatten(self, tensors: Sequence[Tensor], *, exact: bool = False, dtype: torch.dtype | None = None,
@@ -362,3 +366,12 @@ def _group_timeout(group: Any | None) -> datetime.timedelta | None:
         return timeout if isinstance(timeout, datetime.timedelta) else None
     except Exception:  # private API: fall back to torch's default timeout
         return None
+
+
+def _release_groups(ref: "weakref.ref[Communicator]") -> None:
+    """At exit, while the interpreter is alive: drop a communicator's references to its process groups, so that
+    groups the user destroyed (``destroy_process_group()``) are freed now rather than during interpreter
+    finalization, where a gloo group's threads can abort the process."""
+    comm = ref()
+    if comm is not None:
+        comm.group = comm._side = None
