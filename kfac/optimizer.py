@@ -23,6 +23,7 @@ from .adaptive.output_loss import OutputLoss
 from .adaptive.quadratic import batch_statistics_only
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorStore
+from .tracking import rename_map
 
 __all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC", "MFAC"]
 
@@ -315,6 +316,10 @@ class KFAC(PreconditionedOptimizer):
                              "build the optimizer the same way to load it")
         super().load_state_dict(state)
         if self.adaptive is not None and adaptive is not None:
+            previous = adaptive.get("previous")
+            names = rename_map(previous or (), self.adaptive.params)  # saved from a wrapped model, or the reverse
+            if names:
+                adaptive = {**adaptive, "previous": {names[n]: t for n, t in previous.items()}}
             self.adaptive.load_state_dict(adaptive, ((n, p.device) for n, p in self.adaptive.params.items()))
 
 

@@ -23,7 +23,7 @@ from .modules import (CrossInProjectionAdapter, InProjectionAdapter, ModuleAdapt
 from .modules.loose import LooseAdapter, head_bias_adapter, loose_adapter
 
 __all__ = ["SkipRules", "Candidate", "TrackedLayer", "Tracking", "walk", "track_layers", "warn_skipped",
-           "summarize", "factor_size"]
+           "summarize", "factor_size", "WRAPPER_NAMES", "unwrapped_name", "rename_map"]
 
 CHOSEN = ("matched skip_layers", "parent module", "parameters do not require grad", "tied to")
 """Reasons not warned about: the user's own choices (skip_layers, frozen parameters), and tied weights (their
@@ -262,3 +262,32 @@ def warn_skipped(skipped: list[tuple[str, str]], *, stacklevel: int = 3) -> None
         warnings.warn(f"kfac: {len(unchosen)} module(s) with trainable parameters are not preconditioned (their "
                       f"gradients are used as they are; all of them with reasons: .skipped):\n{summarize(unchosen)}",
                       stacklevel=stacklevel + 1)
+
+
+WRAPPER_NAMES = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+"""Attribute names under which wrappers hold a model: DDP / DataParallel, ``torch.compile``, FSDP1,
+``checkpoint_wrapper``."""
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without wrapper components (:data:`WRAPPER_NAMES`): ``module.layer1.0`` -> ``layer1.0``."""
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_NAMES)
+
+
+def rename_map(saved: Iterable[str], current: Iterable[str]) -> dict[str, str]:
+    """``saved -> current`` for names that differ only by wrapper components (a checkpoint of a DDP-, compile- or
+    FSDP1-wrapped model loaded into the unwrapped model, or the reverse); empty when nothing needs renaming or
+    the correspondence is not one to one (then the names are left for the caller's own checks)."""
+    saved, current = list(saved), list(current)
+    if set(saved) <= set(current):
+        return {}
+    by_name: dict[str, list[str]] = {}
+    for name in current:
+        by_name.setdefault(unwrapped_name(name), []).append(name)
+    out = {}
+    for name in saved:
+        hits = by_name.get(unwrapped_name(name), [])
+        if len(hits) != 1:
+            return {}
+        out[name] = hits[0]
+    return out if len(set(out.values())) == len(out) else {}

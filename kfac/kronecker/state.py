@@ -8,6 +8,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..tracking import rename_map
+
 if TYPE_CHECKING:
     from ..distributed.comm import Communicator
     from ..planner import Plan
@@ -25,6 +27,7 @@ class StateMixin:
     engine: "CurvatureEngine"
     _comm: "Communicator"
     _layers: "list[LayerState]"
+    _model: Any
     _seen: set[str]
     _warned_shard: bool
     _reported_unused: bool
@@ -86,7 +89,7 @@ class StateMixin:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` / :meth:`consolidated_state_dict` output; the tracked layers must match
         (clear error otherwise)."""
-        state = self._with_new_blocks(state, warn=True)
+        state = self._with_new_blocks(self._renamed(state), warn=True)
         self.validate_state_dict(state)
         self._drop_unexecuted(state.get("not_executed", ()))
         self.engine.load_store_state(state["store"],
@@ -102,7 +105,7 @@ class StateMixin:
 
     def validate_state_dict(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if ``state`` cannot be loaded into this preconditioner (nothing is changed)."""
-        state = self._with_new_blocks(state)
+        state = self._with_new_blocks(self._renamed(state))
         shard = state.get("shard")
         if shard is not None:
             here = {"rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
@@ -138,4 +141,20 @@ class StateMixin:
         for layer in new:
             entries[layer.name] = {"meta": {**layer.entry.meta(), "num_updates": 0, "owner": None}, "tensors": {}}
         return {**state, "layers": [*state["layers"], *(layer.name for layer in new)],
+                "store": {**state["store"], "entries": entries}}
+
+    def _renamed(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``state`` with its layer names translated to this model's where they differ only by wrapper modules
+        (saved from a DDP-, compile- or FSDP1-wrapped model, loaded into the unwrapped one, or the reverse)."""
+        model = self._model()
+        if model is None or "layers" not in state or "store" not in state:
+            return state
+        saved = [*state["layers"], *state.get("not_executed", ())]
+        names = rename_map(saved, (n for n, _ in model.named_modules()))
+        if not names:
+            return state
+        entries = {names.get(n, n): e for n, e in state["store"]["entries"].items()}
+        return {**state, "layers": [names[n] for n in state["layers"]],
+                "not_executed": [names[n] for n in state.get("not_executed", ())],
+                "seen": [names.get(n, n) for n in state.get("seen", ())],
                 "store": {**state["store"], "entries": entries}}
