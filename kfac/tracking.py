@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .distributed.comm import sharded_parameters
 from .modules import (CrossInProjectionAdapter, InProjectionAdapter, ModuleAdapter, OutProjectionAdapter,
                       TiedEmbeddingAdapter, adapter_for, is_tied_head)
 from .modules.loose import LooseAdapter, head_bias_adapter, loose_adapter
@@ -105,6 +106,13 @@ def walk(model: nn.Module, rules: SkipRules, skipped: list[tuple[str, str]],
             continue
         for p in fresh:
             owners[id(p)] = name
+        sharded = sharded_parameters((f"{name}.{n}" if name else n, p) for n, p in module.named_parameters(recurse=False)
+                                     if any(p is q for q in fresh))
+        if sharded:
+            raise ValueError(f"kfac: parameters {sharded} are DTensor shards (FSDP2 fully_shard, HSDP or tensor "
+                             "parallelism), which K-FAC does not support yet (its blocks need each layer's whole "
+                             "gradient): wrap the model in DistributedDataParallel instead, or leave those modules "
+                             "out with skip_layers")
         yield Candidate(name, module, fresh, partly_frozen=len(trainable) < len(own))
 
 

@@ -29,7 +29,7 @@ import time
 import weakref
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import torch
@@ -375,3 +375,16 @@ def _release_groups(ref: "weakref.ref[Communicator]") -> None:
     comm = ref()
     if comm is not None:
         comm.group = comm._side = None
+
+
+def sharded_parameters(named: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """Names of the parameters that are ``DTensor`` shards (FSDP2's ``fully_shard``, HSDP, tensor parallelism);
+    none on a torch without ``DTensor``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return []
+    return [name for name, p in named if isinstance(p, DTensor)]
