@@ -75,6 +75,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Precondition the tracked gradients, then call the base optimizer's ``step``."""
+        if closure is None and self._initialising_state():
+            return self.optimizer.step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -86,6 +88,20 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if self.preconditioner.step(lr=self._layer_lrs(), grads_finite=finite):
             self.optimizer.step()
         return loss
+
+    def _initialising_state(self) -> bool:
+        """``step()`` before any step with every gradient exactly zero: how ``torch.distributed.checkpoint``'s
+        ``get_state_dict`` / ``set_optimizer_state_dict`` create an empty optimizer state (at lr 0). Only the base
+        optimizer steps (zero stays zero under any preconditioner; K-FAC's state is untouched), with a warning that
+        DCP does not carry K-FAC's state yet."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if getattr(self.preconditioner, "steps", 1) != 0 or not grads or any(g is None or g.any() for g in grads):
+            return False
+        warnings.warn("kfac: step() on all-zero gradients before any training step (torch.distributed.checkpoint "
+                      "initialising the optimizer state?): only the base optimizer stepped. DCP's get/set_state_dict "
+                      "do not carry K-FAC's state yet: also save opt.consolidated_state_dict()['kfac'] (see the "
+                      "distributed guide)", stacklevel=3)
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients and drop statistics of a step that never reached ``step()``
@@ -190,6 +206,8 @@ class KFAC(PreconditionedOptimizer):
         (or one closure per micro-batch when ``accumulation_steps > 1``) returns the batch's mean loss; K-FAC
         runs the backward passes (through ``grad_scaler`` if one was given) and applies the whole update.
         Returns the batch's mean loss (detached) in adaptive mode."""
+        if closure is None and self._initialising_state():
+            return self.optimizer.step()
         if self.adaptive is None:
             if closure is not None and not callable(closure):
                 raise TypeError("several closures per step are for adaptive K-FAC with accumulation_steps > 1")

@@ -606,3 +606,41 @@ def test_cached_eigen_scaling_follows_damping_and_refresh():
         for damping in (0.1, 0.01, 0.1):
             check(damping)
         model.zero_grad()
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_dcp_state_initialisation_on_a_fresh_optimizer_steps_only_the_base_and_says_kfac_state_is_not_carried(
+        adaptive):
+    """torch.distributed.checkpoint's get_optimizer_state_dict creates an empty optimizer's state by step() on
+    all-zero gradients at lr 0, before any forward pass: no crash ("call model.train()"), K-FAC's state untouched,
+    a warning that DCP does not carry it, and training afterwards equals a run that never saw the call."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        base = torch.optim.SGD(model.parameters(), lr=1.0 if adaptive else 0.1, momentum=0.0 if adaptive else 0.9)
+        return model, kfac.KFAC(model, base, adaptive=adaptive)
+
+    def train(model, opt):
+        for i in range(2):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+            if adaptive:
+                opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+            else:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    model, opt = build()
+    with pytest.warns(UserWarning, match="DCP's get/set_state_dict do not carry K-FAC's state"):
+        osd = get_optimizer_state_dict(model, opt)
+    assert set(osd) == {"state", "param_groups"} and opt.preconditioner.steps == 0
+    assert all(opt.preconditioner.store[n].A is None for n in opt.preconditioner.layers)
+    assert all(g["lr"] == (1.0 if adaptive else 0.1) for g in opt.param_groups)  # DCP restored it
+    train(model, opt)
+    reference, ref_opt = build()
+    train(reference, ref_opt)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
