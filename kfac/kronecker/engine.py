@@ -163,7 +163,8 @@ class CurvatureEngine:
         """Queue the preconditioning of every tracked gradient (exchanged between ranks, scaled by ``kl_clip``
         when ``lrs`` is given) and the per-layer dots that check it, leaving the gradients untouched."""
         local: dict[str, tuple[Tensor, bool]] = {}
-        for name, grad in grads.items():
+        for name in adapters:  # the tracked layers (``grads`` may still hold one untracked this step)
+            grad = grads.get(name)
             if grad is None or not self.executor.is_grad_worker(name):
                 continue
             entry = self.store[name]

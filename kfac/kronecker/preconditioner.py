@@ -393,7 +393,6 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
 
     def _preconditioned(self, grads: Mapping[str, Tensor | None], hp: Mapping[str, Any],
                         lrs: Mapping[str, float] | None) -> Staged:
-        grads = {n: grads[n] for n in self.layers}  # without layers untracked this step
         return self.engine.precondition(self.adapters, grads, damping=hp["damping"], kl_clip=hp["kl_clip"], lrs=lrs)
 
     def _update_factors(self, decay: float) -> None:

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from torch import nn
 
 from .attention import CrossInProjectionAdapter, InProjectionAdapter, OutProjectionAdapter
-from .base import ModuleAdapter, Stat
+from .base import DiagonalAdapter, ModuleAdapter, Stat
 from .conv import ConvAdapter, GroupedConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter, TransposedLinearAdapter, is_transposed_linear
 from .norm import NormAdapter, ScaleShiftAdapter, is_norm, is_scale_shift
 from .tied import TiedEmbeddingAdapter, is_tied_head
 
-__all__ = ["ModuleAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
+__all__ = ["ModuleAdapter", "DiagonalAdapter", "Stat", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter", "GroupedConvAdapter", "EmbeddingAdapter",
            "InProjectionAdapter", "CrossInProjectionAdapter", "OutProjectionAdapter", "NormAdapter", "ScaleShiftAdapter", "TiedEmbeddingAdapter", "is_tied_head",
            "Registration", "adapter_for", "register_adapter"]
 

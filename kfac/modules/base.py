@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import ext
 
-__all__ = ["ModuleAdapter", "Stat"]
+__all__ = ["ModuleAdapter", "DiagonalAdapter", "Stat"]
 
 Stat = tuple[Tensor, int]
 """A sufficient statistic ``(sum of row outer products, number of rows)``; diagonal factors sum squares."""
@@ -188,3 +188,43 @@ class ModuleAdapter(ABC):
         """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad`` (in place)."""
         for dst, src in self.grad_targets(mat):
             dst.copy_(src)
+
+
+class DiagonalAdapter(ModuleAdapter):
+    """A diagonal block from per-example gradients (normalisation layers, loose parameters): with ``v_n`` example
+    ``n``'s gradient of the block's entries (``(N, a_dim)`` from :meth:`per_example_gradients`), ``A`` sums
+    ``v_n²`` over examples and ``G = 1`` (the gradient matrix is one row). Not for EK-FAC or influence. A block
+    that cannot give per-example gradients reports non-finite statistics with a ``refusal`` reason, and the
+    preconditioner untracks it, warning with that reason."""
+
+    a_diagonal = True
+    stats_from_backward = True
+    gradient_power = (2, 0)
+    per_example = False
+
+    @property
+    def g_dim(self) -> int:
+        return 1
+
+    def a_rows(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} collects its statistics from per-example gradients")
+
+    def g_rows(self, g: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} collects its statistics from per-example gradients")
+
+    def per_example_gradients(self, x: Tensor, g: Tensor) -> Tensor:
+        """``v_n`` per example, ``(N, a_dim)``."""
+        raise NotImplementedError
+
+    def backward_stats(self, x: Tensor, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None,
+                       ) -> tuple[Stat, Stat]:
+        return self.diagonal_stats(self.per_example_gradients(x, g.to(dtype)), dtype, scale)
+
+    @staticmethod
+    def diagonal_stats(v: Tensor, dtype: torch.dtype, scale: Tensor | float | None) -> tuple[Stat, Stat]:
+        """``(Σ_n v_n², N)`` and ``(N, N)`` from per-example gradients ``v`` (``scale``: an AMP loss scale)."""
+        v = v.to(dtype)
+        if scale is not None:
+            v = v / scale
+        n = v.shape[0]
+        return (v.square().sum(0), n), (torch.full((1, 1), float(n), dtype=dtype, device=v.device), n)

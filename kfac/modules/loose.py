@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._tensor import functorch_active
-from .base import ModuleAdapter, Stat
+from .base import DiagonalAdapter, Stat
 from .linear import is_transposed_linear
 
 __all__ = ["LooseAdapter", "BiasAdapter", "loose_adapter", "head_bias_adapter"]
@@ -41,14 +41,10 @@ __all__ = ["LooseAdapter", "BiasAdapter", "loose_adapter", "head_bias_adapter"]
 Hook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 
 
-class LooseAdapter(ModuleAdapter):
+class LooseAdapter(DiagonalAdapter):
     """The diagonal block of ``params``, the own parameters of container ``module`` (see the module docstring)."""
 
-    a_diagonal = True
     absent_from_old_checkpoints = True  # untracked before: a checkpoint without these blocks loads
-    stats_from_backward = True
-    gradient_power = (2, 0)
-    per_example = False
 
     def __init__(self, module: nn.Module, params: list[nn.Parameter]) -> None:
         super().__init__(module)
@@ -108,16 +104,6 @@ class LooseAdapter(ModuleAdapter):
     @property
     def a_dim(self) -> int:
         return sum(p.numel() for p in self.params)
-
-    @property
-    def g_dim(self) -> int:
-        return 1
-
-    def a_rows(self, x: Tensor) -> Tensor:
-        raise NotImplementedError("loose parameters collect their statistics from per-example gradients")
-
-    def g_rows(self, g: Tensor) -> Tensor:
-        raise NotImplementedError("loose parameters collect their statistics from per-example gradients")
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.params)
@@ -237,11 +223,7 @@ class LooseAdapter(ModuleAdapter):
             n = max(1, x.shape[self.example_dim] if x.dim() > self.example_dim else 1)
             return ((g.new_full((self.a_dim,), float("nan"), dtype=dtype), n),
                     (g.new_full((1, 1), float("nan"), dtype=dtype), n))
-        v = v.to(dtype)
-        if scale is not None:
-            v = v / scale
-        n = v.shape[0]
-        return (v.square().sum(0), n), (torch.full((1, 1), float(n), dtype=dtype, device=v.device), n)
+        return self.diagonal_stats(v, dtype, scale)
 
     # -- gradients -------------------------------------------------------------------------------------------
     def grad_matrix(self) -> Tensor | None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleAdapter, Stat
+from .base import DiagonalAdapter
 
 __all__ = ["NormAdapter", "ScaleShiftAdapter", "is_norm", "is_scale_shift", "couples_examples", "probe_coupling"]
 
@@ -71,13 +71,9 @@ def probe_coupling(module: nn.Module) -> bool | None:
     return None
 
 
-class NormAdapter(ModuleAdapter):
+class NormAdapter(DiagonalAdapter):
     """See the module docstring."""
 
-    a_diagonal = True
-    stats_from_backward = True
-    gradient_power = (2, 0)
-    per_example = False
     example_dim = 0
     """The examples' dimension of a ``(…, normalised)`` input: 0, or 1 inside a sequence-first container (set by
     :func:`kfac.tracking.track_layers`)."""
@@ -89,16 +85,6 @@ class NormAdapter(ModuleAdapter):
     @property
     def a_dim(self) -> int:
         return self.weight.numel() * (1 + int(self.has_bias))
-
-    @property
-    def g_dim(self) -> int:
-        return 1
-
-    def a_rows(self, x: Tensor) -> Tensor:
-        raise NotImplementedError("normalisation layers collect their statistics from per-example gradients")
-
-    def g_rows(self, g: Tensor) -> Tensor:
-        raise NotImplementedError("normalisation layers collect their statistics from per-example gradients")
 
     def normalised(self, x: Tensor) -> Tensor:
         """``x̂`` as the module computes it (without its scale and shift)."""
@@ -137,14 +123,6 @@ class NormAdapter(ModuleAdapter):
         if self.example_dim and not channels_first and x.dim() - self.weight.dim() > self.example_dim:
             return x.movedim(self.example_dim, 0), g.movedim(self.example_dim, 0)
         return x, g
-
-    def backward_stats(self, x: Tensor, g: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None,
-                       ) -> tuple[Stat, Stat]:
-        v = self.per_example_gradients(x, g.to(dtype))
-        if scale is not None:
-            v = v / scale
-        n = v.shape[0]
-        return (v.square().sum(0), n), (torch.full((1, 1), float(n), dtype=dtype, device=v.device), n)
 
     def grad_matrix(self) -> Tensor | None:
         w = self.weight
