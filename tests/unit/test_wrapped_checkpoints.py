@@ -1,4 +1,5 @@
-"""Checkpoints move between a wrapped model and the unwrapped one: K-FAC's state saved from a model held under a
+"""Checkpoints move between a wrapped model and the unwrapped one (an MLP with LayerNorm, a CNN with GroupNorm, a
+transformer layer in both layouts): K-FAC's state saved from a model held under a
 wrapper's attribute (``module`` of DDP / DataParallel, ``_orig_mod`` of ``torch.compile``) loads into the bare model,
 and the reverse; the resumed run then equals the uninterrupted one step for step (float64, bit for bit)."""
 
@@ -30,14 +31,36 @@ class Wrapper(nn.Module):
         return getattr(self, self.attr)(x)
 
 
+class Encoder(nn.Module):
+    """A transformer layer over sequences of the given layout, mean-pooled, then a linear head."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head, self.seq_dim = nn.Linear(8, 3), 1 if batch_first else 0
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(self.seq_dim))
+
+
+MODELS = {  # (builder, input shape of a batch of 16)
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)), (16, 6)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(4 * 16, 3)), (16, 1, 4, 4)),
+    "transformer_batch_first": (lambda: Encoder(True), (16, 5, 8)),
+    "transformer_sequence_first": (lambda: Encoder(False), (5, 16, 8)),
+}
+CASE = "mlp"
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return MODELS[CASE][0]().double()
 
 
 def _batch(i: int):
     g = torch.Generator().manual_seed(i)
-    return torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    return torch.randn(*MODELS[CASE][1], generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
 
 
 def _train(model: nn.Module, opt: kfac.KFAC, steps: range, adaptive: bool = False) -> None:
@@ -57,10 +80,16 @@ def _opt(model: nn.Module, adaptive: bool) -> kfac.KFAC:
     return kfac.KFAC(model, base, **kw)
 
 
+@pytest.fixture(params=sorted(MODELS))
+def case(request, monkeypatch):
+    monkeypatch.setitem(globals(), "CASE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("attr", ["module", "_orig_mod"])
 @pytest.mark.parametrize("direction", ["wrapped_to_bare", "bare_to_wrapped"])
-def test_checkpoint_loads_across_a_wrapper_and_resumes_exactly(direction, attr, adaptive):
+def test_checkpoint_loads_across_a_wrapper_and_resumes_exactly(case, direction, attr, adaptive):
     bare = _model()
     reference = copy.deepcopy(bare)
     ref_opt = _opt(reference, adaptive)
