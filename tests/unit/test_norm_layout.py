@@ -195,18 +195,31 @@ def test_norm_over_the_batch_found_at_first_statistics_is_untracked_loudly_the_r
     assert not torch.allclose(model[3].weight.grad, raw["3"][:, :-1])
 
 
-def test_layer_with_non_finite_statistics_every_step_is_untracked_after_three_the_rest_stay():
+BAD_FIRST_LAYER = {  # a first layer whose A overflows on inputs of 1e200 while its gradients stay finite
+    "mlp": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), (8, 4), ["2"]),
+    "cnn_groupnorm": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
+                                            nn.Flatten(), nn.Linear(4 * 9, 3)), (8, 1, 3, 3), ["1", "4"]),
+    "transformer_sequence_first": (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.TransformerEncoderLayer(
+        8, 2, 16, dropout=0.0), nn.Flatten(0, 1), nn.Linear(8, 3)), (2, 4, 4), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIRST_LAYER))
+def test_layer_with_non_finite_statistics_every_step_is_untracked_after_three_the_rest_stay(case):
+    build, shape, rest = BAD_FIRST_LAYER[case]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model = build().double()
     pre = kfac.KFACPreconditioner(model, kl_clip=None, factor_dtype=torch.float64, factor_decay=0.0)
-    big = torch.full((8, 4), 1e200, dtype=torch.float64)  # A of layer '0' overflows; tanh keeps gradients finite
+    rest = rest or pre.layers[1:]
+    big = torch.full(shape, 1e200, dtype=torch.float64)  # A of layer '0' overflows; tanh/GroupNorm keep gradients
     y = torch.randint(0, 3, (8,))
     with pytest.warns(UserWarning) as record:
         for _ in range(3):
             model.zero_grad()
             F.cross_entropy(model(big), y).backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
             assert pre.step()
     messages = [str(w.message) for w in record]
     assert sum("layer '0': non-finite factor statistics" in m for m in messages) == 1
     assert any("layer '0' untracked" in m for m in messages)
-    assert pre.layers == ["2"] and pre.store["2"].num_updates == 3
+    assert pre.layers == rest and all(pre.store[n].num_updates == 3 for n in rest)
