@@ -38,7 +38,7 @@ are the query's ``L`` then the key's (and value's) ``S`` per example.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -260,9 +260,9 @@ class CrossInProjectionAdapter(InProjectionAdapter):
                     2 if self.position_scaling else 1))
         return out, total
 
-    def grad_matrix(self) -> Tensor | None:
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor | None:
         """``blockdiag(V_q, V_kv)``: ``(3E, 2(E[+1]))`` with zeros off the blocks."""
-        mat = super().grad_matrix()
+        mat = super().matrix_of(grads)
         if mat is None:
             return None
         e, h = self.weight.shape[1], self.width
@@ -270,9 +270,9 @@ class CrossInProjectionAdapter(InProjectionAdapter):
         out[:e, :h], out[e:, h:] = mat[:e], mat[e:]
         return out
 
-    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         e, h = self.weight.shape[1], self.width
-        return super().grad_targets(torch.cat([mat[:e, :h], mat[e:, h:]], dim=0))
+        return super().split_matrix(torch.cat([mat[:e, :h], mat[e:, h:]], dim=0))
 
 
 class OutProjectionAdapter(AttentionProjectionAdapter):

@@ -24,7 +24,7 @@ Conventions (shared by every adapter; ``units="kaisa"`` equals KAISA / kfac-pyto
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -162,27 +162,33 @@ class ModuleAdapter(ABC):
 
     def grad_matrix(self) -> Tensor | None:
         """The gradient as a ``(g_dim, a_dim)`` matrix, or ``None`` if the weight has no gradient."""
-        w = self.weight
-        if w.grad is None:
+        return self.matrix_of([p.grad for p in self.parameters()])
+
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor | None:
+        """The ``(g_dim, a_dim)`` matrix of per-parameter tensors shaped like :meth:`parameters` (``None`` where a
+        parameter has no gradient: zeros; ``None`` if the weight has none). Inverse: :meth:`split_matrix`."""
+        w = grads[0]
+        if w is None:
             return None
-        mat = w.grad.reshape(w.shape[0], -1)
+        mat = w.reshape(w.shape[0], -1)
         if self.has_bias:
-            b = self.bias.grad
-            b = torch.zeros_like(w.grad[:, :1].reshape(-1)) if b is None else b
+            b = grads[1]
+            b = torch.zeros_like(w[:, :1].reshape(-1)) if b is None else b
             mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat
 
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
+        """A ``(g_dim, a_dim)`` matrix as per-parameter tensors shaped like :meth:`parameters` (views where the
+        layout allows)."""
+        w = self.weight
+        if not self.has_bias:
+            return [mat.reshape(w.shape)]
+        return [mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(self.bias.shape)]
+
     def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``(parameter .grad, matching view of mat)`` pairs that :meth:`set_grad_matrix` copies (batched by the
-        preconditioner into one ``_foreach_copy_``)."""
-        w = self.weight
-        assert w.grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
-        if not self.has_bias:
-            return [(w.grad, mat.reshape(w.shape))]
-        out = [(w.grad, mat[:, :-1].reshape(w.shape))]
-        if self.bias.grad is not None:
-            out.append((self.bias.grad, mat[:, -1].reshape(self.bias.shape)))
-        return out
+        preconditioner into one ``_foreach_copy_``); parameters without a gradient are left out."""
+        return [(p.grad, t) for p, t in zip(self.parameters(), self.split_matrix(mat)) if p.grad is not None]
 
     def set_grad_matrix(self, mat: Tensor) -> None:
         """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad`` (in place)."""

@@ -5,6 +5,8 @@ The weight gradient matrix is ``weight.grad.T`` of shape ``(embedding_dim, num_e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -46,11 +48,8 @@ class EmbeddingAdapter(ModuleAdapter):
     def g_rows(self, g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1])
 
-    def grad_matrix(self) -> Tensor | None:
-        w = self.module.weight
-        return None if w.grad is None else w.grad.T
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor | None:
+        return None if grads[0] is None else grads[0].T
 
-    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
-        grad = self.module.weight.grad
-        assert grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
-        return [(grad, mat.T)]
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
+        return [mat.T]

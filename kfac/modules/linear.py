@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -53,23 +55,18 @@ class TransposedLinearAdapter(LinearAdapter):
     def g_dim(self) -> int:
         return self.weight.shape[1]
 
-    def grad_matrix(self) -> Tensor | None:
-        w = self.weight
-        if w.grad is None:
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor | None:
+        w = grads[0]
+        if w is None:
             return None
-        mat = w.grad.T
+        mat = w.T
         if self.has_bias:
-            b = self.bias.grad
+            b = grads[1]
             b = torch.zeros_like(mat[:, 0]) if b is None else b
             mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat.contiguous()
 
-    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
-        w = self.weight
-        assert w.grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         if not self.has_bias:
-            return [(w.grad, mat.T)]
-        out = [(w.grad, mat[:, :-1].T)]
-        if self.bias.grad is not None:
-            out.append((self.bias.grad, mat[:, -1].reshape(self.bias.shape)))
-        return out
+            return [mat.T]
+        return [mat[:, :-1].T, mat[:, -1].reshape(self.bias.shape)]

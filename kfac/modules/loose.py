@@ -25,7 +25,7 @@ mask still has the forward's distribution). Not for EK-FAC or influence (no ``V_
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -226,20 +226,18 @@ class LooseAdapter(DiagonalAdapter):
         return self.diagonal_stats(v, dtype, scale)
 
     # -- gradients -------------------------------------------------------------------------------------------
-    def grad_matrix(self) -> Tensor | None:
-        """``[p.grad for p in params]`` flattened as one row (``None`` once the block is dropped)."""
-        grads = [p.grad for p in self.params]
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor | None:
+        """The gradients flattened as one row (``None`` once the block is dropped)."""
         ref = next((t for t in grads if t is not None), None)
         if ref is None or self.failure is not None:
             return None
         return torch.cat([ref.new_zeros(p.numel()) if t is None else t.reshape(-1).to(ref.dtype)
                           for p, t in zip(self.params, grads)])[None]
 
-    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         out, start = [], 0
         for p in self.params:
-            if p.grad is not None:
-                out.append((p.grad, mat[0, start:start + p.numel()].reshape(p.shape)))
+            out.append(mat[0, start:start + p.numel()].reshape(p.shape))
             start += p.numel()
         return out
 

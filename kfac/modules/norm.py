@@ -14,7 +14,7 @@ examples are coupled through the batch statistics: ``v_n`` is the per-example sh
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -124,23 +124,22 @@ class NormAdapter(DiagonalAdapter):
             return x.movedim(self.example_dim, 0), g.movedim(self.example_dim, 0)
         return x, g
 
-    def grad_matrix(self) -> Tensor | None:
-        w = self.weight
-        if w.grad is None:
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor | None:
+        w = grads[0]
+        if w is None:
             return None
-        parts = [w.grad.reshape(-1)]
+        parts = [w.reshape(-1)]
         if self.has_bias:
-            b = self.bias.grad
-            parts.append(torch.zeros_like(parts[0]) if b is None else b.reshape(-1).to(w.grad.dtype))
+            b = grads[1]
+            parts.append(torch.zeros_like(parts[0]) if b is None else b.reshape(-1).to(w.dtype))
         return torch.cat(parts)[None]
 
-    def grad_targets(self, mat: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def split_matrix(self, mat: Tensor) -> list[Tensor]:
         w = self.weight
-        assert w.grad is not None  # mat came from grad_matrix(), which needs the weight's gradient
         c = w.numel()
-        out = [(w.grad, mat[0, :c].reshape(w.shape))]
-        if self.has_bias and self.bias.grad is not None:
-            out.append((self.bias.grad, mat[0, c:].reshape(self.bias.shape)))
+        out = [mat[0, :c].reshape(w.shape)]
+        if self.has_bias:
+            out.append(mat[0, c:].reshape(self.bias.shape))
         return out
 
 
