@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .distributed.comm import sharded_parameters
+from .distributed.fsdp import shard_spec, sharded_parameters
 from .modules import (CrossInProjectionAdapter, InProjectionAdapter, ModuleAdapter, OutProjectionAdapter,
                       TiedEmbeddingAdapter, adapter_for, is_tied_head)
 from .modules.loose import LooseAdapter, head_bias_adapter, loose_adapter
@@ -106,13 +106,8 @@ def walk(model: nn.Module, rules: SkipRules, skipped: list[tuple[str, str]],
             continue
         for p in fresh:
             owners[id(p)] = name
-        sharded = sharded_parameters((f"{name}.{n}" if name else n, p) for n, p in module.named_parameters(recurse=False)
-                                     if any(p is q for q in fresh))
-        if sharded:
-            raise ValueError(f"kfac: parameters {sharded} are DTensor shards (FSDP2 fully_shard, HSDP or tensor "
-                             "parallelism), which K-FAC does not support yet (its blocks need each layer's whole "
-                             "gradient): wrap the model in DistributedDataParallel instead, or leave those modules "
-                             "out with skip_layers")
+        for n, p in module.named_parameters(recurse=False):  # a clear error for shardings K-FAC does not model
+            shard_spec(f"{name}.{n}" if name else n, p)
         yield Candidate(name, module, fresh, partly_frozen=len(trainable) < len(own))
 
 
@@ -164,6 +159,10 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
                 ties.append((c.name, c.module, tied))
             out.skipped.append((c.name, "shares parameters with an earlier tracked layer"))
             continue
+        if not adapter.shardable and sharded_parameters((str(i), p) for i, p in enumerate(c.params)):
+            out.skipped.append((c.name, f"{type(adapter).__name__} re-runs the module with its parameters, which "
+                                        "FSDP2 keeps sharded outside forward: not preconditioned"))
+            continue
         if any(p.is_meta for p in c.params):
             raise ValueError(f"layer {c.name!r} has parameters on the meta device: materialise the model "
                              "(to_empty() and load or initialise its weights) before building K-FAC")
@@ -176,8 +175,8 @@ def track_layers(model: nn.Module, skip_layers: Iterable[str] | str = (), *, war
 
 
 def _set_example_dims(model: nn.Module, layers: list[TrackedLayer]) -> None:
-    """Layers whose statistics group rows by example (normalisation layers) see examples along dim 1 of
-    ``(T, N, E)`` where the model uses them sequence-first. The layout is read where PyTorch's modules declare it
+    """Every layer's per-example rows (EK-FAC's corrections, influence's gradients, normalisation layers'
+    statistics) come from examples along dim 1 of ``(T, N, E)`` where the model uses the layer sequence-first. The layout is read where PyTorch's modules declare it
     (a ``batch_first`` attribute: attention, transformer layers, recurrent layers): from the nearest enclosing
     module that declares one, else from the nearest enclosing module inside which every declaring module agrees
     (a custom block with a sequence-first ``nn.MultiheadAttention`` beside its ``LayerNorm``). A user's own
@@ -185,8 +184,6 @@ def _set_example_dims(model: nn.Module, layers: list[TrackedLayer]) -> None:
     named = dict(model.named_modules())
     declared = {n: bool(m.batch_first) for n, m in named.items() if isinstance(getattr(m, "batch_first", None), bool)}
     for t in layers:
-        if not hasattr(t.adapter, "example_dim"):
-            continue
         parts = t.name.split(".") if t.name else []
         for k in range(len(parts) - 1, -1, -1):
             owner = ".".join(parts[:k])

@@ -29,7 +29,7 @@ import time
 import weakref
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import torch
@@ -218,6 +218,33 @@ class Communicator:
         dist.broadcast(buffer, src=self._global(src), group=group if group is not None else self.group)
         return self._unflatten(buffer, tensors)
 
+    def all_to_all(self, sends: Sequence[Sequence[Tensor]], recv_like: Sequence[Sequence[Tensor]], *, category: str,
+                   group: Any | None = None) -> list[list[Tensor]]:
+        """``sends[i]`` to the ``i``-th member of ``group`` (this communicator's group when ``None``); returns, per
+        member, what it sent here, shaped like ``recv_like[i]`` (one ``all_to_all_single`` of one exact flat
+        buffer; every member must agree on the sizes)."""
+        ref = next(t for ts in (*sends, *recv_like) for t in ts)
+        if not self.enabled:
+            return [list(ts) for ts in sends]
+        flat = [self._flatten(ts, exact=True, dtype=ref.dtype) if ts else ref.new_empty(0) for ts in sends]
+        inbox = [ref.new_empty(sum(t.numel() for t in ts)) for ts in recv_like]
+        group = group if group is not None else self.group
+        me = dist.get_rank(group)
+        self._count(category, torch.cat([b for i, b in enumerate(flat) if i != me] or [ref.new_empty(0)]))
+        buffer = ref.new_empty(sum(b.numel() for b in inbox))
+        dist.all_to_all_single(buffer, torch.cat(flat), [b.numel() for b in inbox], [b.numel() for b in flat],
+                               group=group)
+        out, offset = [], 0
+        for b, like in zip(inbox, recv_like):
+            out.append(self._unflatten(buffer[offset:offset + b.numel()], like))
+            offset += b.numel()
+        return out
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The global ranks of this communicator's group, in group order."""
+        return tuple(self._ranks)
+
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (one tiny all-reduce)."""
         return self.agree(flag)[0]
@@ -375,16 +402,3 @@ def _release_groups(ref: "weakref.ref[Communicator]") -> None:
     comm = ref()
     if comm is not None:
         comm.group = comm._side = None
-
-
-def sharded_parameters(named: Iterable[tuple[str, Tensor]]) -> list[str]:
-    """Names of the parameters that are ``DTensor`` shards (FSDP2's ``fully_shard``, HSDP, tensor parallelism);
-    none on a torch without ``DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return []
-    return [name for name, p in named if isinstance(p, DTensor)]

@@ -23,6 +23,7 @@ from ..distributed.comm import Communicator
 from ..distributed.config import DistributedConfig
 from ..distributed.executor import Executor
 from ..distributed.reduction import PendingStats, Reduced
+from ..distributed.fsdp import ShardedGradients
 from ..modules import ModuleAdapter
 from ..planner import CostModel
 from .methods import WARM_REFRESH_FRACTION, DecompositionError
@@ -36,12 +37,14 @@ logger = logging.getLogger("kfac")
 @dataclass
 class Staged:
     """Preconditioned gradients queued by one step (``names[i]``'s update is ``updates[i]``, to be written through
-    ``adapters[i]``), with their per-layer dots ``<P(g), g>`` (the finiteness check)."""
+    ``adapters[i]``, or for a sharded layer into the ``(local .grad, view of updates[i])`` pairs of ``targets``),
+    with their per-layer dots ``<P(g), g>`` (the finiteness check)."""
 
     names: list[str]
     adapters: list[ModuleAdapter]
     updates: list[Tensor]
     dots: Tensor | None
+    targets: dict[str, list[tuple[Tensor, Tensor]]] = dataclasses.field(default_factory=dict)
 
     def non_finite(self, tracked: Sequence[str]) -> list[bool]:
         """Per tracked layer (a vector of the same length on every rank), whether its preconditioned gradient is
@@ -57,7 +60,7 @@ class Staged:
             if name in bad:
                 fall_back(name)
             else:
-                out += adapter.grad_targets(v)
+                out += self.targets[name] if name in self.targets else adapter.grad_targets(v)
         return out
 
 
@@ -65,17 +68,22 @@ class CurvatureEngine:
     """Store + executor + method of one preconditioner (see the module docstring)."""
 
     def __init__(self, *, store: FactorStore, comm: Communicator, executor: Executor, method: Any,
-                 factor_dtype: torch.dtype) -> None:
+                 factor_dtype: torch.dtype, shards: ShardedGradients | None = None) -> None:
         self.store, self.comm, self.executor, self.method = store, comm, executor, method
         self.factor_dtype = factor_dtype
+        self.shards = shards if shards is not None else ShardedGradients(comm=comm, params={}, dtype=factor_dtype)
+        self._bound: object = None  # the plan the shards' workers were chosen under
+        self._bind_shards()
 
     @classmethod
     def create(cls, *, store: FactorStore, method: Any, factor_dtype: torch.dtype, config: DistributedConfig,
                options: Mapping[str, Any], devices: Mapping[str, torch.device], intervals: Mapping[str, int],
-               stats: Callable[[str], PendingStats]) -> "CurvatureEngine":
+               stats: Callable[[str], PendingStats], params: Mapping[str, Sequence[Tensor]] | None = None,
+               ) -> "CurvatureEngine":
         """The engine of ``store``'s layers under ``config``: the communicator (every rank must pass identical
         ``options`` and config, else a clear error naming the difference on every rank), the plan for the
-        constant ``intervals`` (the cost model defaults to this run's element sizes) and its executor."""
+        constant ``intervals`` (the cost model defaults to this run's element sizes) and its executor; ``params``
+        (each layer's parameters) finds the FSDP2-sharded layers (:mod:`kfac.distributed.fsdp`)."""
         cost_model = config.cost_model
         if cost_model is None:  # default constants, with the element sizes this run actually stores and sends
             wire = config.comm_dtype or factor_dtype
@@ -92,7 +100,31 @@ class CurvatureEngine:
                             strategy=config.strategy, grad_worker_fraction=config.grad_worker_fraction,
                             factor_reduction=config.factor_reduction, plan_kwargs=plan_kwargs, stats=stats,
                             bucket_cap_bytes=config.bucket_cap_bytes)
-        return cls(store=store, comm=comm, executor=executor, method=method, factor_dtype=factor_dtype)
+        shards = ShardedGradients(comm=comm, params=params or {}, dtype=factor_dtype)
+        return cls(store=store, comm=comm, executor=executor, method=method, factor_dtype=factor_dtype, shards=shards)
+
+    def _bind_shards(self) -> None:
+        """Choose each sharded layer's worker in this rank's shard group under the current plan: its grad worker
+        there, or where every member is one (``comm-opt``), the member at its ``A`` owner's position (the
+        planner's balanced assignment). A clear error where a shard group has no grad worker of a layer."""
+        plan = self.executor.plan
+        if not self.shards or self._bound is plan:
+            return
+
+        def worker(name: str, members: Sequence[int]) -> int:
+            local = [self.comm.ranks.index(g) for g in members]
+            inside = [i for i, r in enumerate(local) if plan.is_grad_worker(name, r)]
+            if len(inside) == len(local):
+                return plan.owner(name, "A") % len(local)
+            if len(inside) == 1:
+                return inside[0]
+            raise ValueError(f"kfac: the {plan.strategy!r} plan gives layer {name!r} {len(inside)} grad workers in "
+                             f"the shard group {tuple(members)}; sharded models need one or all: use "
+                             "strategy='comm-opt', 'mem-opt' on a 1-d mesh, or 'hybrid' with one grad worker per "
+                             "shard group (grad_worker_fraction = 1 / shard group size) on an HSDP mesh")
+
+        self.shards.bind(worker)
+        self._bound = plan
 
     # -- factors -------------------------------------------------------------------------------------------
     def reduce_factors(self, step: int) -> tuple[dict[str, Reduced], list[str]] | None:
@@ -158,13 +190,20 @@ class CurvatureEngine:
                     self.method.reset_corrections(entry)
 
     # -- preconditioning -----------------------------------------------------------------------------------
+    def gradients(self, adapters: Mapping[str, ModuleAdapter]) -> dict[str, Tensor | None]:
+        """Each layer's gradient as this rank holds it: its ``(g_dim, a_dim)`` matrix, or for a sharded layer this
+        rank's rows of its parameters' gradients, flattened (``None`` without a gradient)."""
+        return {n: self.shards.local(n) if n in self.shards else a.grad_matrix() for n, a in adapters.items()}
+
     def precondition(self, adapters: Mapping[str, ModuleAdapter], grads: Mapping[str, Tensor | None], *,
                      damping: float, kl_clip: float | None, lrs: Mapping[str, float] | None) -> Staged:
-        """Queue the preconditioning of every tracked gradient (exchanged between ranks, scaled by ``kl_clip``
-        when ``lrs`` is given) and the per-layer dots that check it, leaving the gradients untouched."""
+        """Queue the preconditioning of every tracked gradient (``grads`` from :meth:`gradients`; exchanged
+        between ranks, scaled by ``kl_clip`` when ``lrs`` is given) and the per-layer dots that check it, leaving
+        the gradients untouched."""
         local: dict[str, tuple[Tensor, bool]] = {}
+        plain = {n: g for n, g in grads.items() if n not in self.shards}
         for name in adapters:  # the tracked layers (``grads`` may still hold one untracked this step)
-            grad = grads.get(name)
+            grad = plain.get(name)
             if grad is None or not self.executor.is_grad_worker(name):
                 continue
             entry = self.store[name]
@@ -172,14 +211,32 @@ class CurvatureEngine:
                 local[name] = (self.method.precondition(entry, grad, damping=damping), True)
             else:
                 local[name] = (grad.to(self.factor_dtype), False)
-        results = self.executor.exchange_gradients(local, grads)
-        names = [n for n in adapters if n in results and results[n][1]]
-        updates = [results[n][0] for n in names]
-        dots = update_dots([(v, grads[n]) for n, v in zip(names, updates)]) if names else None  # type: ignore[misc]
+        results = self.executor.exchange_gradients(local, plain)
+        self._bind_shards()
+        sharded = self.shards.exchange({n: grads.get(n) for n in adapters if n in self.shards},
+                                       lambda n, full: self._precondition_whole(adapters[n], n, full, damping))
+        names = [n for n in adapters if (n in results and results[n][1]) or (n in sharded and sharded[n].ok)]
+        updates = [sharded[n].update if n in sharded else results[n][0] for n in names]
+        pairs = [(v, plain[n]) for n, v in zip(names, updates) if n not in sharded]
+        own = iter(update_dots(pairs) if pairs else ())  # type: ignore[arg-type]
+        dots = torch.stack([sharded[n].dot if n in sharded else next(own) for n in names]) if names else None
         if lrs is not None and dots is not None and kl_clip is not None:
             # each v is a fresh preconditioned tensor (or a received buffer), never the gradient
             foreach_mul_(updates, kl_clip_scale(dots, [lrs[n] for n in names], kl_clip))
-        return Staged(names=names, adapters=[adapters[n] for n in names], updates=updates, dots=dots)
+        return Staged(names=names, adapters=[adapters[n] for n in names], updates=updates, dots=dots,
+                      targets={n: sharded[n].targets for n in names if n in sharded})
+
+    def _precondition_whole(self, adapter: ModuleAdapter, name: str, full: list[Tensor],
+                            damping: float) -> tuple[Tensor, bool, Tensor]:
+        """A sharded layer on its worker: from its full per-parameter gradients, ``P(g)`` per parameter flattened
+        into one tensor, whether it was preconditioned (else ``g``), and ``<P(g), g>``."""
+        grad = adapter.matrix_of(full)
+        assert grad is not None  # the weight's gradient is there (ShardedGradients.local)
+        entry = self.store[name]
+        ok = self.method.ready(entry)
+        v = self.method.precondition(entry, grad, damping=damping) if ok else grad.to(self.factor_dtype)
+        dot = update_dots([(v, grad)])[0]
+        return torch.cat([t.reshape(-1) for t in adapter.split_matrix(v)]).to(self.factor_dtype), ok, dot
 
     # -- queries -------------------------------------------------------------------------------------------
     def ready_entry(self, name: str) -> FactorEntry:

@@ -3,6 +3,8 @@ never fire again), modules added after it (not preconditioned), and ``step()`` t
 
 from __future__ import annotations
 
+import weakref
+
 import logging
 import warnings
 from collections.abc import Mapping, MutableSet, Sequence
@@ -15,7 +17,7 @@ from .layer import LayerState
 
 logger = logging.getLogger("kfac")
 
-__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "warn_fallback", "warn_unused", "warn_no_corrections",
+__all__ = ["check_modules", "check_some_layer_ran", "grad_versions", "same_gradients", "warn_fallback", "warn_unused", "warn_no_corrections",
            "StatisticsHealth"]
 
 
@@ -37,11 +39,18 @@ def check_modules(model: nn.Module, layers: Sequence[LayerState], at_start: Muta
                       "not preconditioned: build kfac.KFAC after the model is final", stacklevel=5)
 
 
-def grad_versions(layers: Sequence[LayerState]) -> tuple[tuple[int, int], ...]:
-    """``(id, version counter)`` of every tracked ``.grad``: unchanged iff no backward pass (or other in-place
-    write) touched the gradients since they were taken."""
-    return tuple((id(p.grad), p.grad._version) for layer in layers for p in layer.adapter.parameters()
+def grad_versions(layers: Sequence[LayerState]) -> tuple[tuple[Any, int], ...]:
+    """``(weak reference, version counter)`` of every tracked ``.grad``: see :func:`same_gradients`."""
+    return tuple((weakref.ref(p.grad), p.grad._version) for layer in layers for p in layer.adapter.parameters()
                  if p.grad is not None)
+
+
+def same_gradients(before: Sequence[tuple[Any, int]], now: Sequence[tuple[Any, int]]) -> bool:
+    """Whether two :func:`grad_versions` are of the same, unwritten ``.grad`` tensors (no backward pass or other
+    in-place write since). Objects are compared through weak references, not ``id()``, which Python reuses for a
+    new gradient once the old one is freed (FSDP2 replaces its ``DTensor`` gradients every step)."""
+    return len(before) == len(now) and all(
+        a() is not None and a() is b() and u == v for (a, u), (b, v) in zip(before, now))
 
 
 def check_some_layer_ran(layers: Sequence[LayerState]) -> None:

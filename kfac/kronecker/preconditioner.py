@@ -163,7 +163,7 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
         self._seen: set[str] = set()  # layers with statistics on some rank (from globally reduced counts)
         self._reported_unused = False
         self._checked_execution = False
-        self._written: tuple[tuple[int, int], ...] = ()  # (id, version) of the .grad tensors step() last wrote
+        self._written: tuple[tuple[Any, int], ...] = ()  # (weakref, version) of the .grad tensors step() last wrote
         self._warned_fallback: set[str] = set()
         self._warned_shard = False
         self._known_names: set[str] = set()  # modules added after construction that were already reported
@@ -189,7 +189,7 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
             store=self.store, method=self.method, factor_dtype=factor_dtype, config=config, options=options,
             devices={layer.name: layer.adapter.weight.device for layer in self._layers},
             intervals={k: self.hparams.constant_interval(k) for k in ("factor_update_steps", "inv_update_steps")},
-            stats=lambda name: self._by_name[name].pending())
+            stats=lambda name: self._by_name[name].pending(), params=self.parameters_of())
         self._comm, self._exec = self.engine.comm, self.engine.executor
         if self.method.corrects and self.world_size > 1 and self.plan.grad_workers_per_layer != self.world_size:
             raise ValueError(f"method={method!r} in a distributed run needs strategy='comm-opt': every rank projects "
@@ -289,7 +289,7 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
 
     def _check_fresh_gradients(self) -> None:
         """``step()`` twice on the same gradients would precondition them twice: a clear error instead."""
-        if self._written and self._written == guards.grad_versions(self._layers):
+        if self._written and guards.same_gradients(self._written, guards.grad_versions(self._layers)):
             raise RuntimeError("KFACPreconditioner.step() was called again on gradients it already preconditioned "
                                "(no backward pass since the last step): run zero_grad() and backward() before each "
                                "step()")
@@ -333,7 +333,7 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
         gradient that step, warned (counted in :attr:`fallbacks`).
         The same step also checks that every rank's hyperparameter schedules agree for this and the next step.
         """
-        grads = {layer.name: layer.adapter.grad_matrix() for layer in self._layers}
+        grads = self.engine.gradients(self.adapters)
         if all(g is None for g in grads.values()):
             raise RuntimeError("KFACPreconditioner.step() was called before loss.backward(): "
                                "no tracked parameter has a gradient")

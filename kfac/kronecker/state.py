@@ -33,7 +33,7 @@ class StateMixin:
     _reported_unused: bool
     _checked_execution: bool
     _capture_step: int | None
-    _written: tuple[tuple[int, int], ...]
+    _written: tuple[tuple[Any, int], ...]
     steps: int
     skipped_steps: int
     not_executed: list[str]

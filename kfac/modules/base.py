@@ -61,6 +61,18 @@ class ModuleAdapter(ABC):
     """Whether :meth:`example_rows` gives per-example gradients ``V_n = sum_t g_nt a_nt^T`` (EK-FAC corrections
     and influence need them)."""
 
+    example_dim: int = 0
+    """Where examples lie in a batched input: 0, or 1 for the ``(T, N, ...)`` inputs of a sequence-first model
+    (set by :func:`kfac.tracking.track_layers` where the model declares ``batch_first=False``)."""
+
+    feature_dims: int = 1
+    """Trailing input dimensions one row spans (features: 1; token ids: 0); the dimensions before them are the
+    example and position dimensions."""
+
+    shardable: bool = True
+    """Whether the block works on FSDP2-sharded (``DTensor``) parameters: its statistics never read the
+    parameters outside the module's forward (blocks that re-run the module with ``torch.func`` do)."""
+
     absent_from_old_checkpoints: bool = False
     """Whether earlier versions left layers of this kind untracked: a checkpoint without them still loads, and
     they start from fresh factors (e.g. loose parameters' blocks)."""
@@ -135,14 +147,23 @@ class ModuleAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} collects its statistics in the forward pass")
 
     def num_examples(self, x: Tensor) -> int:
-        """Examples in a layer input: its leading dimension (1 for an unbatched input)."""
-        return x.shape[0] if x.dim() > 1 else 1
+        """Examples in a layer input (after :meth:`examples_first`): its leading dimension (1 for an unbatched
+        input)."""
+        return x.shape[0] if x.dim() > self.feature_dims else 1
+
+    def examples_first(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` and the output gradient ``g`` with the examples' dimension first (a sequence-first input is
+        transposed)."""
+        if self.example_dim and x.dim() - self.feature_dims > self.example_dim:
+            return x.movedim(self.example_dim, 0), g.movedim(self.example_dim, 0)
+        return x, g
 
     def example_rows(self, x: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Per-example rows ``a`` (``N x T x a_dim``) and ``g`` (``N x T x g_dim``) of an input ``x`` and the
         gradient ``g`` w.r.t. the matching output: example ``n``'s gradient matrix is ``sum_t g[n,t] a[n,t]^T``
         (in the adapter's row scaling). A batch of no examples gives ``0 x 1 x dim`` rows (``T = 1``: callers
         divide by ``T``)."""
+        x, g = self.examples_first(x, g)
         n = self.num_examples(x)
         a, rows = self.a_rows(x).to(dtype), self.g_rows(g).to(dtype)
         if n == 0:  # reshape(0, -1, d) is ambiguous

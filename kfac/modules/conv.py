@@ -94,6 +94,10 @@ class ConvAdapter(ModuleAdapter):
         rows, spatial = self.a_rows_unscaled(x)
         return rows / spatial
 
+    @property
+    def feature_dims(self) -> int:  # type: ignore[override]  # one example's rows span (C, *spatial)
+        return self.spatial_dims + 1
+
     def num_examples(self, x: Tensor) -> int:
         return x.shape[0] if x.dim() == self.spatial_dims + 2 else 1
 

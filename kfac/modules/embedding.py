@@ -25,6 +25,8 @@ class EmbeddingAdapter(ModuleAdapter):
             return "Embedding with sparse=True gradients is not supported"
         return None
 
+    feature_dims = 0  # token ids
+
     @property
     def has_bias(self) -> bool:
         return False

@@ -44,6 +44,8 @@ Hook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 class LooseAdapter(DiagonalAdapter):
     """The diagonal block of ``params``, the own parameters of container ``module`` (see the module docstring)."""
 
+    shardable = False  # re-runs the module with its parameters (torch.func)
+
     absent_from_old_checkpoints = True  # untracked before: a checkpoint without these blocks loads
 
     def __init__(self, module: nn.Module, params: list[nn.Parameter]) -> None:

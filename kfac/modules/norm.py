@@ -173,6 +173,8 @@ class ScaleShiftAdapter(NormAdapter):
     its first statistics (the per-example outputs against the batched one): it then reports non-finite
     statistics with :attr:`refusal` set, and the preconditioner untracks it, warning (the other layers stay)."""
 
+    shardable = False  # re-runs the module with its parameters (torch.func)
+
     refusal: str | None = None
     checked: bool = False
 

@@ -1,0 +1,152 @@
+"""FSDP2 / HSDP scenarios for tests/integration/test_fsdp.py (importable by spawned processes, run by
+:func:`dist_workers.launch`): the same models, batches and options as the single-process reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfac
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch < 2.6
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+
+GLOBAL_BATCH = 16  # every factor of full rank after one batch: EK-FAC's corrections are unique
+STEPS = 5
+KFAC_KW = dict(factor_update_steps=1, inv_update_steps=2, damping=0.01, factor_decay=0.8, kl_clip=1e-2,
+               factor_dtype=torch.float64, step_timeout=60)
+
+
+class Block(nn.Module):
+    """Linear embedding -> one transformer encoder layer (attention, LayerNorms, MLP) -> mean over tokens ->
+    head; ``seq_first`` runs the layer on ``(T, N, E)``. Its own inputs are batch-first (declared, as K-FAC reads a
+    container's layout)."""
+
+    batch_first = True
+
+    def __init__(self, seq_first: bool = False) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.embed = nn.Linear(6, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=not seq_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.layer(h.transpose(0, 1)).transpose(0, 1) if self.seq_first else self.layer(h)
+        return self.head(h.mean(1))
+
+
+def make_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":  # odd widths: uneven shards, a layer with fewer rows than ranks
+        model: nn.Module = nn.Sequential(nn.Linear(6, 11), nn.Tanh(), nn.Linear(11, 7), nn.Tanh(), nn.Linear(7, 3))
+    else:
+        model = Block(seq_first=kind == "block-seq-first")
+    return model.double()
+
+
+def batch(step: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    shape = (GLOBAL_BATCH, 6) if kind == "mlp" else (GLOBAL_BATCH, 5, 6)
+    return torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+
+
+def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    cfg = dict(cfg)
+    wrapper = {"ekfac": kfac.EKFAC}.get(cfg.pop("wrapper", ""), kfac.KFAC)
+    return wrapper(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **{**KFAC_KW, **cfg})
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, kind: str, rank: int = 0, world: int = 1,
+          steps: int = STEPS) -> list[float]:
+    """``steps`` steps on this rank's slice of each global batch (in the parameters' dtype); the losses."""
+    per, dtype, losses = GLOBAL_BATCH // world, next(model.parameters()).dtype, []
+    for step in range(steps):
+        x, y = batch(step, kind)
+        x, y = x[rank * per:(rank + 1) * per].to(dtype), y[rank * per:(rank + 1) * per]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def shard(model: nn.Module, mesh_shape: tuple[int, ...], mixed: bool = False) -> None:
+    """``fully_shard`` on every module with parameters of its own below the root (per layer), then the root."""
+    names = ("replicate", "shard")[-len(mesh_shape):]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    kw = {"mesh": mesh}
+    if mixed:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for m in list(model.children())[::-1]:
+        if any(True for _ in m.parameters()):
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+
+
+def equivalence(rank: int, world: int, out: Path, kind: str, mesh_shape: list[int], configs: list[dict]) -> dict:
+    """Train the sharded model with each config; rank 0 saves the full final parameters. Reports, per config,
+    which layers each rank formed whole (its own only), the largest tensor it received in K-FAC's exchange (never
+    a whole parameter) and the layers whose decompositions it holds."""
+    report = {}
+    for i, cfg in enumerate(configs):
+        model = make_model(kind)
+        shard(model, tuple(mesh_shape))
+        opt = make_optimizer(model, cfg)
+        pre = opt.preconditioner
+        formed: list[str] = []
+        for name, adapter in pre.adapters.items():
+            adapter.matrix_of = _recording(adapter.matrix_of, name, formed)
+        received: list[int] = []
+        comm = pre.communicator
+        layer_numel = {n: sum(p.numel() for p in a.parameters()) for n, a in pre.adapters.items()}  # global
+        local_numel = {n: sum(p.to_local().numel() for p in a.parameters()) for n, a in pre.adapters.items()}
+        comm.all_to_all = _received(comm.all_to_all, received)
+        train(model, opt, kind, rank, world)
+        params = [p.full_tensor().detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save(params, out / f"params{i}.pt")
+        report[str(i)] = {
+            "workers": {n: pre.engine.shards.workers[n] for n in pre.layers if n in pre.engine.shards},
+            "sharded": sorted(n for n in pre.layers if n in pre.engine.shards), "layers": pre.layers,
+            "formed": sorted(set(formed)), "received_per_call": received,
+            "layer_numel": layer_numel, "local_numel": local_numel,
+            "decompositions": sorted(n for n in pre.layers if pre.engine.method.ready(pre.store[n])),
+            "position": pre.engine.shards.position, "members": list(pre.engine.shards.members),
+            "strategy": pre.plan.strategy, "bytes": {k: float(v) for k, v in comm.bytes_sent.items()}}
+    return report
+
+
+def _recording(fn, name: str, formed: list[str]):
+    def wrapped(grads):
+        formed.append(name)
+        return fn(grads)
+    return wrapped
+
+
+def _received(fn, sizes: list[int]):
+    def wrapped(sends, like, **kw):
+        sizes.append(sum(t.numel() for ts in like for t in ts))
+        return fn(sends, like, **kw)
+    return wrapped
+
+
+def mixed_precision(rank: int, world: int, out: Path, kind: str) -> dict:
+    """bf16 parameters in forward/backward, fp32 reduction and factors: the run's losses and skipped steps; rank 0
+    saves the final parameters."""
+    model = make_model(kind).float()
+    shard(model, (world,), mixed=True)
+    opt = make_optimizer(model, {"factor_dtype": torch.float32})
+    losses = train(model, opt, kind, rank, world)
+    params = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        torch.save(params, out / "params_bf16.pt")
+    return {"losses": losses, "skipped": opt.preconditioner.skipped_steps}
