@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed.fsdp import sharded_parameters
 from .curvature import Preconditioner
 from ._tensor import all_finite
 from .adaptive.contract import RandomState, check_equal_parts, gradient_versions, same_inputs, step_lr
@@ -379,6 +380,11 @@ def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, ada
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     params = {n: p for n, p in inner.named_parameters() if id(p) in stepped}
+    sharded = sharded_parameters(params.items())
+    if sharded:
+        raise ValueError(f"adaptive K-FAC does not support FSDP2-sharded parameters yet ({sharded[:3]}...): its "
+                         "quadratic model takes output JVPs through the model with torch.func, which needs whole "
+                         "parameters; use fixed damping (adaptive=None) on sharded models")
     return AdaptiveController(model=model, config=config, params=params)
 
 

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.fsdp import sharded_parameters
 from .._tensor import all_finite, kl_clip_scale, update_dots
 from ..curvature import as_named_blocks, flatten_blocks
 from ..distributed.comm import Communicating, Communicator
@@ -114,6 +115,11 @@ class MFACPreconditioner(Communicating):
         self.skipped_steps = 0
         self.skipped: list[tuple[str, str]] = []
         skip = [skip_layers] if isinstance(skip_layers, str) else list(skip_layers)
+        sharded = sharded_parameters(model_or_params.named_parameters()) if isinstance(model_or_params, nn.Module) \
+            else []
+        if sharded:
+            raise ValueError(f"M-FAC does not support FSDP2-sharded parameters yet ({sharded[:3]}...): its gradient "
+                             "windows hold whole blocks; use kfac.KFAC or kfac.EKFAC on sharded models")
         if isinstance(model_or_params, nn.Module):
             self._blocks = module_blocks(model_or_params, skip, self.skipped)
         else:

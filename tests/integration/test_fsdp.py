@@ -74,3 +74,9 @@ def test_bf16_parameters_with_fp32_reduction_stay_finite_and_close_to_fp32(tmp_p
     for g, w in zip(got, model.parameters()):
         assert torch.isfinite(g).all()
         assert float((g.float() - w.detach()).norm() / w.detach().norm()) < 0.05
+
+
+def test_adaptive_and_mfac_on_sharded_models_are_clear_errors(tmp_path):
+    said = D.launch(fsdp_workers.refusals, 2, tmp_path, timeout=120)[0]
+    assert said["adaptive"].startswith("adaptive K-FAC does not support FSDP2-sharded parameters yet")
+    assert said["mfac"].startswith("M-FAC does not support FSDP2-sharded parameters yet")

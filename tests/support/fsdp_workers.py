@@ -150,3 +150,22 @@ def mixed_precision(rank: int, world: int, out: Path, kind: str) -> dict:
     if rank == 0:
         torch.save(params, out / "params_bf16.pt")
     return {"losses": losses, "skipped": opt.preconditioner.skipped_steps}
+
+
+
+def refusals(rank: int, world: int, out: Path) -> dict:
+    """What adaptive K-FAC and M-FAC say on a sharded model (not supported yet: clear errors at construction)."""
+    from kfac.adaptive.controller import AdaptiveConfig
+
+    said = {}
+    for name, build in (("adaptive", lambda m: kfac.KFAC(m, torch.optim.SGD(m.parameters(), lr=1.0),
+                                                         adaptive=AdaptiveConfig())),
+                        ("mfac", lambda m: kfac.MFAC(m, torch.optim.SGD(m.parameters(), lr=0.1)))):
+        model = make_model("mlp")
+        shard(model, (world,))
+        try:
+            build(model)
+            said[name] = "built"
+        except ValueError as exc:
+            said[name] = str(exc)
+    return said
