@@ -7,6 +7,7 @@ One mechanism, :class:`PreconditionedOptimizer`, for all of them: it drives any 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,8 +26,11 @@ from .adaptive.quadratic import batch_statistics_only
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorStore
 from .tracking import rename_map
+from . import optim_state
 
 __all__ = ["PreconditionedOptimizer", "KFAC", "EKFAC", "MFAC"]
+
+logger = logging.getLogger("kfac")
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -93,15 +97,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def _initialising_state(self) -> bool:
         """``step()`` before any step with every gradient exactly zero: how ``torch.distributed.checkpoint``'s
         ``get_state_dict`` / ``set_optimizer_state_dict`` create an empty optimizer state (at lr 0). Only the base
-        optimizer steps (zero stays zero under any preconditioner; K-FAC's state is untouched), with a warning that
-        DCP does not carry K-FAC's state yet."""
+        optimizer steps (zero stays zero under any preconditioner; K-FAC's state is untouched)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.requires_grad]
         if getattr(self.preconditioner, "steps", 1) != 0 or not grads or any(g is None or g.any() for g in grads):
             return False
-        warnings.warn("kfac: step() on all-zero gradients before any training step (torch.distributed.checkpoint "
-                      "initialising the optimizer state?): only the base optimizer stepped. DCP's get/set_state_dict "
-                      "do not carry K-FAC's state yet: also save opt.consolidated_state_dict()['kfac'] (see the "
-                      "distributed guide)", stacklevel=3)
+        logger.info("kfac: step() on all-zero gradients before any training step (torch.distributed.checkpoint "
+                    "initialising the optimizer state): only the base optimizer stepped")
         return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -119,30 +120,57 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                       stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus K-FAC's state under the key ``"kfac"``. Never communicates: under
-        a sharded plan K-FAC's part is this rank's shard (see :meth:`consolidated_state_dict`)."""
+        """The base optimizer's state dict plus K-FAC's state under the key ``"kfac"`` and, for
+        ``torch.distributed.checkpoint``, inside ``state`` and ``param_groups`` (:mod:`kfac.optim_state`). Never
+        communicates: under a sharded plan K-FAC's part is this rank's shard (see :meth:`consolidated_state_dict`)."""
         state = self.optimizer.state_dict()
         state["kfac"] = self.preconditioner.state_dict()
-        return state
+        return self._with_keyed(state)
+
+    def _with_keyed(self, state: dict[str, Any]) -> dict[str, Any]:
+        keyed = getattr(self.preconditioner, "keyed_state_dict", None)
+        if keyed is None:  # M-FAC: its windows are not in the DCP layout
+            return state
+        pieces, meta = keyed()
+        per_param, extra = self._keyed_extras()
+        return optim_state.embed(state, self.optimizer, self.preconditioner.parameters_of(), pieces, per_param,
+                                 {**meta, **extra})
 
     def consolidated_state_dict(self) -> dict[str, Any]:
         """Like :meth:`state_dict`, with the complete K-FAC state (loadable at any world size) on every rank even
         under a sharded plan. A collective: call it on every rank, then save on one."""
         state = self.optimizer.state_dict()
         state["kfac"] = self.preconditioner.consolidated_state_dict()
-        return state
+        return self._with_keyed(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` or :meth:`consolidated_state_dict` output, or a state dict in the DCP layout
+        (``set_optimizer_state_dict`` after ``dcp.load``: a collective, any world size and plan)."""
         state = dict(state_dict)
-        if "kfac" not in state:
+        kfac_state = state.pop("kfac", None)
+        state, per_param, meta = optim_state.split(state, self.optimizer)
+        if kfac_state is None and meta is None:
             raise ValueError(f"state dict has no 'kfac' entry: it was not saved by kfac.{type(self).__name__}"
                              ".state_dict()")
-        kfac_state = state.pop("kfac")
-        self.preconditioner.validate_state_dict(kfac_state)
-        self.optimizer.load_state_dict(state)
-        self.preconditioner.load_state_dict(kfac_state)
+        if kfac_state is not None:
+            self.preconditioner.validate_state_dict(kfac_state)
+            self.optimizer.load_state_dict(state)
+            self.preconditioner.load_state_dict(kfac_state)
+        else:
+            assert meta is not None  # checked above
+            self._load_keyed_extras(per_param, meta)
+            pieces = optim_state.by_layer(per_param, self.optimizer, self.preconditioner.parameters_of())
+            self.preconditioner.load_keyed_state_dict(pieces, meta)  # type: ignore[attr-defined]
+            self.optimizer.load_state_dict(state)
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+
+    def _keyed_extras(self) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any]]:
+        """Per-parameter tensors (by ``id``) and scalars a subclass adds to the DCP layout."""
+        return {}, {}
+
+    def _load_keyed_extras(self, per_param: dict[int, dict[str, Tensor]], meta: dict[str, Any]) -> None:
+        """Restore :meth:`_keyed_extras` (before the rest: a mismatch raises before anything changes)."""
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(\n  optimizer={self.optimizer!r},\n  preconditioner={self.preconditioner!r}"
@@ -330,9 +358,8 @@ class KFAC(PreconditionedOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         adaptive = state.pop("kfac_adaptive", None)
-        if (adaptive is None) != (self.adaptive is None):
-            raise ValueError("this state was saved with" + ("out" if adaptive is None else "") + " adaptive K-FAC; "
-                             "build the optimizer the same way to load it")
+        if "kfac" in state and (adaptive is None) != (self.adaptive is None):
+            _adaptive_mismatch(adaptive is None)
         super().load_state_dict(state)
         if self.adaptive is not None and adaptive is not None:
             previous = adaptive.get("previous")
@@ -340,6 +367,34 @@ class KFAC(PreconditionedOptimizer):
             if names:
                 adaptive = {**adaptive, "previous": {names[n]: t for n, t in previous.items()}}
             self.adaptive.load_state_dict(adaptive, ((n, p.device) for n, p in self.adaptive.params.items()))
+
+    def _keyed_extras(self) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any]]:
+        """Adaptive K-FAC: its last direction under each parameter (a placeholder and a presence flag before the
+        first step), its scalars (Monte-Carlo label sampling restarts from its seed)."""
+        a = self.adaptive
+        if a is None:
+            return {}, {}
+        prev = a.previous or {}
+        per_param = {id(p): {"adaptive.previous": prev[n] if n in prev else torch.zeros_like(p),
+                             "adaptive.previous.present": torch.tensor(n in prev, dtype=torch.uint8)}
+                     for n, p in a.params.items()}
+        return per_param, {"adaptive": {"damping": a.damping, "steps": a.steps, "rejected": a.rejected,
+                                        "undone": a.undone}}
+
+    def _load_keyed_extras(self, per_param: dict[int, dict[str, Tensor]], meta: dict[str, Any]) -> None:
+        if ("adaptive" in meta) != (self.adaptive is not None):
+            _adaptive_mismatch("adaptive" not in meta)
+        if self.adaptive is None:
+            return
+        previous = {n: per_param[id(p)]["adaptive.previous"] for n, p in self.adaptive.params.items()
+                    if float(per_param.get(id(p), {}).get("adaptive.previous.present", 0)) > 0.5}
+        self.adaptive.load_state_dict({**meta["adaptive"], "previous": previous or None, "generator": None},
+                                      ((n, p.device) for n, p in self.adaptive.params.items()))
+
+
+def _adaptive_mismatch(saved_without: bool) -> None:
+    raise ValueError("this state was saved with" + ("out" if saved_without else "") + " adaptive K-FAC; build the "
+                     "optimizer the same way to load it")
 
 
 DEFAULTS: dict[str, Any] = {"damping": 1e-2, "inv_update_steps": 10}

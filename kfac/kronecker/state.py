@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..tracking import rename_map
+from . import keyed
 
 if TYPE_CHECKING:
     from ..distributed.comm import Communicator
@@ -85,6 +86,26 @@ class StateMixin:
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "layers": self.layers,
                 "not_executed": list(self.not_executed), "method": self.method.name, "store": store,
                 "seen": sorted(self._seen), "shard": shard}
+
+    def keyed_state_dict(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """The state in :mod:`kfac.kronecker.keyed`'s layout (for DCP): per layer, the fixed-shape pieces this rank
+        writes; and the step counters (the same on every rank). Never communicates."""
+        pieces = {layer.name: keyed.write(layer.entry, self.method, self.plan, self.rank,
+                                          dtype=self.engine.factor_dtype, device=layer.adapter.weight.device)
+                  for layer in self._layers}
+        return pieces, {"steps": self.steps, "skipped_steps": self.skipped_steps, "method": self.method.name}
+
+    def load_keyed_state_dict(self, pieces: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`keyed_state_dict` output saved at any world size and plan (a collective: every rank
+        passes the pieces its own :meth:`keyed_state_dict` asked for)."""
+        if meta.get("method", self.method.name) != self.method.name:
+            raise ValueError(f"K-FAC state was saved with method={meta['method']!r}, this is {self.method.name!r}")
+        store = keyed.gather({layer.name: layer.entry for layer in self._layers}, self.method, self.plan, self._comm,
+                             pieces, dtype=self.engine.factor_dtype,
+                             devices={layer.name: layer.adapter.weight.device for layer in self._layers})
+        self.load_state_dict({"steps": meta["steps"], "skipped_steps": meta.get("skipped_steps", 0),
+                              "layers": self.layers, "not_executed": [], "method": self.method.name, "store": store,
+                              "seen": self.layers, "shard": None})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` / :meth:`consolidated_state_dict` output; the tracked layers must match

@@ -65,10 +65,11 @@ def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, kind: str, rank: int = 0, world: int = 1,
-          steps: int = STEPS) -> list[float]:
-    """``steps`` steps on this rank's slice of each global batch (in the parameters' dtype); the losses."""
+          steps: int = STEPS, start: int = 0) -> list[float]:
+    """Steps ``start .. steps - 1`` on this rank's slice of each global batch (in the parameters' dtype); the
+    losses."""
     per, dtype, losses = GLOBAL_BATCH // world, next(model.parameters()).dtype, []
-    for step in range(steps):
+    for step in range(start, steps):
         x, y = batch(step, kind)
         x, y = x[rank * per:(rank + 1) * per].to(dtype), y[rank * per:(rank + 1) * per]
         opt.zero_grad()

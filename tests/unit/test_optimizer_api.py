@@ -609,11 +609,13 @@ def test_cached_eigen_scaling_follows_damping_and_refresh():
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
-def test_dcp_state_initialisation_on_a_fresh_optimizer_steps_only_the_base_and_says_kfac_state_is_not_carried(
+def test_dcp_state_initialisation_on_a_fresh_optimizer_steps_only_the_base_and_lays_out_kfac_placeholders(
         adaptive):
     """torch.distributed.checkpoint's get_optimizer_state_dict creates an empty optimizer's state by step() on
     all-zero gradients at lr 0, before any forward pass: no crash ("call model.train()"), K-FAC's state untouched,
-    a warning that DCP does not carry it, and training afterwards equals a run that never saw the call."""
+    the state dict holds K-FAC's fixed-shape placeholders (absent, flagged 0) under each layer's weight, and
+    training afterwards equals a run that never saw the call."""
+    import json
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     def build():
@@ -634,9 +636,11 @@ def test_dcp_state_initialisation_on_a_fresh_optimizer_steps_only_the_base_and_s
                 opt.step()
 
     model, opt = build()
-    with pytest.warns(UserWarning, match="DCP's get/set_state_dict do not carry K-FAC's state"):
-        osd = get_optimizer_state_dict(model, opt)
+    osd = get_optimizer_state_dict(model, opt)
     assert set(osd) == {"state", "param_groups"} and opt.preconditioner.steps == 0
+    assert osd["state"]["0.weight"]["kfac.A"].shape == (5, 5) and osd["state"]["2.weight"]["kfac.QG"].shape == (3, 3)
+    assert int(osd["state"]["0.weight"]["kfac.A.present"]) == 0 and int(osd["state"]["0.weight"]["kfac.num_updates"]) == 0
+    assert json.loads(osd["param_groups"][0]["kfac"])["steps"] == 0
     assert all(opt.preconditioner.store[n].A is None for n in opt.preconditioner.layers)
     assert all(g["lr"] == (1.0 if adaptive else 0.1) for g in opt.param_groups)  # DCP restored it
     train(model, opt)
