@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .comm import Communicator
 
-__all__ = ["ShardSpec", "ShardedGradients", "Exchanged", "shard_spec", "sharded_parameters"]
+__all__ = ["ShardSpec", "ShardedGradients", "Exchanged", "shard_spec", "sharded_parameters", "whole"]
 
 
 def _dtensor_type() -> type | None:
@@ -46,6 +46,12 @@ def sharded_parameters(named: Iterable[tuple[str, Tensor]]) -> list[str]:
     none on a torch without ``DTensor``."""
     dtensor = _dtensor_type()
     return [] if dtensor is None else [name for name, p in named if isinstance(p, dtensor)]
+
+
+def whole(t: Tensor) -> Tensor:
+    """``t`` itself, or the whole tensor of a ``DTensor`` (a collective over its mesh: every rank calls it)."""
+    dtensor = _dtensor_type()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

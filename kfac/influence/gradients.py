@@ -1,7 +1,7 @@
 """Per-example gradients of tracked layers from hook data (no per-parameter ``vmap``, no extra backward).
 
 Inside :class:`capture`, a forward hook keeps each tracked layer's input and a tensor hook its output gradient;
-after ``loss.sum().backward()`` the layer's per-example rows are ``a`` (``N x T x a_dim``) and ``g`` (``N x T x
+after the backward pass of ``loss.sum()`` the layer's per-example rows are ``a`` (``N x T x a_dim``) and ``g`` (``N x T x
 g_dim``), and example ``n``'s gradient matrix is ``V_n = sum_t g_nt a_nt^T``. Rows are in *true gradient units*:
 the adapters' internal row scaling (KAISA's ``1/S`` per convolution position) is undone, so ``V_n`` is exactly
 ``d loss_n / d W`` in the ``(g_dim, a_dim)`` layout (bias as the last column).
@@ -22,12 +22,15 @@ __all__ = ["capture", "example_matrices"]
 
 
 class capture:  # noqa: N801 (a context manager used like a function)
-    """``with capture(adapters, dtype) as cap: loss.sum().backward()``; then ``cap.rows[name] = (a, g)``."""
+    """``with capture(adapters, dtype) as cap: torch.autograd.grad(loss.sum(), cap.outputs)``; then
+    ``cap.rows[name] = (a, g)``. Differentiating the layers' outputs, not their parameters, computes no parameter
+    gradient and needs no whole parameter (FSDP2 keeps them sharded outside forward and backward)."""
 
     def __init__(self, adapters: Mapping[str, ModuleAdapter], dtype: torch.dtype) -> None:
         self.adapters, self.dtype = dict(adapters), dtype
         self.inputs: dict[str, Tensor] = {}
         self.grads: dict[str, Tensor] = {}
+        self.outputs: list[Tensor] = []  # what the backward pass differentiates (no parameter gradients needed)
         self._handles: list[Any] = []
 
     def __enter__(self) -> "capture":
@@ -48,6 +51,7 @@ class capture:  # noqa: N801 (a context manager used like a function)
         self.inputs[name] = inputs[0].detach()
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(functools.partial(self._backward, name))
+            self.outputs.append(output)
 
     def _backward(self, name: str, grad: Tensor) -> None:
         self.grads[name] = grad.detach()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.fsdp import sharded_parameters
 from ..kronecker.preconditioner import KFACPreconditioner
 from .gradients import capture
 from .task import Task
@@ -19,7 +20,9 @@ class DataPasses:
     """Batches and their per-example rows for one call of the analyzer.
 
     ``engine`` supplies the tracked layers, their adapters and parameters, and the communicator that shards
-    batches (batch ``i`` on rank ``i % world_size``)."""
+    batches (batch ``i`` on rank ``i % world_size``). On a model sharded with FSDP2, whose forward and backward
+    passes are collectives, a rank with fewer batches than rank 0 runs (and discards) one more pass at the end, so
+    that every rank runs the same number."""
 
     def __init__(self, model: nn.Module, task: Task, engine: KFACPreconditioner, *, seed: int, dtype: torch.dtype,
                  progress: bool) -> None:
@@ -39,9 +42,22 @@ class DataPasses:
         """``(index, batch)`` of this rank's batches. Batches of no examples (see :func:`is_empty`) are dropped
         before numbering, so they change neither the sharding nor the sampled labels of the other batches."""
         comm = self.engine.communicator
-        items = ((i, b) for i, b in enumerate(b for b in loader if not is_empty(b))
-                 if not shard or i % comm.world_size == comm.rank)
+        items: Iterator[tuple[int, Any]] = ((i, b) for i, b in enumerate(b for b in loader if not is_empty(b))
+                                            if not shard or i % comm.world_size == comm.rank)
+        if shard and comm.enabled and sharded_parameters(self.model.named_parameters()):
+            items = self._lockstep(loader, comm.rank, comm.world_size)
         return _progress(items, f"influence: {what}", total=_len(loader), enabled=self.progress and comm.rank == 0)
+
+    def _lockstep(self, loader: Iterable[Any], rank: int, world: int) -> Iterator[tuple[int, Any]]:
+        """This rank's batches, then a discarded pass over the first batch if rank 0 had one more."""
+        first, count = None, 0
+        for i, b in enumerate(b for b in loader if not is_empty(b)):
+            first = b if first is None else first
+            count += 1
+            if i % world == rank:
+                yield i, b
+        if first is not None and (count - 1) // world + 1 > (count - 1 - rank) // world + 1:
+            self.rows(first, sampled=False)  # FSDP2's collectives, in step with the other ranks
 
     def rows(self, batch: Any, *, sampled: bool, measurement: bool = False, index: int = 0,
              ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -59,8 +75,8 @@ class DataPasses:
                 what = "measurement" if measurement else "loss"
                 shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
                 raise ValueError(f"Task.{what}() must return one value per example (shape [B]), got {shape}")
-            weights = [p for params in self.engine.parameters_of().values() for p in params]
-            torch.autograd.grad(values.sum(), weights, allow_unused=True)
+            if cap.outputs:
+                torch.autograd.grad(values.sum(), cap.outputs, allow_unused=True)
         rows = cap.rows
         missing = [n for n in self.layers if n not in rows]
         if missing:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.fsdp import whole
 from .. import __version__
 from ..kronecker.store import FactorFileError, FactorStore
 from .arguments import InfluenceArguments
@@ -32,11 +33,12 @@ MFAC_FILE = "mfac_gradients.safetensors"
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 (hex) over every parameter of ``model`` in ``named_parameters()`` order: its name, shape and values
     as float64 bytes on the CPU (one parameter at a time). Deterministic across runs, devices and parameter dtypes
-    that hold the same values; buffers are not included."""
+    that hold the same values, and across shardings (an FSDP2 parameter is gathered whole, one at a time: a
+    collective); buffers are not included."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         digest.update(f"{name}:{tuple(p.shape)};".encode())
-        digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy())  # type: ignore[arg-type]
+        digest.update(whole(p.detach()).to("cpu", torch.float64).contiguous().numpy())  # type: ignore[arg-type]
     return digest.hexdigest()
 
 

@@ -80,3 +80,20 @@ def test_adaptive_and_mfac_on_sharded_models_are_clear_errors(tmp_path):
     said = D.launch(fsdp_workers.refusals, 2, tmp_path, timeout=120)[0]
     assert said["adaptive"].startswith("adaptive K-FAC does not support FSDP2-sharded parameters yet")
     assert said["mfac"].startswith("M-FAC does not support FSDP2-sharded parameters yet")
+
+
+@pytest.mark.parametrize("kind,method,batches", [("mlp", "ekfac", 5), ("block-seq-first", "ekfac", 4),
+                                                 ("block", "kfac", 3)])
+def test_influence_on_a_sharded_model_equals_one_process(kind, method, batches, tmp_path):
+    from kfac.influence import ClassificationTask, InfluenceAnalyzer
+
+    reports = D.launch(fsdp_workers.influence, 2, tmp_path, kind, method, batches, timeout=240)
+    got = torch.load(tmp_path / "influence.pt")
+    model = fsdp_workers.make_model(kind)
+    train, queries = fsdp_workers.influence_data(kind, batches)
+    an = InfluenceAnalyzer(model, ClassificationTask(), method=method, factor_dtype=torch.float64,
+                           score_dtype=torch.float64, progress=False)
+    an.fit(train)
+    assert reports[0]["layers"] == an.layers
+    for key, want in (("pairwise", an.pairwise_scores(queries, train)), ("self", an.self_scores(train))):
+        assert float((got[key] - want).norm() / want.norm()) <= 1e-10, key

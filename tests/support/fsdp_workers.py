@@ -170,3 +170,27 @@ def refusals(rank: int, world: int, out: Path) -> dict:
         except ValueError as exc:
             said[name] = str(exc)
     return said
+
+
+def influence(rank: int, world: int, out: Path, kind: str, method: str, batches: int) -> dict:
+    """Fit and score the sharded model (``batches`` training batches of 4, batch ``i`` on rank ``i % world``: an
+    uneven count leaves a rank one pass short); rank 0 saves pairwise and self scores."""
+    from kfac.influence import ClassificationTask, InfluenceAnalyzer
+
+    model = make_model(kind)
+    train, queries = influence_data(kind, batches)
+    shard(model, (world,))
+    an = InfluenceAnalyzer(model, ClassificationTask(), method=method, factor_dtype=torch.float64,
+                           score_dtype=torch.float64, progress=False)
+    an.fit(train)
+    scores = {"pairwise": an.pairwise_scores(queries, train), "self": an.self_scores(train)}
+    if rank == 0:
+        torch.save(scores, out / "influence.pt")
+    return {"layers": an.layers}
+
+
+def influence_data(kind: str, batches: int) -> tuple[list, list]:
+    x, y = batch(0, kind)
+    x2, y2 = batch(1, kind)
+    x, y = torch.cat([x, x2]), torch.cat([y, y2])
+    return [(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]) for i in range(batches)], [(x[-3:], y[-3:])]
