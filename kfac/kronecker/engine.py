@@ -25,7 +25,7 @@ from ..distributed.executor import Executor
 from ..distributed.reduction import PendingStats, Reduced
 from ..distributed.fsdp import ShardedGradients
 from ..modules import ModuleAdapter
-from ..planner import CostModel
+from ..planner import CostModel, sharded_strategy
 from .methods import WARM_REFRESH_FRACTION, DecompositionError
 from .store import FactorEntry, FactorStore
 
@@ -96,32 +96,25 @@ class CurvatureEngine:
                                        "memory_cap": config.memory_cap, "split": config.split_factors, **intervals}
         comm = Communicator(group=config.process_group, comm_dtype=config.comm_dtype, step_timeout=config.step_timeout)
         comm.check_identical({**options, **config.comparable()}, what="K-FAC options")
+        shards = ShardedGradients(comm=comm, params=params or {}, dtype=factor_dtype)
+        strategy, fraction = config.strategy, config.grad_worker_fraction
+        if strategy is None and shards:  # sharded model: memory first (kfac.planner.sharded)
+            strategy, fraction = sharded_strategy(comm.world_size, len(shards.members), corrects=method.corrects)
         executor = Executor(comm=comm, entries=[store[n] for n in store], devices=devices, factor_dtype=factor_dtype,
-                            strategy=config.strategy, grad_worker_fraction=config.grad_worker_fraction,
+                            strategy=strategy, grad_worker_fraction=fraction,
                             factor_reduction=config.factor_reduction, plan_kwargs=plan_kwargs, stats=stats,
                             bucket_cap_bytes=config.bucket_cap_bytes)
-        shards = ShardedGradients(comm=comm, params=params or {}, dtype=factor_dtype)
         return cls(store=store, comm=comm, executor=executor, method=method, factor_dtype=factor_dtype, shards=shards)
 
     def _bind_shards(self) -> None:
-        """Choose each sharded layer's worker in this rank's shard group under the current plan: its grad worker
-        there, or where every member is one (``comm-opt``), the member at its ``A`` owner's position (the
-        planner's balanced assignment). A clear error where a shard group has no grad worker of a layer."""
+        """Choose each sharded layer's worker in this rank's shard group under the current plan
+        (:meth:`kfac.planner.Plan.shard_worker`)."""
         plan = self.executor.plan
         if not self.shards or self._bound is plan:
             return
 
         def worker(name: str, members: Sequence[int]) -> int:
-            local = [self.comm.ranks.index(g) for g in members]
-            inside = [i for i, r in enumerate(local) if plan.is_grad_worker(name, r)]
-            if len(inside) == len(local):
-                return plan.owner(name, "A") % len(local)
-            if len(inside) == 1:
-                return inside[0]
-            raise ValueError(f"kfac: the {plan.strategy!r} plan gives layer {name!r} {len(inside)} grad workers in "
-                             f"the shard group {tuple(members)}; sharded models need one or all: use "
-                             "strategy='comm-opt', 'mem-opt' on a 1-d mesh, or 'hybrid' with one grad worker per "
-                             "shard group (grad_worker_fraction = 1 / shard group size) on an HSDP mesh")
+            return plan.shard_worker(name, [self.comm.ranks.index(g) for g in members])
 
         self.shards.bind(worker)
         self._bound = plan

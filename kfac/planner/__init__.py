@@ -13,16 +13,18 @@ Command line: ``python -m kfac.planner --model resnet50 --world-size 64 --strate
 
 Modules (imports only point down): :mod:`~kfac.planner.cost` (layer shapes, cost model) and
 :mod:`~kfac.planner.assign` (LPT and the baselines, on plain numbers) <- :mod:`~kfac.planner.plan` (the
-:class:`Plan` data model, imports ``cost`` only) <- :mod:`~kfac.planner.search` (:func:`make_plan`).
+:class:`Plan` data model, imports ``cost`` only) <- :mod:`~kfac.planner.search` (:func:`make_plan`);
+:mod:`~kfac.planner.sharded` describes a plan of an FSDP2 / HSDP model (``--shard-size`` on the command line).
 """
 
 from .assign import MemoryCapError, lpt
 from .cost import METHODS, CostModel, LayerSpec, cache_path, calibrate, layer_specs
 from .plan import STRATEGIES, CommBytes, LayerAssignment, Plan, grad_workers_per_layer
 from .search import ASSIGNERS, default_strategy, make_plan
+from .sharded import ShardedView, sharded_strategy, sharded_view
 
 __all__ = [
     "LayerSpec", "CostModel", "Plan", "LayerAssignment", "CommBytes", "make_plan", "calibrate", "layer_specs",
     "STRATEGIES", "ASSIGNERS", "METHODS", "default_strategy", "grad_workers_per_layer", "MemoryCapError",
-    "cache_path", "lpt",
+    "cache_path", "lpt", "ShardedView", "sharded_strategy", "sharded_view",
 ]

@@ -4,6 +4,7 @@ Examples::
 
     python -m kfac.planner --model resnet50 --world-size 64 --strategy dp-kfac --inv-update-steps 10 --compare
     python -m kfac.planner --json shapes.json --world-size 8        # [{"name": ..., "a_dim": ..., "g_dim": ...}]
+    python -m kfac.planner --model vit_b_16 --world-size 8 --shard-size 4   # an HSDP model: 2 replicas x 4
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .assign import MemoryCapError
 from .cost import METHODS, CostModel, LayerSpec, calibrate, layer_specs
 from .plan import STRATEGIES, Plan, format_ms
 from .search import ASSIGNERS, default_strategy, make_plan
+from .sharded import sharded_strategy, sharded_view
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}
@@ -53,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="time eigh/inverse/matmul on this device (cached)")
     p.add_argument("--device", default=None, help="device for --calibrate (default: cuda if available)")
     p.add_argument("--comm-bytes-per-element", type=int, default=None, help="e.g. 2 for bf16 communication")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="the model is sharded with FSDP2 (= world size) or HSDP over shard groups of this size: "
+                        "print who preconditions each layer whole and the traffic next to FSDP's")
     p.add_argument("--max-ranks", type=int, default=16, help="per-rank rows to print")
     p.add_argument("--output", type=Path, default=None, help="write the plan as JSON here")
     return p
@@ -133,7 +138,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.comm_bytes_per_element is not None:
         cost = CostModel.from_dict({**cost.to_dict(), "comm_bytes_per_element": args.comm_bytes_per_element})
     strategy = args.strategy or default_strategy(args.world_size)
-    kwargs = dict(cost_model=cost, grad_worker_fraction=args.grad_worker_fraction,
+    fraction = args.grad_worker_fraction
+    if args.shard_size is not None:
+        try:
+            default, default_fraction = sharded_strategy(args.world_size, args.shard_size)
+        except ValueError as exc:
+            parser.error(str(exc))
+        strategy = args.strategy or default
+        fraction = fraction if args.strategy else default_fraction
+    kwargs = dict(cost_model=cost, grad_worker_fraction=fraction,
                   factor_update_steps=args.factor_update_steps, inv_update_steps=args.inv_update_steps,
                   split={"auto": None, "yes": True, "no": False}[args.split], memory_cap=args.memory_cap,
                   method=args.method)
@@ -145,6 +158,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = args.model if args.model else str(args.json)
     print(f"# {source}: {len(specs)} layers; plan digest {plan.digest()[:16]}")
     print(plan.summary(max_ranks=args.max_ranks))
+    if args.shard_size is not None:
+        try:
+            view = sharded_view(plan, specs, args.shard_size)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print()
+        print(view.summary(max_ranks=args.max_ranks))
     if args.compare:
         plans: dict[str, Optional[Plan]] = {}
         for assigner in ASSIGNERS:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from .cost import CostModel, LayerSpec
 
@@ -284,6 +284,21 @@ class Plan:
             return rank
         p = self.world_size // len(la.grad_workers)
         return next(w for w in la.grad_workers if w // p == rank // p)
+
+    def shard_worker(self, name: str, members: Sequence[int]) -> int:
+        """The position in a shard group (``members``: ranks of one FSDP2 shard group, in shard order) of the rank
+        that preconditions layer ``name``'s whole gradient for the group: its grad worker there, or where every
+        member is one (``comm-opt``) the member at its ``A`` owner's position (the planner's balanced assignment).
+        A ``ValueError`` where the group has several grad workers but not all, or none."""
+        inside = [i for i, r in enumerate(members) if self.is_grad_worker(name, r)]
+        if len(inside) == len(members):
+            return self.owner(name, "A") % len(members)
+        if len(inside) == 1:
+            return inside[0]
+        raise ValueError(f"kfac: the {self.strategy!r} plan gives layer {name!r} {len(inside)} grad workers in the "
+                         f"shard group {tuple(members)}; sharded models need one or all: use strategy='comm-opt', "
+                         "'mem-opt' or 'dp-kfac' on a 1-d mesh, or 'hybrid' with one grad worker per shard group "
+                         "(grad_worker_fraction = 1 / shard group size) on an HSDP mesh")
 
     def grad_receivers(self, name: str, rank: int) -> tuple[int, ...]:
         """Ranks that receive layer ``name``'s preconditioned gradient from ``rank`` (empty for non-workers)."""

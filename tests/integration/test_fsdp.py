@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from kfac.planner import sharded_strategy
+
 import dist_workers as D
 
 fsdp_workers = pytest.importorskip("fsdp_workers", exc_type=ImportError, reason="needs FSDP2 (torch >= 2.4)")
@@ -16,11 +18,11 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 
 CASES = {  # (model, mesh): configs
     ("mlp", (2,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt", method="inverse"),
-                    dict(strategy="dp-kfac"), dict(strategy="comm-opt", method="ekfac")],
+                    dict(), dict(method="ekfac")],  # the defaults for sharded models: dp-kfac, comm-opt (EK-FAC)
     ("mlp", (4,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt")],
     ("block", (2,)): [dict(strategy="mem-opt"), dict(strategy="comm-opt", method="ekfac")],
     ("block-seq-first", (4,)): [dict(strategy="mem-opt"), dict(strategy="comm-opt", method="ekfac")],
-    ("block", (2, 2)): [dict(strategy="hybrid", grad_worker_fraction=0.5), dict(strategy="comm-opt")],
+    ("block", (2, 2)): [dict(), dict(strategy="comm-opt")],  # default on HSDP: hybrid, one worker per group
 }
 DISTRIBUTED_OPTIONS = ("strategy", "grad_worker_fraction")
 
@@ -46,8 +48,9 @@ def test_sharded_training_equals_single_process(kind, mesh, tmp_path):
             assert float((g - w).norm() / w.norm()) <= 1e-10, (cfg, float((g - w).norm() / w.norm()))
         ranks = [r[str(i)] for r in reports]
         assert ranks[0]["sharded"] == sorted(ranks[0]["layers"]), "every tracked layer is sharded"
+        default = sharded_strategy(world, mesh[-1], corrects=cfg.get("method") == "ekfac")[0]
         for r in ranks:
-            assert r["strategy"] == cfg["strategy"]
+            assert r["strategy"] == cfg.get("strategy", default)
             owned = {n for n, w in r["workers"].items() if w == r["position"]}
             assert set(r["formed"]) == owned, "a rank forms whole gradients of its own layers only"
             # per step: the gather brings each owned layer's whole gradient, the scatter this rank's rows of
@@ -55,7 +58,7 @@ def test_sharded_training_equals_single_process(kind, mesh, tmp_path):
             gather = sum(r["layer_numel"][n] for n in owned)
             scatter = sum(r["local_numel"][n] + 2 for n in r["layers"])
             assert r["received_per_call"] == [gather, scatter] * fsdp_workers.STEPS
-            if cfg["strategy"] in ("mem-opt", "dp-kfac", "hybrid"):  # decompositions of its own layers only
+            if r["strategy"] in ("mem-opt", "dp-kfac", "hybrid"):  # decompositions of its own layers only
                 assert set(r["decompositions"]) <= owned
         # each shard group forms every layer exactly once
         groups = {tuple(r["members"]) for r in ranks}
