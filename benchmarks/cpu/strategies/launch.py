@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,14 +27,15 @@ from benchmarks.common import log
 from benchmarks.cpu.strategies.worker import worker
 
 
-def _entry(rank: int, world: int, out_dir: str, store: str, settings: dict[str, Any]) -> None:
+def _entry(rank: int, world: int, out_dir: str, store: str, settings: dict[str, Any],
+           fn: Callable[[int, int, dict[str, Any]], dict[str, Any]] = worker) -> None:
     out = Path(out_dir)
     init_rank_threads(settings["threads"])
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=_dt.timedelta(seconds=settings["collective_timeout"]))
     try:
-        result: dict[str, Any] = worker(rank, world, settings)
+        result: dict[str, Any] = fn(rank, world, settings)
     except Exception:  # noqa: BLE001 -- reported to the parent through the result file
         result = {"error": traceback.format_exc()}
     tmp = out / f"rank{rank}.json.tmp"
@@ -47,14 +48,16 @@ def _entry(rank: int, world: int, out_dir: str, store: str, settings: dict[str, 
 
 
 
-def launch(world: int, settings: dict[str, Any], deadline_s: float) -> list[dict[str, Any]]:
-    """Run :func:`worker` on ``world`` gloo processes; return each rank's report (raise on failure/deadline)."""
+def launch(world: int, settings: dict[str, Any], deadline_s: float,
+           fn: Callable[[int, int, dict[str, Any]], dict[str, Any]] = worker) -> list[dict[str, Any]]:
+    """Run ``fn(rank, world, settings)`` (a module-level function; default :func:`worker`) on ``world`` gloo
+    processes; return each rank's report (raise on failure/deadline)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(settings["threads"]))  # inherited by the spawned processes
     os.environ.setdefault("MKL_NUM_THREADS", str(settings["threads"]))
     with tempfile.TemporaryDirectory(prefix="kfac_dist_bench_") as tmp:
         out = Path(tmp)
         store = out / f"pg_store_{uuid.uuid4().hex}"  # a FileStore file must be fresh for each process group
-        ctx = mp.start_processes(_entry, args=(world, str(out), str(store), settings), nprocs=world, join=False,
+        ctx = mp.start_processes(_entry, args=(world, str(out), str(store), settings, fn), nprocs=world, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + deadline_s
         try:
