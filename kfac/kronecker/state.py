@@ -71,10 +71,11 @@ class StateMixin:
             "rank": self.rank, "world_size": self.world_size, "plan": self.plan.digest()}
         if shard is not None and not self._warned_shard:
             self._warned_shard = True
-            logger.warning("kfac: state_dict() on rank %d holds only this rank's shard of the K-FAC state (strategy "
-                           "%r): resume it with every rank loading its own file at the same world size, or save "
-                           "consolidated_state_dict() (a collective: call it on every rank) for a portable "
-                           "checkpoint", self.rank, self.plan.strategy)
+            logger.warning("kfac: the 'kfac' entry of state_dict() on rank %d holds only this rank's shard of the "
+                           "K-FAC state (strategy %r): with torch.save, resume it with every rank loading its own "
+                           "file at the same world size, or save consolidated_state_dict() (a collective) for a "
+                           "portable checkpoint; torch.distributed.checkpoint (get_state_dict + dcp.save on every "
+                           "rank) keeps the complete state at any world size", self.rank, self.plan.strategy)
         return self._state(self.engine.store.state_dict(), shard)
 
     def consolidated_state_dict(self) -> dict[str, Any]:
