@@ -50,7 +50,8 @@ from kfac.influence import CausalLMTask, InfluenceAnalyzer
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="train until this global step (default 200; --quick 20)")
+    p.add_argument("--steps", type=int, default=None, help="train until this global step (default 200; --quick 20)"
+                   "%(default).0s")  # (an empty %(default): argparse adds no second "(default: None)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch of sequences (split over the ranks)")
     p.add_argument("--seq-len", type=int, default=32, help="characters per sequence")
     p.add_argument("--lr", type=float, default=0.3, help="SGD learning rate (momentum 0.9)")
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--prompt", default="Return the ", help="the influence query's prompt")
     p.add_argument("--influence-seqs", type=int, default=None, help="training sequences scored (default 256; "
-                   "--quick 32)")
+                   "--quick 32)%(default).0s")
     p.add_argument("--top-k", type=int, default=3, help="training sequences printed")
     p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     p.add_argument("--quick", action="store_true", help="tiny model, short corpus, few steps (tests)")

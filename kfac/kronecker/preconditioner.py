@@ -180,8 +180,6 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
                                       schedule=self, method=self.method,
                                       mark_final=lambda name: self._exec.mark_final(name))
         self._hooked = hooks
-        if hooks:
-            self._hooks.install()
         options = {**self.hparams.comparable(), "fisher": fisher, "accumulation_steps": self.accumulation_steps,
                    "factor_dtype": str(factor_dtype), "method": method, "relative_damping": relative_damping,
                    "warm_start": repr(warm_start), "truncate": truncate, "factor_init": factor_init, "units": units}
@@ -194,6 +192,8 @@ class KFACPreconditioner(Communicating, StateMixin, SampledStatisticsMixin):
         if self.method.corrects and self.world_size > 1 and self.plan.grad_workers_per_layer != self.world_size:
             raise ValueError(f"method={method!r} in a distributed run needs strategy='comm-opt': every rank projects "
                              "its per-example gradients onto the eigenbases, so every rank must hold them")
+        if hooks:  # last: a constructor that raises leaves no hook on the model
+            self._hooks.install()
 
     @property
     def plan(self) -> Plan:

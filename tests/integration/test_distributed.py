@@ -121,6 +121,7 @@ def test_non_finite_gradient_on_one_rank_skips_everywhere(tmp_path):
 def test_ekfac_outside_comm_opt_fails_clearly(tmp_path):
     results = W.launch(W.ekfac_dp_kfac, 2, tmp_path)
     assert all("needs strategy='comm-opt'" in r["error_message"] for r in results)
+    assert all(r["rebuilt"] for r in results)  # no hook left by the failed constructor
 
 
 def test_ranks_with_different_models_fail_clearly(tmp_path):

@@ -19,12 +19,13 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 CASES = {  # (model, mesh): configs
     ("mlp", (2,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt", method="inverse"),
                     dict(), dict(method="ekfac")],  # the defaults for sharded models: dp-kfac, comm-opt (EK-FAC)
-    ("mlp", (4,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt")],
+    ("mlp", (4,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt", reshard_after_forward=False)],
     ("block", (2,)): [dict(strategy="mem-opt"), dict(strategy="comm-opt", method="ekfac")],
     ("block-seq-first", (4,)): [dict(strategy="mem-opt"), dict(strategy="comm-opt", method="ekfac")],
-    ("block", (2, 2)): [dict(), dict(strategy="comm-opt")],  # default on HSDP: hybrid, one worker per group
+    ("block", (2, 2)): [dict(), dict(method="ekfac"),  # defaults on HSDP: hybrid (one worker per group), comm-opt
+                        dict(strategy="hybrid", grad_worker_fraction=0.5, method="inverse", reshard_after_forward=False)],
 }
-DISTRIBUTED_OPTIONS = ("strategy", "grad_worker_fraction")
+DISTRIBUTED_OPTIONS = ("strategy", "grad_worker_fraction", "reshard_after_forward")
 
 
 def reference(kind: str, cfg: dict) -> list[torch.Tensor]:
@@ -100,3 +101,19 @@ def test_influence_on_a_sharded_model_equals_one_process(kind, method, batches, 
     assert reports[0]["layers"] == an.layers
     for key, want in (("pairwise", an.pairwise_scores(queries, train)), ("self", an.self_scores(train))):
         assert float((got[key] - want).norm() / want.norm()) <= 1e-10, key
+
+
+@pytest.mark.parametrize("kind", ["lm", "lm-seq-first"])
+def test_per_token_influence_on_a_sharded_language_model_equals_one_process(kind, tmp_path):
+    from kfac.influence import CausalLMTask, InfluenceAnalyzer
+
+    reports = D.launch(fsdp_workers.lm_influence, 2, tmp_path, kind, 3, timeout=240)
+    got = torch.load(tmp_path / "per_token.pt")
+    model = fsdp_workers.make_model(kind)
+    train, queries = fsdp_workers.lm_data(3)
+    an = InfluenceAnalyzer(model, CausalLMTask(), method="ekfac", factor_dtype=torch.float64,
+                           score_dtype=torch.float64, progress=False)
+    an.fit(train)
+    want = an.per_token_scores(queries, train)
+    assert reports[0]["layers"] == an.layers and got.shape == want.shape == (2, 12, 6)
+    assert float((got - want).norm() / want.norm()) <= 1e-10

@@ -43,8 +43,29 @@ class Block(nn.Module):
         return self.head(h.mean(1))
 
 
+class TinyLM(nn.Module):
+    """Token embedding -> one encoder layer (``seq_first``: run on ``(T, N, E)``) -> per-position head: logits
+    ``(N, T, V)`` for :class:`kfac.influence.CausalLMTask` (every tracked layer sees every position)."""
+
+    batch_first = True
+
+    def __init__(self, seq_first: bool = False, vocab: int = 11) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.embed = nn.Embedding(vocab, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=not seq_first)
+        self.head = nn.Linear(16, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = self.layer(h.transpose(0, 1)).transpose(0, 1) if self.seq_first else self.layer(h)
+        return self.head(h)
+
+
 def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    if kind.startswith("lm"):
+        return TinyLM(seq_first=kind == "lm-seq-first").double()
     if kind == "mlp":  # odd widths: uneven shards, a layer with fewer rows than ranks
         model: nn.Module = nn.Sequential(nn.Linear(6, 11), nn.Tanh(), nn.Linear(11, 7), nn.Tanh(), nn.Linear(7, 3))
     else:
@@ -80,16 +101,17 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, kind: str, rank: int = 0
     return losses
 
 
-def shard(model: nn.Module, mesh_shape: tuple[int, ...], mixed: bool = False) -> None:
-    """``fully_shard`` on every module with parameters of its own below the root (per layer), then the root."""
+def shard(model: nn.Module, mesh_shape: tuple[int, ...], mixed: bool = False, reshard: bool = True) -> None:
+    """``fully_shard`` on every module with parameters of its own below the root (per layer), then the root;
+    ``reshard``: ``reshard_after_forward`` of the layers."""
     names = ("replicate", "shard")[-len(mesh_shape):]
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-    kw = {"mesh": mesh}
+    kw: dict = {"mesh": mesh}
     if mixed:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for m in list(model.children())[::-1]:
         if any(True for _ in m.parameters()):
-            fully_shard(m, **kw)
+            fully_shard(m, reshard_after_forward=reshard, **kw)
     fully_shard(model, **kw)
 
 
@@ -99,8 +121,10 @@ def equivalence(rank: int, world: int, out: Path, kind: str, mesh_shape: list[in
     a whole parameter) and the layers whose decompositions it holds."""
     report = {}
     for i, cfg in enumerate(configs):
+        cfg = dict(cfg)
+        reshard = cfg.pop("reshard_after_forward", True)
         model = make_model(kind)
-        shard(model, tuple(mesh_shape))
+        shard(model, tuple(mesh_shape), reshard=reshard)
         opt = make_optimizer(model, cfg)
         pre = opt.preconditioner
         formed: list[str] = []
@@ -187,6 +211,28 @@ def influence(rank: int, world: int, out: Path, kind: str, method: str, batches:
     if rank == 0:
         torch.save(scores, out / "influence.pt")
     return {"layers": an.layers}
+
+
+def lm_influence(rank: int, world: int, out: Path, kind: str, batches: int) -> dict:
+    """Per-token EK-FAC scores of the sharded language model (``CausalLMTask``); rank 0 saves them."""
+    from kfac.influence import CausalLMTask, InfluenceAnalyzer
+
+    model = make_model(kind)
+    train, queries = lm_data(batches)
+    shard(model, (world,))
+    an = InfluenceAnalyzer(model, CausalLMTask(), method="ekfac", factor_dtype=torch.float64,
+                           score_dtype=torch.float64, progress=False)
+    an.fit(train)
+    scores = an.per_token_scores(queries, train)
+    if rank == 0:
+        torch.save(scores, out / "per_token.pt")
+    return {"layers": an.layers}
+
+
+def lm_data(batches: int) -> tuple[list, list]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (4 * batches + 2, 6), generator=g)
+    return [ids[4 * i:4 * i + 4] for i in range(batches)], [ids[-2:]]
 
 
 def influence_data(kind: str, batches: int) -> tuple[list, list]:
