@@ -176,12 +176,22 @@ class ShardedGradients:
                  else _local(g).reshape(-1) for p, g, s in zip(self.params[name], grads, self.specs[name])]
         return torch.cat([t.to(self.dtype) for t in parts])
 
+    def zeros(self, name: str) -> Tensor:
+        """Zeros in the layout of :meth:`local` (for a layer without gradients on this step)."""
+        return self._empty(name, self.position).zero_()
+
     def exchange(self, grads: Mapping[str, Tensor | None],
                  precondition: Callable[[str, list[Tensor]], tuple[Tensor, bool, Tensor]],
                  ) -> dict[str, Exchanged]:
         """Steps 1-3 of the module docstring for the layers whose local rows ``grads`` holds (from :meth:`local`);
         ``precondition(name, full_grads)`` runs on the worker with the full per-parameter gradients and returns the
         per-parameter results (one flat tensor, in parameter order), ``ok`` and ``<P(g), g>``."""
+        whole = self.gather(grads)
+        return self.scatter({n: precondition(n, full) for n, full in whole.items()}, grads)
+
+    def gather(self, grads: Mapping[str, Tensor | None]) -> dict[str, list[Tensor]]:
+        """Step 1: this rank's layers' whole per-parameter gradients, from every rank's rows in ``grads`` (a
+        collective over the shard group)."""
         names = [n for n in self.params if grads.get(n) is not None]
         if not names:
             return {}
@@ -195,18 +205,29 @@ class ShardedGradients:
             for src in range(size):
                 like[src].append(self._empty(n, src))
         got = self.comm.all_to_all(sends, like, category="gradients", group=self.group)
-        done: dict[str, tuple[Tensor, bool, Tensor]] = {}
+        out: dict[str, list[Tensor]] = {}
         taken = [0] * size
         for n in mine:
             pieces = []
             for src in range(size):
                 pieces.append(got[src][taken[src]])
                 taken[src] += 1
-            done[n] = precondition(n, self._assemble(n, pieces))
-        # 3. every rank its rows of each result, behind a (flag, dot) header
-        sends = [[] for _ in range(size)]
-        like = [[] for _ in range(size)]
-        for n in mine:
+            out[n] = self._assemble(n, pieces)
+        return out
+
+    def scatter(self, done: Mapping[str, tuple[Tensor, bool, Tensor]], grads: Mapping[str, Tensor | None],
+                ) -> dict[str, Exchanged]:
+        """Step 3: every rank its rows of the results ``done`` of this rank's layers (``(flat per-parameter
+        result, ok, <P(g), g>)``), for the layers whose rows ``grads`` holds (a collective over the shard group)."""
+        names = [n for n in self.params if grads.get(n) is not None]
+        if not names:
+            return {}
+        size = len(self.members)
+        sends: list[list[Tensor]] = [[] for _ in range(size)]
+        like: list[list[Tensor]] = [[] for _ in range(size)]
+        for n in names:
+            if n not in done:
+                continue
             flat, ok, dot = done[n]
             header = torch.stack([torch.tensor(float(ok), dtype=self.dtype, device=flat.device),
                                   dot.to(self.dtype)])

@@ -55,6 +55,27 @@ class Block:
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(self.shape)
 
+    def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """The block's gradient from explicit per-parameter tensors shaped like :attr:`params` (zeros for
+        ``None``): FSDP2-sharded blocks gathered whole (:mod:`kfac.distributed.fsdp`)."""
+        full = [torch.zeros(p.shape, dtype=next(g for g in grads if g is not None).dtype) if g is None else g
+                for p, g in zip(self.params, grads)]
+        if self.adapter is not None:
+            mat = self.adapter.matrix_of(full)
+            assert mat is not None  # every parameter has a tensor here
+            return mat
+        return torch.cat([g.reshape(-1) for g in full]).reshape(self.shape)
+
+    def split(self, value: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`matrix_of`: per-parameter tensors shaped like :attr:`params`."""
+        if self.adapter is not None:
+            return self.adapter.split_matrix(value)
+        flat, out, offset = value.reshape(-1), [], 0
+        for p in self.params:
+            out.append(flat[offset:offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+        return out
+
     def set_grad(self, value: Tensor) -> None:
         """Write ``value`` (block layout) into the existing ``.grad`` tensors (in place, cast to their dtype)."""
         if self.adapter is not None:

@@ -35,6 +35,11 @@ result.
 :meth:`~MFACPreconditioner.ihvp`, :meth:`~MFACPreconditioner.diag` and :meth:`~MFACPreconditioner.state_dict` are
 collectives there (call them on every rank with the same arguments); they return complete results on every rank.
 The assignment, the exchange and the state dict: :mod:`kfac.mfac.sharding`.
+
+**FSDP2** (a model sharded with ``fully_shard`` on a 1-d mesh over the process group): each block's owner gathers
+the rows of its gradient whole (:mod:`kfac.distributed.fsdp`), adds it to its window and preconditions it, and
+every rank gets back its rows of the result with ``<P g, g>`` for ``kl_clip``; equal to one process. HSDP meshes are
+refused (a clear error).
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed.fsdp import sharded_parameters
-from .._tensor import all_finite, kl_clip_scale, update_dots
+from ..distributed.fsdp import ShardedGradients
+from .._tensor import all_finite, copy_all, kl_clip_scale, update_dots
 from ..curvature import as_named_blocks, flatten_blocks
 from ..distributed.comm import Communicating, Communicator
 from ..hparams import Hyper, block_lrs, check_positive, comparable, resolve
@@ -115,11 +120,6 @@ class MFACPreconditioner(Communicating):
         self.skipped_steps = 0
         self.skipped: list[tuple[str, str]] = []
         skip = [skip_layers] if isinstance(skip_layers, str) else list(skip_layers)
-        sharded = sharded_parameters(model_or_params.named_parameters()) if isinstance(model_or_params, nn.Module) \
-            else []
-        if sharded:
-            raise ValueError(f"M-FAC does not support FSDP2-sharded parameters yet ({sharded[:3]}...): its gradient "
-                             "windows hold whole blocks; use kfac.KFAC or kfac.EKFAC on sharded models")
         if isinstance(model_or_params, nn.Module):
             self._blocks = module_blocks(model_or_params, skip, self.skipped)
         else:
@@ -141,6 +141,15 @@ class MFACPreconditioner(Communicating):
                                          dtype=self.dtype, device=self.device)
         self._owner = self._sharding.owner
         self._owned = self._sharding.owned
+        # FSDP2-sharded blocks: each owner gathers its blocks' rows whole and returns every rank its rows of the
+        # result (kfac.distributed.fsdp); the windows stay on the owners
+        self._shards = ShardedGradients(comm=self._comm, params={b.name: list(b.params) for b in self._blocks},
+                                        dtype=self.dtype)
+        if self._shards:
+            if len(self._shards.members) != self._comm.world_size:
+                raise ValueError("M-FAC on sharded models needs a 1-d FSDP2 mesh over its process group (HSDP's "
+                                 "replicas are not supported): use kfac.KFAC or kfac.EKFAC there")
+            self._shards.bind(lambda name, members: members.index(self._comm.ranks[self._owner[name]]))
         self._fisher = SlidingWindowFisher(
             block_shapes={b.name: b.shape for b in self._owned}, num_grads=self.num_grads,
             damping=self._hparams(self.steps)["damping"], blocks=_MODES[self.blocks],
@@ -234,6 +243,17 @@ class MFACPreconditioner(Communicating):
     def _gradients(self, what: str) -> dict[str, Tensor]:
         return read_grads(self._blocks, dtype=self.dtype, device=self.device, what=what)
 
+    def _sharded_gradients(self) -> tuple[dict[str, Tensor | None], dict[str, Tensor]]:
+        """Sharded blocks: this rank's rows of every block (flat; zeros where it has no gradient) and the whole
+        gradients of the blocks it owns, in block layout (a collective)."""
+        local: dict[str, Tensor | None] = {b.name: self._shards.local(b.name) for b in self._blocks}
+        if all(t is None for t in local.values()):
+            raise RuntimeError("MFACPreconditioner.step() was called before loss.backward(): no tracked parameter "
+                               "has a gradient")
+        local = {n: t if t is not None else self._shards.zeros(n) for n, t in local.items()}
+        whole = self._shards.gather(local)
+        return local, {b.name: b.matrix_of(whole[b.name]).to(self.dtype) for b in self._owned}
+
     def _absorb(self, grads: Mapping[str, Tensor], grads_finite: bool) -> str | None:
         """Add ``grads`` to the window; returns ``None``, or why the step is skipped (the same on every rank)."""
         owned = {b.name: grads[b.name] for b in self._owned}
@@ -261,7 +281,11 @@ class MFACPreconditioner(Communicating):
         """Add the current gradients to the window without preconditioning them, and advance the step counter
         (like K-FAC's ``update``). Non-finite gradients are not added (logged and counted in ``skipped_steps``)."""
         self._check_ready()
-        reason = self._absorb(self._gradients("update"), True)
+        if self._shards:
+            local, owned = self._sharded_gradients()
+            reason = self._absorb(owned, all_finite(t for t in local.values() if t is not None))
+        else:
+            reason = self._absorb(self._gradients("update"), True)
         if reason is not None:
             self._skip(reason)
             return
@@ -287,9 +311,11 @@ class MFACPreconditioner(Communicating):
         ``False`` on any rank (all ranks skip together).
         """
         self._check_ready()
-        grads = self._gradients("step")
+        grads = self._gradients("step") if not self._shards else {}
         hp = self._hparams(self.steps)
         lrs = None if hp["kl_clip"] is None else block_lrs(self.layers, hp["lr"], lr)  # per block, for kl_clip
+        if self._shards:
+            return self._sharded_step(hp, lrs, grads_finite)
         reason = self._absorb(grads, grads_finite)
         if reason is not None:
             self._skip(reason)
@@ -335,6 +361,34 @@ class MFACPreconditioner(Communicating):
         out = self._exchange(local, [n for n in shapes if n in named], "ihvp")
         out = {n: out[n].reshape(shapes[n]).to(named[n].dtype) for n in shapes if n in named}
         return flatten_blocks(out, shapes) if flat else out
+
+    def _sharded_step(self, hp: Mapping[str, Any], lrs: Mapping[str, float] | None, grads_finite: bool) -> bool:
+        """:meth:`step` on sharded blocks: the owners add their blocks' whole gradients to their windows and
+        precondition them; every rank gets its rows of the results with ``<P(g), g>`` for ``kl_clip``."""
+        local, owned = self._sharded_gradients()
+        reason = self._absorb(owned, grads_finite and all_finite(t for t in local.values() if t is not None))
+        if reason is not None:
+            self._skip(reason)
+            return False
+        pre = self._fisher.ihvp(owned, damping=float(hp["damping"]))
+        blocks = {b.name: b for b in self._owned}
+        done = {n: (torch.cat([t.reshape(-1) for t in blocks[n].split(v)]), True, update_dots([(v, owned[n])])[0])
+                for n, v in pre.items()}
+        got = self._shards.scatter(done, local)
+        names = self.layers
+        dots = torch.stack([got[n].dot for n in names])
+        if lrs is not None:
+            nu = kl_clip_scale(dots, [lrs[n] for n in names], hp["kl_clip"])
+            for n in names:
+                got[n].update.mul_(nu.to(got[n].update.dtype))
+        finite = torch.isfinite(dots).tolist()
+        bad = [n for n, ok in zip(names, finite) if not ok]
+        if bad:
+            warnings.warn(f"kfac: non-finite M-FAC update for blocks {bad} at step {self.steps} (damping too small "
+                          "for the gradient window?); they use their plain gradients this step", stacklevel=3)
+        copy_all([pair for n, ok in zip(names, finite) if ok for pair in got[n].targets])
+        self.steps += 1
+        return True
 
     def _per_block_ihvp(self, named: Mapping[str, Tensor], lam: float) -> dict[str, Tensor]:
         """Per-layer mode with a possibly partial dict: the missing held blocks get zeros (their result is

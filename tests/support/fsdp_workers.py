@@ -179,21 +179,35 @@ def mixed_precision(rank: int, world: int, out: Path, kind: str) -> dict:
 
 
 def refusals(rank: int, world: int, out: Path) -> dict:
-    """What adaptive K-FAC and M-FAC say on a sharded model (not supported yet: clear errors at construction)."""
+    """What adaptive K-FAC (any sharded model) and M-FAC (an HSDP mesh) say: clear errors at construction."""
     from kfac.adaptive.controller import AdaptiveConfig
 
     said = {}
-    for name, build in (("adaptive", lambda m: kfac.KFAC(m, torch.optim.SGD(m.parameters(), lr=1.0),
-                                                         adaptive=AdaptiveConfig())),
-                        ("mfac", lambda m: kfac.MFAC(m, torch.optim.SGD(m.parameters(), lr=0.1)))):
+    for name, mesh, build in (
+            ("adaptive", (world,), lambda m: kfac.KFAC(m, torch.optim.SGD(m.parameters(), lr=1.0),
+                                                       adaptive=AdaptiveConfig())),
+            ("mfac-hsdp", (world, 1), lambda m: kfac.MFAC(m, torch.optim.SGD(m.parameters(), lr=0.1)))):
         model = make_model("mlp")
-        shard(model, (world,))
+        shard(model, mesh)
         try:
             build(model)
             said[name] = "built"
         except ValueError as exc:
             said[name] = str(exc)
     return said
+
+
+def mfac_equivalence(rank: int, world: int, out: Path, kind: str, configs: list[dict]) -> dict:
+    """M-FAC on the sharded model with each config; rank 0 saves the full final parameters."""
+    for i, cfg in enumerate(configs):
+        model = make_model(kind)
+        shard(model, (world,))
+        opt = kfac.MFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **cfg)
+        train(model, opt, kind, rank, world)
+        params = [p.full_tensor().detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save(params, out / f"mfac{i}.pt")
+    return {}
 
 
 def influence(rank: int, world: int, out: Path, kind: str, method: str, batches: int) -> dict:
