@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .comm import Communicator
 
-__all__ = ["ShardSpec", "ShardedGradients", "Exchanged", "shard_spec", "sharded_parameters", "whole"]
+__all__ = ["ShardSpec", "ShardedGradients", "Exchanged", "shard_spec", "sharded_parameters", "shard_group", "whole"]
 
 
 def _dtensor_type() -> type | None:
@@ -46,6 +46,17 @@ def sharded_parameters(named: Iterable[tuple[str, Tensor]]) -> list[str]:
     none on a torch without ``DTensor``."""
     dtensor = _dtensor_type()
     return [] if dtensor is None else [name for name, p in named if isinstance(p, dtensor)]
+
+
+def shard_group(params: Iterable[Tensor]) -> Any:
+    """The process group of the shard dimension of the first ``DTensor`` among ``params`` (the last mesh
+    dimension: the whole mesh for FSDP2, one shard group of an HSDP mesh), or ``None`` without one."""
+    dtensor = _dtensor_type()
+    p = next((p for p in params if dtensor is not None and isinstance(p, dtensor)), None)
+    if p is None:
+        return None
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return mesh.get_group(mesh.ndim - 1)
 
 
 def whole(t: Tensor) -> Tensor:

@@ -36,10 +36,11 @@ result.
 collectives there (call them on every rank with the same arguments); they return complete results on every rank.
 The assignment, the exchange and the state dict: :mod:`kfac.mfac.sharding`.
 
-**FSDP2** (a model sharded with ``fully_shard`` on a 1-d mesh over the process group): each block's owner gathers
-the rows of its gradient whole (:mod:`kfac.distributed.fsdp`), adds it to its window and preconditions it, and
-every rank gets back its rows of the result with ``<P g, g>`` for ``kl_clip``; equal to one process. HSDP meshes are
-refused (a clear error).
+**FSDP2 / HSDP** (a model sharded with ``fully_shard``): M-FAC works within a shard group (by default the mesh's
+shard dimension; on an HSDP mesh every replica does the same work on the same averaged gradients): each block's
+owner gathers the rows of its gradient whole (:mod:`kfac.distributed.fsdp`), adds it to its window and
+preconditions it, and every rank gets back its rows of the result with ``<P g, g>`` for ``kl_clip``; equal to one
+process.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed.fsdp import ShardedGradients
+from ..distributed.fsdp import ShardedGradients, shard_group
 from .._tensor import all_finite, copy_all, kl_clip_scale, update_dots
 from ..curvature import as_named_blocks, flatten_blocks
 from ..distributed.comm import Communicating, Communicator
@@ -128,6 +129,8 @@ class MFACPreconditioner(Communicating):
             reasons = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped) or "no trainable parameters"
             raise ValueError(f"M-FAC found no parameters to precondition ({reasons})")
         self.device, self.dtype = window_placement(self._blocks, dtype)
+        if process_group is None:  # HSDP: every replica runs M-FAC within its shard group (identical gradients)
+            process_group = shard_group(p for b in self._blocks for p in b.params)
         self._comm = Communicator(group=process_group)
         self._build()
         self._verify()
@@ -147,8 +150,8 @@ class MFACPreconditioner(Communicating):
                                         dtype=self.dtype)
         if self._shards:
             if len(self._shards.members) != self._comm.world_size:
-                raise ValueError("M-FAC on sharded models needs a 1-d FSDP2 mesh over its process group (HSDP's "
-                                 "replicas are not supported): use kfac.KFAC or kfac.EKFAC there")
+                raise ValueError("M-FAC on a sharded model works within one shard group: pass process_group=None "
+                                 "(it then uses the mesh's shard dimension) or that group")
             self._shards.bind(lambda name, members: members.index(self._comm.ranks[self._owner[name]]))
         self._fisher = SlidingWindowFisher(
             block_shapes={b.name: b.shape for b in self._owned}, num_grads=self.num_grads,

@@ -81,19 +81,20 @@ def test_bf16_parameters_with_fp32_reduction_stay_finite_and_close_to_fp32(tmp_p
         assert float((g.float() - w.detach()).norm() / w.detach().norm()) < 0.05
 
 
-def test_adaptive_on_sharded_models_and_mfac_on_hsdp_are_clear_errors(tmp_path):
+def test_adaptive_on_sharded_models_and_mfac_outside_a_shard_group_are_clear_errors(tmp_path):
     said = D.launch(fsdp_workers.refusals, 2, tmp_path, timeout=120)[0]
     assert said["adaptive"].startswith("adaptive K-FAC does not support FSDP2-sharded parameters yet")
-    assert said["mfac-hsdp"].startswith("M-FAC on sharded models needs a 1-d FSDP2 mesh")
+    assert said["mfac-group"].startswith("M-FAC on a sharded model works within one shard group")
 
 
 MFAC_CONFIGS = [dict(num_grads=3, damping=1e-2, blocks="global", kl_clip=1e-2),
                 dict(num_grads=3, damping=1e-2, blocks="per_layer")]
 
 
-@pytest.mark.parametrize("kind,world", [("mlp", 2), ("block-seq-first", 4)])
-def test_mfac_on_a_sharded_model_equals_one_process(kind, world, tmp_path):
-    D.launch(fsdp_workers.mfac_equivalence, world, tmp_path, kind, MFAC_CONFIGS, timeout=240)
+@pytest.mark.parametrize("kind,mesh", [("mlp", (2,)), ("block-seq-first", (4,)), ("block", (2, 2))])
+def test_mfac_on_a_sharded_model_equals_one_process(kind, mesh, tmp_path):
+    D.launch(fsdp_workers.mfac_equivalence, mesh[0] * (mesh[1] if len(mesh) > 1 else 1), tmp_path, kind, list(mesh),
+             MFAC_CONFIGS, timeout=240)
     for i, cfg in enumerate(MFAC_CONFIGS):
         model = fsdp_workers.make_model(kind)
         opt = kfac.MFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **cfg)

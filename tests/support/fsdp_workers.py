@@ -179,14 +179,18 @@ def mixed_precision(rank: int, world: int, out: Path, kind: str) -> dict:
 
 
 def refusals(rank: int, world: int, out: Path) -> dict:
-    """What adaptive K-FAC (any sharded model) and M-FAC (an HSDP mesh) say: clear errors at construction."""
+    """What adaptive K-FAC (any sharded model) and M-FAC given a process group other than a shard group say: clear
+    errors at construction."""
+    import torch.distributed as dist
+
     from kfac.adaptive.controller import AdaptiveConfig
 
     said = {}
     for name, mesh, build in (
             ("adaptive", (world,), lambda m: kfac.KFAC(m, torch.optim.SGD(m.parameters(), lr=1.0),
                                                        adaptive=AdaptiveConfig())),
-            ("mfac-hsdp", (world, 1), lambda m: kfac.MFAC(m, torch.optim.SGD(m.parameters(), lr=0.1)))):
+            ("mfac-group", (world, 1), lambda m: kfac.MFAC(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                                           process_group=dist.group.WORLD))):
         model = make_model("mlp")
         shard(model, mesh)
         try:
@@ -197,11 +201,11 @@ def refusals(rank: int, world: int, out: Path) -> dict:
     return said
 
 
-def mfac_equivalence(rank: int, world: int, out: Path, kind: str, configs: list[dict]) -> dict:
+def mfac_equivalence(rank: int, world: int, out: Path, kind: str, mesh_shape: list[int], configs: list[dict]) -> dict:
     """M-FAC on the sharded model with each config; rank 0 saves the full final parameters."""
     for i, cfg in enumerate(configs):
         model = make_model(kind)
-        shard(model, (world,))
+        shard(model, tuple(mesh_shape))
         opt = kfac.MFAC(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **cfg)
         train(model, opt, kind, rank, world)
         params = [p.full_tensor().detach() for p in model.parameters()]
