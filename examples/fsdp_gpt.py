@@ -43,7 +43,7 @@ except ImportError:
     HAVE_FSDP2 = False
 
 import kfac
-from gpt_influence import GPT, corpus, generate, lm_loss
+from gpt_influence import GPT, corpus, generate, lm_loss, sequences
 from kfac.influence import CausalLMTask, InfluenceAnalyzer
 
 
@@ -188,11 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
     text = corpus()[: 4000 if args.quick else 40000]
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    encoded = torch.tensor([index[c] for c in text])
-    n = (len(encoded) - 1) // args.seq_len
-    data = encoded[: n * args.seq_len].reshape(n, args.seq_len)
+    chars, data = sequences(text, args.seq_len)
+    n = len(data)
     model = make_model(vocab=len(chars), args=args, world=world, device=device)
     opt = make_optimizer(model=model, lr=args.lr)
     if rank == 0:

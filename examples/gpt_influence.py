@@ -70,6 +70,15 @@ class GPT(nn.Module):
         return self.head(self.norm(self.body(h, mask=causal, is_causal=True)))
 
 
+def sequences(text: str, seq_len: int) -> tuple[list[str], Tensor]:
+    """The text's symbols (sorted) and its characters as ids, cut into ``(n, seq_len)`` sequences."""
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    encoded = torch.tensor([index[c] for c in text])
+    n = (len(encoded) - 1) // seq_len
+    return chars, encoded[: n * seq_len].reshape(n, seq_len)
+
+
 def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
     logits = model(ids)[:, :-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -115,11 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     text = corpus()[: 4000 if args.quick else 40000]
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    encoded = torch.tensor([index[c] for c in text])
-    n = (len(encoded) - 1) // args.seq_len
-    data = encoded[: n * args.seq_len].reshape(n, args.seq_len)
+    chars, data = sequences(text, args.seq_len)
+    index, n = {c: i for i, c in enumerate(chars)}, len(data)
     steps = 10 if args.quick else args.steps
     print(f"corpus: {len(text)} characters of standard-library docstrings, {len(chars)} symbols, {n} sequences of "
           f"{args.seq_len}")

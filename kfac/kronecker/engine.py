@@ -199,11 +199,7 @@ class CurvatureEngine:
             grad = plain.get(name)
             if grad is None or not self.executor.is_grad_worker(name):
                 continue
-            entry = self.store[name]
-            if self.method.ready(entry):
-                local[name] = (self.method.precondition(entry, grad, damping=damping), True)
-            else:
-                local[name] = (grad.to(self.factor_dtype), False)
+            local[name] = self._precondition_one(name, grad, damping)
         results = self.executor.exchange_gradients(local, plain)
         self._bind_shards()
         sharded = self.shards.exchange({n: grads.get(n) for n in adapters if n in self.shards},
@@ -225,11 +221,16 @@ class CurvatureEngine:
         into one tensor, whether it was preconditioned (else ``g``), and ``<P(g), g>``."""
         grad = adapter.matrix_of(full)
         assert grad is not None  # the weight's gradient is there (ShardedGradients.local)
-        entry = self.store[name]
-        ok = self.method.ready(entry)
-        v = self.method.precondition(entry, grad, damping=damping) if ok else grad.to(self.factor_dtype)
+        v, ok = self._precondition_one(name, grad, damping)
         dot = update_dots([(v, grad)])[0]
         return torch.cat([t.reshape(-1) for t in adapter.split_matrix(v)]).to(self.factor_dtype), ok, dot
+
+    def _precondition_one(self, name: str, grad: Tensor, damping: float) -> tuple[Tensor, bool]:
+        """``(P(g), True)`` for a layer with decompositions, else ``(g, False)`` (in the factor dtype)."""
+        entry = self.store[name]
+        if self.method.ready(entry):
+            return self.method.precondition(entry, grad, damping=damping), True
+        return grad.to(self.factor_dtype), False
 
     # -- queries -------------------------------------------------------------------------------------------
     def ready_entry(self, name: str) -> FactorEntry:

@@ -36,6 +36,17 @@ def fields_of(entry: FactorEntry, method: Any, factor: str) -> list[tuple[str, t
     return out
 
 
+def _pieces(entry: FactorEntry, method: Any) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(factor, key, shape)`` of every piece :func:`write` writes for ``entry`` (on the owner of ``factor``)."""
+    out = []
+    for factor in ("A", "G"):
+        for field, shape in fields_of(entry, method, factor):
+            out += [(factor, field, shape), (factor, f"{field}.present", ())]
+        if factor == "A":
+            out.append(("A", "num_updates", ()))
+    return out
+
+
 def _get(entry: FactorEntry, field: str) -> Tensor | None:
     return entry.extras.get(field) if field == "Lambda" else getattr(entry, field)
 
@@ -63,28 +74,24 @@ def gather(entries: Mapping[str, FactorEntry], method: Any, plan: Plan, comm: Co
     """A complete :class:`~kfac.kronecker.store.FactorStore` state dict on every rank (a collective) from the pieces
     each rank loaded (what :func:`write` writes under ``plan``, for this rank); a clear error if one is missing."""
     values: list[Tensor] = []
-    slots: list[tuple[str, str, tuple[int, ...]]] = []
+    slots: list[tuple[str, str]] = []
     for name, entry in entries.items():
         mine = pieces.get(name, {})
-        for factor in ("A", "G"):
+        for factor, key, shape in _pieces(entry, method):
             owned = plan.owner(name, factor) == comm.rank
-            extra = [("num_updates", ())] if factor == "A" else []
-            for field, shape in [*fields_of(entry, method, factor), *extra]:
-                flags = [] if field == "num_updates" else [f"{field}.present"]
-                for key, s in ((field, shape), *((f, ()) for f in flags)):
-                    if owned and key not in mine:
-                        raise ValueError(f"kfac: the checkpoint has no {key!r} for layer {name!r}")
-                    t = mine[key] if owned else torch.zeros(s)
-                    if tuple(t.shape) != tuple(s):
-                        raise ValueError(f"kfac: layer {name!r} field {key!r} has shape {tuple(t.shape)} in the "
-                                         f"checkpoint, {tuple(s)} here")
-                    values.append(t.to(device=devices[name],
-                                       dtype=torch.float64 if key != field or field == "num_updates" else dtype))
-                    slots.append((name, key, s))
+            if owned and key not in mine:
+                raise ValueError(f"kfac: the checkpoint has no {key!r} for layer {name!r}")
+            t = mine[key] if owned else torch.zeros(shape)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"kfac: layer {name!r} field {key!r} has shape {tuple(t.shape)} in the checkpoint, "
+                                 f"{shape} here")
+            exact = key.endswith(".present") or key == "num_updates"  # flags and counts: float64 sums stay exact
+            values.append(t.to(device=devices[name], dtype=torch.float64 if exact else dtype))
+            slots.append((name, key))
     if comm.enabled:
         values = _sum_by_dtype(comm, values)
     store: dict[str, Any] = {}
-    got = dict(zip(((n, k) for n, k, _ in slots), values))
+    got = dict(zip(slots, values))
     for name, entry in entries.items():
         tensors = {}
         for factor in ("A", "G"):

@@ -41,24 +41,14 @@ class Block:
 
     def grad(self) -> Tensor | None:
         """The gradient in the block's layout (missing ``.grad`` counted as zero), or ``None`` if none has one."""
-        if all(p.grad is None for p in self.params):
-            return None
-        if self.adapter is not None:
-            mat = self.adapter.grad_matrix()
-            if mat is not None:
-                return mat
-            bias = self.params[-1]  # the weight has no gradient but the bias has
-            assert bias.grad is not None  # some parameter has one, and not the weight
-            mat = torch.zeros(self.shape, dtype=bias.grad.dtype, device=bias.grad.device)
-            mat[:, -1] = bias.grad.reshape(-1)
-            return mat
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(self.shape)
+        grads = [p.grad for p in self.params]
+        return None if all(g is None for g in grads) else self.matrix_of(grads)
 
     def matrix_of(self, grads: Sequence[Tensor | None]) -> Tensor:
-        """The block's gradient from explicit per-parameter tensors shaped like :attr:`params` (zeros for
-        ``None``): FSDP2-sharded blocks gathered whole (:mod:`kfac.distributed.fsdp`)."""
-        full = [torch.zeros(p.shape, dtype=next(g for g in grads if g is not None).dtype) if g is None else g
+        """The block's gradient from per-parameter tensors shaped like :attr:`params` (zeros for ``None``, at least
+        one given): its ``.grad`` tensors, or an FSDP2-sharded block's gathered whole (:mod:`kfac.distributed.fsdp`)."""
+        ref = next(g for g in grads if g is not None)
+        full = [torch.zeros(p.shape, dtype=ref.dtype, device=ref.device) if g is None else g
                 for p, g in zip(self.params, grads)]
         if self.adapter is not None:
             mat = self.adapter.matrix_of(full)
@@ -78,19 +68,9 @@ class Block:
 
     def set_grad(self, value: Tensor) -> None:
         """Write ``value`` (block layout) into the existing ``.grad`` tensors (in place, cast to their dtype)."""
-        if self.adapter is not None:
-            if self.params[0].grad is not None:
-                self.adapter.set_grad_matrix(value)
-            elif self.params[-1].grad is not None:
-                self.params[-1].grad.copy_(value[:, -1].reshape(self.params[-1].shape))
-            return
-        offset = 0
-        flat = value.reshape(-1)
-        for p in self.params:
-            n = p.numel()
+        for p, part in zip(self.params, self.split(value)):
             if p.grad is not None:
-                p.grad.copy_(flat[offset:offset + n].view(p.shape))
-            offset += n
+                p.grad.copy_(part)
 
 
 def module_blocks(model: nn.Module, skip: list[str], skipped: list[tuple[str, str]]) -> list[Block]:

@@ -1,6 +1,6 @@
 """K-FAC on FSDP2 (``fully_shard``) and HSDP models, gloo on CPU, float64: after 5 steps the full parameters equal
-the single-process run on the same global batch to 1e-10 (relative), on an MLP with uneven shards and a transformer
-block in both layouts; no rank forms a layer's whole gradient unless it preconditions that layer, and what each rank
+the single-process run on the same global batch to 1e-10 (relative), on an MLP with uneven shards, a CNN with
+GroupNorm and a transformer block in both layouts; no rank forms a layer's whole gradient unless it preconditions that layer, and what each rank
 receives is exactly its own layers' gradients plus its rows of the others' results."""
 
 import pytest
@@ -20,6 +20,8 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 CASES = {  # (model, mesh): configs
     ("mlp", (2,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt", method="inverse"),
                     dict(), dict(method="ekfac")],  # the defaults for sharded models: dp-kfac, comm-opt (EK-FAC)
+    ("cnn", (2,)): [dict(), dict(method="ekfac")],  # EK-FAC leaves the GroupNorms out (no per-example rows)
+    ("cnn", (2, 2)): [dict(strategy="comm-opt", method="inverse")],
     ("mlp", (4,)): [dict(strategy="comm-opt"), dict(strategy="mem-opt", reshard_after_forward=False)],
     ("block", (2,)): [dict(strategy="mem-opt"), dict(strategy="comm-opt", method="ekfac")],
     ("block-seq-first", (4,)): [dict(strategy="mem-opt"), dict(strategy="comm-opt", method="ekfac")],
@@ -91,7 +93,7 @@ MFAC_CONFIGS = [dict(num_grads=3, damping=1e-2, blocks="global", kl_clip=1e-2),
                 dict(num_grads=3, damping=1e-2, blocks="per_layer")]
 
 
-@pytest.mark.parametrize("kind,mesh", [("mlp", (2,)), ("block-seq-first", (4,)), ("block", (2, 2))])
+@pytest.mark.parametrize("kind,mesh", [("mlp", (2,)), ("cnn", (2,)), ("block-seq-first", (4,)), ("block", (2, 2))])
 def test_mfac_on_a_sharded_model_equals_one_process(kind, mesh, tmp_path):
     D.launch(fsdp_workers.mfac_equivalence, mesh[0] * (mesh[1] if len(mesh) > 1 else 1), tmp_path, kind, list(mesh),
              MFAC_CONFIGS, timeout=240)

@@ -66,6 +66,10 @@ def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind.startswith("lm"):
         return TinyLM(seq_first=kind == "lm-seq-first").double()
+    if kind == "cnn":  # convolutions with GroupNorm (diagonal blocks), each module its own FSDP unit
+        return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(), nn.Conv2d(6, 5, 3, stride=2),
+                             nn.GroupNorm(1, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(5, 3)).double()  # every A of full rank: EK-FAC unique
     if kind == "mlp":  # odd widths: uneven shards, a layer with fewer rows than ranks
         model: nn.Module = nn.Sequential(nn.Linear(6, 11), nn.Tanh(), nn.Linear(11, 7), nn.Tanh(), nn.Linear(7, 3))
     else:
@@ -75,7 +79,7 @@ def make_model(kind: str) -> nn.Module:
 
 def batch(step: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2000 + step)
-    shape = (GLOBAL_BATCH, 6) if kind == "mlp" else (GLOBAL_BATCH, 5, 6)
+    shape = {"mlp": (GLOBAL_BATCH, 6), "cnn": (GLOBAL_BATCH, 2, 5, 5)}.get(kind, (GLOBAL_BATCH, 5, 6))
     return torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
 
 
