@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed.fsdp import sharded_parameters
+from .distributed.comm import Communicator
+from .distributed.fsdp import local_shard, shard_size, sharded_parameters
+from .distributed.sharded_jvp import sharded_gram
 from .curvature import Preconditioner
 from ._tensor import all_finite
 from .adaptive.contract import RandomState, check_equal_parts, gradient_versions, same_inputs, step_lr
 from .adaptive.controller import AdaptiveConfig, AdaptiveController, Part
 from .adaptive.output_loss import OutputLoss
-from .adaptive.quadratic import batch_statistics_only
+from .adaptive.quadratic import ParameterSpace, batch_statistics_only
 from .kronecker.preconditioner import KFACPreconditioner
 from .kronecker.store import FactorStore
 from .tracking import rename_map
@@ -338,7 +340,7 @@ class KFAC(PreconditionedOptimizer):
         with pre.statistics_paused():
             controller.update(g=g, weight_decay=weight_decay, precondition=precondition, parts=parts,
                               loss=float(reduce([mean.double().reshape(1)])[0]), lr=lr, evaluate=evaluate,
-                              apply=apply, restore=restore, reduce=reduce)
+                              apply=apply, restore=restore, reduce=reduce, space=_parameter_space(params, comm))
         if scaler is not None:
             scaler.update()
         return mean
@@ -392,6 +394,16 @@ class KFAC(PreconditionedOptimizer):
                                       ((n, p.device) for n, p in self.adaptive.params.items()))
 
 
+def _parameter_space(params: list[nn.Parameter], comm: Communicator) -> ParameterSpace | None:
+    """Parameter-space products of the quadratic model from each rank's shards on an FSDP2 / HSDP model (the
+    same answer on every rank); ``None``: whole tensors."""
+    if not sharded_parameters((str(i), p) for i, p in enumerate(params)):
+        return None
+    size = shard_size(params)
+    return ParameterSpace(gram=lambda vectors: sharded_gram(vectors, comm, size),
+                          all_finite=lambda tensors: comm.all_true(all_finite(local_shard(t) for t in tensors)))
+
+
 def _adaptive_mismatch(saved_without: bool) -> None:
     raise ValueError("this state was saved with" + ("out" if saved_without else "") + " adaptive K-FAC; build the "
                      "optimizer the same way to load it")
@@ -435,11 +447,6 @@ def _adaptive_controller(model: nn.Module, optimizer: torch.optim.Optimizer, ada
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     params = {n: p for n, p in inner.named_parameters() if id(p) in stepped}
-    sharded = sharded_parameters(params.items())
-    if sharded:
-        raise ValueError(f"adaptive K-FAC does not support FSDP2-sharded parameters yet ({sharded[:3]}...): its "
-                         "quadratic model takes output JVPs through the model with torch.func, which needs whole "
-                         "parameters; use fixed damping (adaptive=None) on sharded models")
     return AdaptiveController(model=model, config=config, params=params)
 
 

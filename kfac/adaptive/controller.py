@@ -42,10 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._tensor import all_finite
 from .losses import LOSSES
 from .output_loss import OutputLoss
-from .quadratic import Direction, levenberg_marquardt, model_outputs, output_jvps, quadratic_model
+from .quadratic import Direction, ParameterSpace, levenberg_marquardt, model_outputs, output_jvps, quadratic_model
 
 __all__ = ["AdaptiveConfig", "AdaptiveController", "Forward", "Inputs"]
 
@@ -197,11 +196,13 @@ class AdaptiveController:
     def update(self, *, g: dict[str, Tensor], weight_decay: dict[str, float], precondition: Callable[[], bool],
                parts: Sequence[Part], loss: float, lr: float, evaluate: Callable[[], float],
                apply: Callable[[dict[str, Tensor]], None], restore: Callable[[], None],
-               reduce: Callable[[list[Tensor]], list[Tensor]]) -> bool:
+               reduce: Callable[[list[Tensor]], list[Tensor]], space: ParameterSpace | None = None) -> bool:
         """One adaptive step: ``precondition()`` turns ``.grad`` into ``(F̂ + γ I)^{-1} g`` (``False``: skipped),
         ``parts`` are the closure calls of the step (equal micro-batches: the batch's curvature is their mean),
         ``apply(δ)`` applies an update (``restore()`` takes it back exactly), ``evaluate()`` gives the loss at the
-        new parameters, ``reduce`` averages the model's scalars over ranks. Returns whether an update was kept."""
+        new parameters, ``reduce`` averages the model's scalars over ranks, ``space`` forms parameter-space products
+        (sharded parameters: :class:`kfac.adaptive.quadratic.ParameterSpace`). Returns whether an update was kept."""
+        space = space or ParameterSpace()
         if not precondition():
             return False
         config = self.config
@@ -221,7 +222,8 @@ class AdaptiveController:
                 outputs += z
                 for i, p in enumerate(jv):
                     products[i] += p
-            models.append(quadratic_model(part.loss.hvp, outputs, products, directions, g, weight_decay))
+            models.append(quadratic_model(part.loss.hvp, outputs, products, directions, g, weight_decay,
+                                          space=space))
         model = models[0]
         if len(models) > 1:
             model.curvature = torch.stack([m.curvature for m in models]).mean(0)
@@ -230,7 +232,7 @@ class AdaptiveController:
         predicted = float(model.value(coefficients * lr, self.damping))  # the change of the applied update
         step = {n: sum((float(c) * lr * d[n] for c, d in zip(coefficients, directions) if n in d),
                        torch.zeros_like(v)) for n, v in delta.items()}
-        if not (math.isfinite(predicted) and all_finite(step.values())):
+        if not (math.isfinite(predicted) and space.all_finite(step.values())):
             return self._reject()
         rho = float("nan")
         if lr > 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from .._tensor import all_finite
+from ..distributed.fsdp import sharded_parameters
+from ..distributed.sharded_jvp import sharded_output_jvps
 from .losses import hessian_vector_product
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuadraticModel", "batch_statistics_only", "model_outputs", "output_jvps", "quadratic_model", "levenberg_marquardt"]
+__all__ = ["ParameterSpace", "QuadraticModel", "batch_statistics_only", "local_gram", "model_outputs", "output_jvps", "quadratic_model", "levenberg_marquardt"]
 
 Direction = Mapping[str, Tensor]
 """A parameter-space direction: ``{parameter name (as in named_parameters): tensor of its shape}``; parameters
@@ -66,6 +69,9 @@ def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Dire
     def outputs(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return tuple(model_outputs(functional_call(model, p, tuple(args), dict(kwargs or {}))))
 
+    if sharded_parameters(params.items()):  # FSDP2: the model's own forward pass with dual parameters
+        with batch_statistics_only(model), _differentiable_kernels():
+            return sharded_output_jvps(model, lambda: model_outputs(model(*args, **dict(kwargs or {}))), directions)
     tangents = [{n: d[n].to(p.dtype) if n in d else torch.zeros_like(p) for n, p in params.items()}
                 for d in directions]
     with batch_statistics_only(model):
@@ -171,12 +177,14 @@ class QuadraticModel:
 
 def quadratic_model(loss: str | Callable[[list[Tensor]], list[Tensor]], outputs: Tensor | Sequence[Tensor],
                     products: Sequence[Tensor] | Sequence[Sequence[Tensor]], directions: Sequence[Direction],
-                    gradient: Direction, weight_decay: Mapping[str, float] | None = None) -> QuadraticModel:
+                    gradient: Direction, weight_decay: Mapping[str, float] | None = None, *,
+                    space: ParameterSpace | None = None) -> QuadraticModel:
     """The model over ``directions`` from the outputs, their Jacobian-vector products along each direction
     (``products[i]``: one tensor per output) and the gradient (float64 reductions). ``loss`` applies the output
     Hessian: a name of :mod:`kfac.adaptive.losses` or ``u -> H u`` over the outputs (e.g.
     :meth:`kfac.adaptive.output_loss.OutputLoss.hvp`). ``weight_decay`` ``{parameter: η}`` adds ``η ‖δ‖²/2`` of
-    those parameters to the curvature (the gradient must include ``η θ``)."""
+    those parameters to the curvature (the gradient must include ``η θ``). ``space`` forms the parameter-space
+    products (whole tensors by default; sharded ones with :func:`kfac.distributed.sharded_jvp.sharded_gram`)."""
     outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
     prods = [[p] if isinstance(p, Tensor) else list(p) for p in products]
     if isinstance(loss, str):
@@ -187,15 +195,30 @@ def quadratic_model(loss: str | Callable[[list[Tensor]], list[Tensor]], outputs:
     rows = torch.stack([torch.cat([jv.reshape(-1).double() for jv in p]) for p in prods])    # J v_i
     hrows = torch.stack([torch.cat([h.reshape(-1).double() for h in p]) for p in hv])       # H J v_i
     curvature = rows @ hrows.T
-    flat = _flatten([gradient, *directions])
-    vectors = flat[1:]
     curvature = (0.5 * (curvature + curvature.T)).cpu()
+    k = len(directions)
     scaled = [{n: d[n] * eta ** 0.5 for n, eta in (weight_decay or {}).items() if n in d and eta}
               for d in directions]
-    if any(scaled):
-        decayed = _flatten(scaled)
-        curvature = curvature + (decayed @ decayed.T).cpu()
-    return QuadraticModel(curvature=curvature, gram=(vectors @ vectors.T).cpu(), linear=(vectors @ flat[0]).cpu())
+    decayed = any(scaled)
+    gram = (space or ParameterSpace()).gram([gradient, *directions, *(scaled if decayed else [])]).cpu()
+    if decayed:
+        curvature = curvature + gram[1 + k:, 1 + k:]
+    return QuadraticModel(curvature=curvature, gram=gram[1:1 + k, 1:1 + k].clone(), linear=gram[1:1 + k, 0].clone())
+
+
+def local_gram(vectors: Sequence[Direction]) -> Tensor:
+    """``G_ij = v_i^T v_j`` (float64) of whole tensors over the union of the vectors' parameters."""
+    flat = _flatten(vectors)
+    return flat @ flat.T
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """How the quadratic model forms parameter-space quantities: ``gram`` (the products ``v_i^T v_j`` of
+    directions, float64) and ``all_finite`` (whether a direction is finite, the same answer on every rank)."""
+
+    gram: Callable[[Sequence[Direction]], Tensor] = local_gram
+    all_finite: Callable[[Iterable[Tensor]], bool] = all_finite
 
 
 def levenberg_marquardt(damping: float, rho: float, *, omega: float, lower: float = 0.25, upper: float = 0.75,

@@ -23,11 +23,12 @@ from math import prod
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .comm import Communicator
 
-__all__ = ["ShardSpec", "ShardedGradients", "Exchanged", "shard_spec", "sharded_parameters", "shard_group", "whole"]
+__all__ = ["ShardSpec", "ShardedGradients", "Exchanged", "shard_spec", "sharded_parameters", "shard_group", "whole",
+           "is_sharded", "local_shard", "fsdp_units", "shard_size"]
 
 
 def _dtensor_type() -> type | None:
@@ -57,6 +58,38 @@ def shard_group(params: Iterable[Tensor]) -> Any:
         return None
     mesh = p.device_mesh  # type: ignore[attr-defined]
     return mesh.get_group(mesh.ndim - 1)
+
+
+def shard_size(params: Iterable[Tensor]) -> int:
+    """The size of the shard dimension of the first ``DTensor`` among ``params`` (1 without one)."""
+    p = next((p for p in params if is_sharded(p)), None)
+    if p is None:
+        return 1
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return int(mesh.size(mesh.ndim - 1))
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor``."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor``, or ``t`` itself."""
+    return _local(t) if is_sharded(t) else t
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` was applied to (none on a torch without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def whole(t: Tensor) -> Tensor:

@@ -117,6 +117,8 @@ class StatisticsHooks:
             # arrives in a nested backward (reentrant) or never (non-reentrant, whose first run already counted)
             if capture and not in_backward():
                 layer.g_expected += 1
+                if self.fisher == "mc":
+                    layer.sampled_outputs.append(output)
             output.register_hook(functools.partial(self.grad_hook, layer, capture, x_corr, x_stat))
 
     def grad_hook(self, layer: LayerState, capture: bool, x: Tensor | None, x_stat: Tensor | None,
@@ -175,14 +177,22 @@ class StatisticsHooks:
 
     def sampled_backward(self, outputs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         """Back-propagate ``grads`` (Monte-Carlo samples, already scaled as the caller's loss is) from ``outputs``
-        through the hooked layers only, as the ``G`` statistics of ``fisher="mc"``; parameter gradients are not
-        touched (frozen layers are left out)."""
-        weights = [layer.adapter.weight for layer in self.layers if layer.handles and layer.adapter.weight.requires_grad]
-        if not weights:
+        through the hooked layers only, as the ``G`` statistics of ``fisher="mc"``: the derivatives are taken with
+        respect to the outputs of the layers' forward uses since the last sample (not their weights, which an
+        FSDP2-sharded layer swaps out after its forward pass; a layer without recorded uses, through its weight); parameter gradients are not touched (frozen layers
+        are left out)."""
+        targets = []
+        for layer in self.layers:
+            if layer.handles and layer.adapter.weight.requires_grad:
+                outs = [t for t in layer.sampled_outputs if t.requires_grad]
+                targets += outs or [layer.adapter.weight]
+        for layer in self.layers:
+            layer.sampled_outputs.clear()
+        if not targets:
             return
         self.in_mc_backward = True
         try:
-            torch.autograd.grad(list(outputs), weights, grad_outputs=list(grads), retain_graph=True, allow_unused=True)
+            torch.autograd.grad(list(outputs), targets, grad_outputs=list(grads), retain_graph=True, allow_unused=True)
         finally:
             self.in_mc_backward = False
 

@@ -35,12 +35,14 @@ class LayerState:
     forward_calls: int = 0
     corr_sum: Tensor | None = None  # EK-FAC: sum over examples of (QG^T V_n QA)^2 / T_n, and the example count
     corr_count: int = 0
+    sampled_outputs: list[Tensor] = field(default_factory=list)  # fisher="mc": outputs awaiting sampled_backward
 
     def discard_pending(self) -> None:
         self.a_sum = self.g_sum = None
         self.a_count = self.g_count = self.g_calls = self.g_expected = self.g_received = 0
         self.corr_sum = None
         self.corr_count = 0
+        self.sampled_outputs.clear()
 
     def pending(self) -> PendingStats:
         """The statistics to reduce (none unless both factors saw rows)."""
