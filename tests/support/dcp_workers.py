@@ -16,7 +16,7 @@ import fsdp_workers as W
 def phase(rank: int, world: int, out: Path, kind: str, wrap: str, cfg: dict, start: int, stop: int,
           load: str | None, save: str | None) -> dict:
     """Steps ``start .. stop - 1`` of ``kind`` wrapped by ``wrap`` (``"fsdp"``, ``"ddp"`` or ``"none"``) with
-    K-FAC options ``cfg``, resumed from checkpoint ``load`` and saved to ``save`` (folders under ``out``); rank 0
+    K-FAC options ``cfg`` (``adaptive``: adaptive K-FAC), resumed from checkpoint ``load`` and saved to ``save`` (folders under ``out``); rank 0
     saves the full final parameters as ``params_<save or 'final'>.pt``."""
     model = W.make_model(kind)
     net = model
@@ -25,13 +25,18 @@ def phase(rank: int, world: int, out: Path, kind: str, wrap: str, cfg: dict, sta
     elif wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model)
-    opt = W.make_optimizer(net, cfg)
+    cfg = dict(cfg)
+    adaptive = cfg.pop("adaptive", False)
+    opt = W.make_adaptive(net, cfg) if adaptive else W.make_optimizer(net, cfg)
     if load is not None:
         msd, osd = get_state_dict(net, opt)  # a fresh optimizer's skeleton
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(out / load))
         set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    W.train(net, opt, kind, rank, world, steps=stop, start=start)
+    if adaptive:
+        W.adaptive_train(net, kind, rank, world, steps=stop, start=start, opt=opt)
+    else:
+        W.train(net, opt, kind, rank, world, steps=stop, start=start)
     if save is not None:
         msd, osd = get_state_dict(net, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / save))

@@ -262,13 +262,9 @@ def adaptive_train(model: nn.Module, kind: str, rank: int = 0, world: int = 1, s
     steps - 1`` on this rank's slice of each global batch (``fixed_batch``: of the first batch at every step;
     ``opt``: continue that optimizer); the optimizer and the losses. ``cfg``: K-FAC options over the defaults
     below."""
-    from kfac.adaptive.controller import AdaptiveConfig
-
     model_ = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     dtype = next(model_.parameters()).dtype
-    if opt is None:
-        opt = kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=1e-3),
-                        adaptive=AdaptiveConfig(adapt_every=2), **{**ADAPTIVE_KW, **cfg})
+    opt = opt if opt is not None else make_adaptive(model, cfg)
     per, losses = GLOBAL_BATCH // world, []
     for step in range(start, steps):
         step = 0 if fixed_batch else step
@@ -282,6 +278,14 @@ def adaptive_train(model: nn.Module, kind: str, rank: int = 0, world: int = 1, s
 
 
 ADAPTIVE_KW = dict(factor_dtype=torch.float64, fisher="empirical", step_timeout=60)
+
+
+def make_adaptive(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """Adaptive K-FAC with options ``cfg`` over :data:`ADAPTIVE_KW` (base SGD with ``weight_decay``)."""
+    from kfac.adaptive.controller import AdaptiveConfig
+
+    return kfac.KFAC(model, torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=1e-3),
+                     adaptive=AdaptiveConfig(adapt_every=2), **{**ADAPTIVE_KW, **cfg})
 
 
 def lm_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
