@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 
 from ..distributed.comm import Communicator
 from ..kronecker.methods import EigenCorrectedKFAC
@@ -47,10 +48,11 @@ from .arguments import METHODS, InfluenceArguments  # noqa: F401 (METHODS: re-ex
 from .fitting import Fit, collect_mfac_gradients, fit_factors, mfac_curvature
 from .passes import DataPasses, eval_mode
 from .persistence import weights_digest
+from .index import GradientIndex, add_examples, project_queries
 from .scoring import TopK
 from .task import Task
 
-__all__ = ["InfluenceAnalyzer", "InfluenceArguments", "TopK", "weights_digest"]
+__all__ = ["GradientIndex", "InfluenceAnalyzer", "InfluenceArguments", "TopK", "weights_digest"]
 
 logger = logging.getLogger("kfac")
 
@@ -234,8 +236,14 @@ class InfluenceAnalyzer:
     def pairwise_scores(self, query_loader: Iterable[Any], train_loader: Iterable[Any], *,
                         per_layer: bool = False) -> Tensor | dict[str, Tensor]:
         """``[n_query, n_train]`` scores (or ``{layer: scores}`` with ``per_layer``); training gradients are
-        streamed, never stored."""
+        streamed, never stored. ``train_loader`` may be a :class:`GradientIndex` of the training set (built by
+        :meth:`build_index`): the scores then come from its stored projections (exact where it does not project)."""
         dtype = getattr(torch, self.args.score_dtype)
+        if isinstance(train_loader, GradientIndex):
+            if per_layer:
+                raise ValueError("influence: per_layer scores are not kept by a gradient index (it stores the layers "
+                                 "concatenated); score the training loader instead")
+            return train_loader.scores(self._indexed_queries(query_loader, train_loader))
         with eval_mode(self.model):
             passes = self._passes()
             queries = scoring.query_gradients(passes, query_loader, self._precondition, dtype=dtype,
@@ -282,12 +290,88 @@ class InfluenceAnalyzer:
                                                            self._precondition, dtype)))
         return scoring.assemble(blocks, self.layers, self._pre.communicator, per_layer=per_layer, axis=0)
 
-    def top_k(self, query_loader: Iterable[Any], train_loader: Iterable[Any], *, k: int = 10) -> TopK:
-        """The ``k`` most helpful training examples per query (largest scores; ``-scores`` for the most harmful)."""
+    def top_k(self, query_loader: Iterable[Any], train_loader: Iterable[Any], *, k: int = 10,
+              candidates: Tensor | None = None, batch_size: int = 32,
+              collate_fn: Callable[[list[Any]], Any] | None = None) -> TopK:
+        """The ``k`` most helpful training examples per query (largest scores; ``-scores`` for the most harmful).
+
+        ``train_loader``: batches of the training set; or a :class:`GradientIndex` of it (:meth:`build_index`:
+        one matrix product per shard, a running top-k, no pass over the data); or, with ``candidates``, the
+        training *dataset* itself (indexable). ``candidates`` (``[n_query, c]`` training positions, e.g. from
+        :class:`kfac.influence.candidates.TextCandidates`) makes the query two-stage: only the union of the
+        candidates is scored (batched ``batch_size`` at a time with ``collate_fn``, default
+        ``torch.utils.data.default_collate``), each query among its own candidates; indices are positions in the
+        training set either way."""
+        if isinstance(train_loader, GradientIndex):
+            return train_loader.top_k(self._indexed_queries(query_loader, train_loader), k)
+        if candidates is not None:
+            return self._top_k_among(query_loader, train_loader, candidates, k, batch_size, collate_fn)
         scores = self.pairwise_scores(query_loader, train_loader)
         k = min(k, scores.shape[1])
         values, indices = torch.topk(scores, k, dim=1)
         return TopK(indices=indices, scores=values)
+
+    def _top_k_among(self, query_loader: Iterable[Any], dataset: Any, candidates: Tensor, k: int, batch_size: int,
+                     collate_fn: Callable[[list[Any]], Any] | None) -> TopK:
+        """Stage two of a two-stage query: score the union of ``candidates`` and keep each query's own."""
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError("influence: with candidates, pass the training dataset (indexable: dataset[i]), not a "
+                            f"loader; got {type(dataset).__name__}")
+        candidates = torch.as_tensor(candidates, dtype=torch.int64)
+        if candidates.dim() != 2 or (candidates.numel() and not 0 <= int(candidates.min()) <= int(candidates.max())
+                                     < len(dataset)):
+            raise ValueError(f"influence: candidates must be [n_query, c] positions in the training set of "
+                             f"{len(dataset)} examples")
+        union = torch.unique(candidates)
+        collate = collate_fn if collate_fn is not None else default_collate
+        batches = [collate([dataset[int(i)] for i in union[s:s + batch_size]]) for s in range(0, len(union), batch_size)]
+        scores = self.pairwise_scores(query_loader, batches)  # [n_query, len(union)]
+        if scores.shape[0] != candidates.shape[0]:
+            raise ValueError(f"influence: {candidates.shape[0]} candidate rows for {scores.shape[0]} queries")
+        columns = torch.searchsorted(union, candidates.contiguous())  # each query's candidates among the scored union
+        own = torch.gather(scores, 1, columns)
+        values, pick = torch.topk(own, min(k, own.shape[1]), dim=1)
+        return TopK(indices=torch.gather(candidates, 1, pick), scores=values)
+
+    # -- gradient index ------------------------------------------------------------------------------------
+    def build_index(self, path: str | Path, train_loader: Iterable[Any], *, dims: int | Mapping[str, Any] = 32,
+                    seed: int = 0, dtype: torch.dtype = torch.float16) -> GradientIndex:
+        """Compute every training example's gradient once and store its projection in a new
+        :class:`GradientIndex` at ``path`` (see :mod:`kfac.influence.index`): ``dims`` is the projection size
+        ``k`` of both sides of every layer (or ``{layer: k or (k_g, k_a)}``; ``k >= dim``: that side is kept
+        exactly). The index belongs to the model's current weights (their digest is recorded and checked), not
+        to a fit: any method's queries use it. Add more training data later with :meth:`add_to_index`."""
+        fit = self._require_fit()
+        shapes = self._pre.block_shapes()
+        index = GradientIndex.create(path, shapes={n: (shapes[n][0], shapes[n][1]) for n in self.layers}, dims=dims, seed=seed,
+                                     dtype=dtype, weights_sha256=fit.weights_sha256 or weights_digest(self.model),
+                                     task=type(self.task).__name__, write=self._pre.communicator.rank == 0)
+        return self.add_to_index(index, train_loader)
+
+    def add_to_index(self, index: GradientIndex, train_loader: Iterable[Any]) -> GradientIndex:
+        """Append ``train_loader``'s examples to ``index`` (their positions continue after the index's last)."""
+        self._check_index(index)
+        with eval_mode(self.model):
+            add_examples(index, self._passes(), train_loader, self._pre.communicator,
+                         getattr(torch, self.args.score_dtype))
+        return index
+
+    def _check_index(self, index: GradientIndex) -> None:
+        digest = self._require_fit().weights_sha256 or weights_digest(self.model)
+        if index.manifest["weights_sha256"] != digest:
+            raise ValueError(f"influence: the gradient index in {index.path} was built from other weights than "
+                             "this model's (weights digests differ); rebuild it")
+        if [layer.name for layer in index.layers] != self.layers:
+            raise ValueError(f"influence: the gradient index covers layers {[layer.name for layer in index.layers]}, "
+                             f"this analyzer tracks {self.layers}")
+
+    def _indexed_queries(self, query_loader: Iterable[Any], index: GradientIndex) -> Tensor:
+        self._check_index(index)
+        dtype = getattr(torch, self.args.score_dtype)
+        with eval_mode(self.model):
+            queries = scoring.query_gradients(self._passes(), query_loader, self._precondition, dtype=dtype,
+                                              query_rank=self.args.query_rank)
+        return project_queries(queries, index.projections, dtype)
 
     def memory_estimate(self, num_queries: int, batch_size: int) -> dict[str, int]:
         """Bytes needed for scoring: the fitted state, the preconditioned queries, one training batch's
