@@ -48,7 +48,7 @@ from .arguments import METHODS, InfluenceArguments  # noqa: F401 (METHODS: re-ex
 from .fitting import Fit, collect_mfac_gradients, fit_factors, mfac_curvature
 from .passes import DataPasses, eval_mode
 from .persistence import weights_digest
-from .index import GradientIndex, add_examples, project_queries
+from .index import MANIFEST, GradientIndex, add_examples, project_queries
 from .scoring import TopK
 from .task import Task
 
@@ -341,11 +341,13 @@ class InfluenceAnalyzer:
         ``k`` of both sides of every layer (or ``{layer: k or (k_g, k_a)}``; ``k >= dim``: that side is kept
         exactly). The index belongs to the model's current weights (their digest is recorded and checked), not
         to a fit: any method's queries use it. Add more training data later with :meth:`add_to_index`."""
-        fit = self._require_fit()
+        fit, comm = self._require_fit(), self._pre.communicator
         shapes = self._pre.block_shapes()
-        index = GradientIndex.create(path, shapes={n: (shapes[n][0], shapes[n][1]) for n in self.layers}, dims=dims, seed=seed,
-                                     dtype=dtype, weights_sha256=fit.weights_sha256 or weights_digest(self.model),
-                                     task=type(self.task).__name__, write=self._pre.communicator.rank == 0)
+        fresh = comm.all_true(not (Path(path) / MANIFEST).exists())  # every rank raises, or none
+        index = GradientIndex.create(path, shapes={n: (shapes[n][0], shapes[n][1]) for n in self.layers}, dims=dims,
+                                     seed=seed, dtype=dtype, weights_sha256=fit.weights_sha256 or
+                                     weights_digest(self.model), task=type(self.task).__name__,
+                                     write=comm.rank == 0, fresh=fresh)
         return self.add_to_index(index, train_loader)
 
     def add_to_index(self, index: GradientIndex, train_loader: Iterable[Any]) -> GradientIndex:

@@ -131,11 +131,13 @@ class GradientIndex:
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, shapes: Mapping[str, tuple[int, int]], dims: int | Mapping[str, Any],
-               seed: int, dtype: torch.dtype, weights_sha256: str, task: str, write: bool = True) -> GradientIndex:
+               seed: int, dtype: torch.dtype, weights_sha256: str, task: str, write: bool = True,
+               fresh: bool | None = None) -> GradientIndex:
         """A new, empty index for layers ``{name: (g_dim, a_dim)}``. ``dims``: ``k`` for both sides of every layer
-        (an int), or ``{layer: k or (k_g, k_a)}``; ``write``: write the manifest (rank 0)."""
+        (an int), or ``{layer: k or (k_g, k_a)}``; ``write``: write the manifest (rank 0); ``fresh``: whether
+        ``path`` holds no index yet, as every rank agreed (default: looked up here)."""
         path = Path(path)
-        if (path / MANIFEST).exists():
+        if not (fresh if fresh is not None else not (path / MANIFEST).exists()):
             raise FileExistsError(f"influence: {path} already holds a gradient index; open it with "
                                   "GradientIndex.open() to add to it")
         name = {v[0]: k for k, v in _DTYPES.items()}.get(dtype)
@@ -194,6 +196,7 @@ class GradientIndex:
 
         if grads.shape[1] != self.width:
             raise ValueError(f"index shard of width {grads.shape[1]}, expected {self.width}")
+        self.path.mkdir(parents=True, exist_ok=True)
         save_file({"grads": grads.to("cpu", self.dtype).contiguous(), "positions": positions.to("cpu", torch.int64)},
                   str(self.path / name))
         return {"file": name, "count": int(grads.shape[0])}

@@ -323,3 +323,26 @@ def adaptive(rank: int, world: int, out: Path, kind: str, mesh_shape: list[int],
         report[str(i)] = {"damping": a.damping, "steps": a.steps, "undone": a.undone, "rejected": a.rejected,
                           "last": a.last, "losses": losses}
     return report
+
+
+def influence_index(rank: int, world: int, out: Path, kind: str, batches: int, sharded: bool) -> dict:
+    """Build a gradient index of the model (``sharded``: FSDP2 across the ranks, else a plain model under the
+    default process group) from ``batches`` batches split over the ranks; rank 0 saves its top-k and scores."""
+    from kfac.influence import ClassificationTask, GradientIndex, InfluenceAnalyzer
+
+    model = make_model(kind)
+    train, queries = influence_data(kind, batches)
+    if sharded:
+        shard(model, (world,))
+    an = InfluenceAnalyzer(model, ClassificationTask(), method="ekfac", factor_dtype=torch.float64,
+                           score_dtype=torch.float64, progress=False)
+    an.fit(train)
+    index = an.build_index(out / "index", train[:2], dims=5, dtype=torch.float32)
+    an.add_to_index(index, train[2:])
+    reopened = GradientIndex.open(out / "index")
+    top = an.top_k(queries, reopened, k=4)
+    scores = an.pairwise_scores(queries, reopened)
+    if rank == 0:
+        torch.save({"scores": scores, "indices": top.indices, "examples": len(reopened),
+                    "shards": len(reopened.manifest["shards"])}, out / "index_scores.pt")
+    return {"examples": len(index)}
