@@ -22,8 +22,11 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require={
         "examples": ["torchvision", "tensorboard", "tqdm", "matplotlib", "scikit-learn"],
-        # peers of the time-to-result suite only (SOAP): a maintained implementation rather than our own copy
-        "benchmarks": ["pytorch-optimizer>=3.5", "matplotlib", "scikit-learn"],
+        # peers of the time-to-result suite only (SOAP): a maintained implementation rather than our own copy;
+        # kronfluence, traker (TRAK) and dattri: the attribution peers of benchmarks/cpu/lds_peers.py (the versions
+        # it was run with)
+        "benchmarks": ["pytorch-optimizer>=3.5", "matplotlib", "scikit-learn", "kronfluence==1.0.1", "traker==0.3.2",
+                       "dattri==0.3.0"],
         # ruff and mypy run in `make test`: the layout and type rules are checked with the tests
         # transformers: tiny random GPT-2 / BERT / Llama configurations in the reach and influence tests (skipped
         # without it)
