@@ -2,14 +2,17 @@
 many queries are answered by matrix products instead of one pass over the training data each.
 
 Representation. Per tracked layer, example ``n``'s gradient ``V_n = sum_t g_nt a_nt^T`` (``g_dim x a_dim``, see
-:mod:`kfac.influence.gradients`) is stored as its seeded Kronecker random projection ``P_G V_n P_A^T``
-(``k_g x k_a``), formed from the rows as ``sum_t (P_G g_nt)(P_A a_nt)^T`` without ``V_n``. ``P`` has i.i.d.
-``N(0, 1/k)`` entries, so ``E[P^T P] = I`` and the score of a preconditioned query ``Q = (C + λI)^-1 grad f(q)``,
-``<Q, V_n>``, is estimated without bias by ``<P_G Q P_A^T, P_G V_n P_A^T>`` (Johnson-Lindenstrauss; the LoGra /
-LogIX construction). A side with ``k >= dim`` is not projected (``P = I``): with ``k`` at least both dimensions
-the index is exact. Why a projection rather than low-rank factors of ``V_n``: its size is fixed (``k_g k_a`` per
-layer and example, whatever the sequence length ``T``), one projection serves every fit of the same weights
-(identity, K-FAC, EK-FAC, M-FAC: only the query is preconditioned), and scoring is one matrix product per shard.
+:mod:`kfac.influence.gradients`) is kept through a seeded Kronecker random projection: its rows ``P_G g_nt`` and
+``P_A a_nt`` (``k_g``, ``k_a``). ``P`` has i.i.d. ``N(0, 1/k)`` entries, so ``E[P^T P] = I`` and the score of a
+preconditioned query ``Q = (C + λI)^-1 grad f(q)``, ``<Q, V_n>``, is estimated without bias by
+``<P_G Q P_A^T, sum_t (P_G g_nt)(P_A a_nt)^T>`` (Johnson-Lindenstrauss; the LoGra / LogIX construction). A side with
+``k >= dim`` is not projected (``P = I``): with ``k`` at least both dimensions the index is exact. Each layer is
+stored in the smaller of two layouts, chosen at the first ``add`` from the rows per example ``T``: the rows
+themselves (``T (k_g + k_a)`` numbers; an MLP's ``T = 1`` makes this exact *and* small: ``g_dim + a_dim`` instead
+of ``g_dim a_dim``), or their product ``sum_t (P_G g_nt)(P_A a_nt)^T`` (``k_g k_a``, whatever ``T``). One index
+serves every fit of the same weights (identity, K-FAC, EK-FAC, M-FAC: only the query is preconditioned), and
+scoring is a few matrix products per shard. The projection's variance is the price of compression: measure it
+(``benchmarks/cpu/influence_index.py``) before relying on a small ``k``.
 
 Storage. A directory with ``manifest.json`` (format, layers and their projection sizes, seed, dtype, the
 :func:`kfac.influence.weights_digest` of the model, the shards) and shards ``shard-XXXXX.safetensors``, each with
@@ -21,6 +24,7 @@ under ``torchrun`` each rank writes the shards of its batches and rank 0 the man
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed.comm import Communicator
@@ -46,17 +51,54 @@ _DTYPES = {"float32": (torch.float32, np.float32, "F32"), "float16": (torch.floa
 
 @dataclass(frozen=True)
 class IndexLayer:
-    """One tracked layer of an index: its gradient shape and projection sizes (``k >= dim``: not projected)."""
+    """One tracked layer of an index: its gradient shape, projection sizes (``k >= dim``: not projected) and layout
+    (``rows``: ``T``, the rows kept per example; ``0``: their product; ``None``: not chosen yet)."""
 
     name: str
     g_dim: int
     a_dim: int
     k_g: int
     k_a: int
+    rows: int | None = None
+
+    @property
+    def kg(self) -> int:
+        return min(self.k_g, self.g_dim)
+
+    @property
+    def ka(self) -> int:
+        return min(self.k_a, self.a_dim)
 
     @property
     def width(self) -> int:
-        return min(self.k_g, self.g_dim) * min(self.k_a, self.a_dim)
+        """Numbers stored per example."""
+        if self.rows is None:
+            raise RuntimeError(f"index layer {self.name!r}: layout not chosen before the first add")
+        return self.rows * (self.kg + self.ka) if self.rows else self.kg * self.ka
+
+    def choose(self, rows: int) -> IndexLayer:
+        """This layer with the smaller layout for ``rows`` rows per example."""
+        return dataclasses.replace(self, rows=rows if rows * (self.kg + self.ka) < self.kg * self.ka else 0)
+
+    def encode(self, g: Tensor, a: Tensor) -> Tensor:
+        """``n x width``: projected rows ``g`` (``n x T x kg``) and ``a`` (``n x T x ka``) in this layout."""
+        if not self.rows:
+            return (g.transpose(1, 2) @ a).flatten(1)
+        if g.shape[1] > self.rows:
+            raise ValueError(f"index layer {self.name!r} keeps {self.rows} rows per example (chosen at the first add), "
+                             f"got {g.shape[1]}: build the index from the longest examples first")
+        pad = self.rows - g.shape[1]
+        return torch.cat([F.pad(g, (0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))], dim=2).flatten(1)
+
+    def scores(self, queries: Tensor, stored: Tensor) -> Tensor:
+        """``nq x n``: ``<P_G Q P_A^T, stored example>`` for projected queries ``nq x kg x ka`` and this layer's
+        ``n x width`` slice of a shard."""
+        if not self.rows:
+            return queries.flatten(1) @ stored.T
+        rows = stored.reshape(stored.shape[0], self.rows, self.kg + self.ka)
+        g, a = rows[..., :self.kg], rows[..., self.kg:]
+        qa = torch.einsum("qga,nta->qntg", queries, a)  # Q P_A a_t for every row
+        return (qa * g.unsqueeze(0)).sum((2, 3))
 
 
 def _projection(k: int, dim: int, seed: int, salt: int) -> Tensor | None:
@@ -83,21 +125,21 @@ class Projections:
                 None if pa is None else pa.to(like.device, like.dtype))
 
 
-def project_rows(rows: Mapping[str, tuple[Tensor, Tensor]], proj: Projections, dtype: torch.dtype) -> Tensor:
-    """``n x D``: ``sum_t (P_G g_nt)(P_A a_nt)^T`` per layer, flattened and concatenated in the index's order."""
-    parts = []
+def project_rows(rows: Mapping[str, tuple[Tensor, Tensor]], proj: Projections, dtype: torch.dtype,
+                 ) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{layer: (P_G g, P_A a)}``: the projected rows (``n x T x kg``, ``n x T x ka``) of one batch."""
+    out = {}
     for layer in proj.layers:
         a, g = (t.to(dtype) for t in rows[layer.name])
         pg, pa = proj.pair(layer.name, a)
-        g = g if pg is None else g @ pg.T
-        a = a if pa is None else a @ pa.T
-        parts.append((g.transpose(1, 2) @ a).flatten(1))
-    return torch.cat(parts, dim=1)
+        out[layer.name] = (g if pg is None else g @ pg.T, a if pa is None else a @ pa.T)
+    return out
 
 
-def project_queries(queries: Mapping[str, Any], proj: Projections, dtype: torch.dtype) -> Tensor:
-    """``nq x D``: ``P_G Q P_A^T`` of preconditioned queries (full ``(nq, g, a)`` or low rank ``(US, V)``)."""
-    parts = []
+def project_queries(queries: Mapping[str, Any], proj: Projections, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{layer: P_G Q P_A^T}`` (``nq x kg x ka``) of preconditioned queries (full ``(nq, g, a)`` or low rank
+    ``(US, V)``)."""
+    out = {}
     for layer in proj.layers:
         q = queries[layer.name]
         if isinstance(q, tuple):  # Q = US V^T
@@ -105,14 +147,13 @@ def project_queries(queries: Mapping[str, Any], proj: Projections, dtype: torch.
             pg, pa = proj.pair(layer.name, us)
             us = us if pg is None else pg @ us
             v = v if pa is None else pa @ v
-            parts.append((us @ v.mT).flatten(1))
+            out[layer.name] = us @ v.mT
         else:
             q = q.to(dtype)
             pg, pa = proj.pair(layer.name, q)
             q = q if pg is None else pg @ q
-            q = q if pa is None else q @ pa.T
-            parts.append(q.flatten(1))
-    return torch.cat(parts, dim=1)
+            out[layer.name] = q if pa is None else q @ pa.T
+    return out
 
 
 class GradientIndex:
@@ -188,6 +229,7 @@ class GradientIndex:
 
     @property
     def bytes_per_example(self) -> int:
+        """Stored bytes per example (its numbers and its position)."""
         return self.width * self.dtype.itemsize + 8  # + its int64 position
 
     def write_shard(self, name: str, grads: Tensor, positions: Tensor) -> dict[str, Any]:
@@ -200,6 +242,11 @@ class GradientIndex:
         save_file({"grads": grads.to("cpu", self.dtype).contiguous(), "positions": positions.to("cpu", torch.int64)},
                   str(self.path / name))
         return {"file": name, "count": int(grads.shape[0])}
+
+    def choose_layouts(self, rows: Mapping[str, int]) -> None:
+        """Each layer's layout for at most ``rows[layer]`` rows per example (see :meth:`IndexLayer.choose`)."""
+        self.layers = [layer.choose(max(1, rows[layer.name])) for layer in self.layers]
+        self.manifest["layers"] = [dataclasses.asdict(layer) for layer in self.layers]
 
     def commit(self, shards: list[dict[str, Any]], examples: int, *, write: bool = True) -> None:
         """Record new shards and the new example count in the manifest (``write``: on disk too; rank 0)."""
@@ -214,35 +261,48 @@ class GradientIndex:
             yield _mapped(self.path / entry["file"], "grads"), _mapped(self.path / entry["file"], "positions")
 
     # -- queries -------------------------------------------------------------------------------------------
-    def scores(self, queries: Tensor, *, chunk: int = 65536) -> Tensor:
-        """``nq x len(self)``: ``queries`` (``nq x D``, from :func:`project_queries`) against every example, in
+    def scores(self, queries: Mapping[str, Tensor], *, chunk: int = 8192) -> Tensor:
+        """``nq x len(self)``: projected queries (from :func:`project_queries`) against every example, in
         training-set order."""
-        out = torch.zeros(queries.shape[0], len(self), dtype=queries.dtype)
-        for grads, positions, part in self._products(queries, chunk):
+        nq, dtype = _query_shape(queries)
+        out = torch.zeros(nq, len(self), dtype=dtype)
+        for positions, part in self._products(queries, chunk):
             out[:, positions] = part
         return out
 
-    def top_k(self, queries: Tensor, k: int, *, chunk: int = 65536) -> TopK:
+    def top_k(self, queries: Mapping[str, Tensor], k: int, *, chunk: int = 8192) -> TopK:
         """The ``k`` highest scores per query, streamed over the shards (a running top-k: memory ``nq x (k +
         chunk)``)."""
+        nq, dtype = _query_shape(queries)
         k = min(k, len(self))
-        best = torch.full((queries.shape[0], 0), -torch.inf, dtype=queries.dtype)
-        where = torch.zeros((queries.shape[0], 0), dtype=torch.int64)
-        for _, positions, part in self._products(queries, chunk):
+        best = torch.full((nq, 0), -torch.inf, dtype=dtype)
+        where = torch.zeros((nq, 0), dtype=torch.int64)
+        for positions, part in self._products(queries, chunk):
             best = torch.cat([best, part], dim=1)
-            where = torch.cat([where, positions.expand(queries.shape[0], -1)], dim=1)
+            where = torch.cat([where, positions.expand(nq, -1)], dim=1)
             best, pick = torch.topk(best, min(k, best.shape[1]), dim=1)
             where = torch.gather(where, 1, pick)
         return TopK(indices=where, scores=best)
 
-    def _products(self, queries: Tensor, chunk: int) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
-        if queries.shape[1] != self.width:
-            raise ValueError(f"queries of width {queries.shape[1]} for an index of width {self.width}")
+    def _products(self, queries: Mapping[str, Tensor], chunk: int) -> Iterable[tuple[Tensor, Tensor]]:
+        """``(positions, nq x c scores)`` for chunks of ``chunk`` stored examples."""
+        if any(layer.rows is None for layer in self.layers):
+            return  # nothing added yet
+        slices, start = [], 0
+        for layer in self.layers:
+            slices.append((layer, start, start + layer.width))
+            start += layer.width
         for grads, positions in self.shards():
-            for start in range(0, grads.shape[0], chunk):
-                g = grads[start:start + chunk]
-                p = positions[start:start + chunk]
-                yield g, p, queries @ g.to(queries.dtype).T
+            for first in range(0, grads.shape[0], chunk):
+                rows = grads[first:first + chunk]
+                part = sum(layer.scores(queries[layer.name], rows[:, lo:hi].to(queries[layer.name].dtype))
+                           for layer, lo, hi in slices)
+                yield positions[first:first + chunk], part  # type: ignore[misc]
+
+
+def _query_shape(queries: Mapping[str, Tensor]) -> tuple[int, torch.dtype]:
+    first = next(iter(queries.values()))
+    return first.shape[0], first.dtype
 
 
 def _mapped(path: Path, key: str) -> Tensor:
@@ -266,21 +326,28 @@ def _mapped(path: Path, key: str) -> Tensor:
 def add_examples(index: GradientIndex, passes: DataPasses, loader: Iterable[Any], comm: Communicator,
                  dtype: torch.dtype) -> None:
     """Project the per-example gradients of ``loader``'s batches into new shards of ``index`` (one per rank that
-    had batches; this call's projections are held in memory until written: add a large corpus in parts) and
-    record them in the manifest. Positions continue after the index's last example, in batch order."""
-    parts: list[tuple[int, Tensor]] = []
+    had batches; this call's projected rows are held in memory until written: add a large corpus in parts) and
+    record them in the manifest. Positions continue after the index's last example, in batch order. The first add
+    chooses each layer's layout from the most rows per example any rank saw."""
+    parts: list[tuple[int, dict[str, tuple[Tensor, Tensor]]]] = []
     for i, batch in passes.batches(loader, "indexing"):
         parts.append((i, project_rows(passes.rows(batch, sampled=False), index.projections, dtype)))
-    local = [(i, int(x.shape[0])) for i, x in parts]
-    counts = sorted(item for part in (comm.all_gather_object(local) if comm.enabled else [local]) for item in part)
+    local = ([(i, int(next(iter(x.values()))[0].shape[0])) for i, x in parts],
+             {n: max((x[n][0].shape[1] for _, x in parts), default=0) for n in index.projections.mats})
+    gathered = comm.all_gather_object(local) if comm.enabled else [local]
+    counts = sorted(item for part, _ in gathered for item in part)
+    if any(layer.rows is None for layer in index.layers):
+        index.choose_layouts({n: max(t[n] for _, t in gathered) for n in index.projections.mats})
     offsets, total = {}, len(index)
     for i, count in counts:
         offsets[i] = total
         total += count
     entry = None
     if parts:
-        grads = torch.cat([x for _, x in parts])
-        positions = torch.cat([torch.arange(offsets[i], offsets[i] + x.shape[0]) for i, x in parts])
+        grads = torch.cat([torch.cat([layer.encode(*x[layer.name]) for layer in index.layers], dim=1)
+                           for _, x in parts])
+        positions = torch.cat([torch.arange(offsets[i], offsets[i] + next(iter(x.values()))[0].shape[0])
+                               for i, x in parts])
         entry = index.write_shard(f"shard-{len(index.manifest['shards']) + comm.rank:05d}.safetensors", grads,
                                   positions)
     entries = comm.all_gather_object(entry) if comm.enabled else [entry]

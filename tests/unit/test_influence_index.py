@@ -70,7 +70,11 @@ def test_an_unprojected_index_gives_the_exhaustive_scores_and_top_k(kind, method
     an = analyzer(model, task, train, method)
     exact = an.pairwise_scores(queries, train)
     index = an.build_index(tmp_path / "index", train, dims=10_000, dtype=torch.float32)
-    assert len(index) == exact.shape[1] and index.width == sum(g * a for g, a in an._pre.block_shapes().values())
+    shapes = an._pre.block_shapes()
+    assert len(index) == exact.shape[1] and index.width <= sum(g * a for g, a in shapes.values())
+    if kind == "mlp":  # one row per example: the rows themselves, exact and g + a numbers instead of g a
+        assert [layer.rows for layer in index.layers] == [1, 1]
+        assert index.width == sum(g + a for g, a in shapes.values())
     got = an.pairwise_scores(queries, GradientIndex.open(tmp_path / "index"))
     assert float((got - exact).abs().max() / exact.abs().max()) < 1e-6  # float32 storage
     top, want = an.top_k(queries, index, k=5), an.top_k(queries, train, k=5)
@@ -104,23 +108,37 @@ def test_streaming_top_k_equals_top_k_of_the_whole_score_matrix(tmp_path):
     torch.testing.assert_close(streamed.scores, values, rtol=1e-12, atol=0)  # chunked products: summation order
 
 
-def test_the_projection_is_unbiased():
-    """``E[<P_G Q P_A^T, P_G V P_A^T>] = <Q, V>`` for ``N(0, 1/k)`` projections (averaged over 4000 seeds, within
-    four standard errors), and ``P = I`` when ``k >= dim``."""
+@pytest.mark.parametrize("rows", [3, 0], ids=["rows-layout", "product-layout"])
+def test_the_projection_is_unbiased(rows):
+    """``E[<P_G Q P_A^T, sum_t (P_G g_t)(P_A a_t)^T>] = <Q, V>`` for ``N(0, 1/k)`` projections (averaged over 4000
+    seeds, within four standard errors) in either layout, and ``P = I`` when ``k >= dim``."""
     g = torch.Generator().manual_seed(0)
     a, gr = torch.randn(1, 3, 7, generator=g, dtype=torch.float64), torch.randn(1, 3, 5, generator=g, dtype=torch.float64)
     q = torch.randn(1, 5, 7, generator=g, dtype=torch.float64)
     exact = float((q[0] * (gr[0].T @ a[0])).sum())
-    layers = [IndexLayer("w", 5, 7, 2, 3)]
-    est = torch.tensor([float(project_queries({"w": q}, p, torch.float64) @ project_rows({"w": (a, gr)}, p,
-                                                                                        torch.float64).T)
-                        for p in (Projections(layers, seed) for seed in range(4000))])
+
+    def estimate(layer: IndexLayer, seed: int) -> float:
+        p = Projections([layer], seed)
+        stored = layer.encode(*project_rows({"w": (a, gr)}, p, torch.float64)["w"])
+        return float(layer.scores(project_queries({"w": q}, p, torch.float64)["w"], stored))
+
+    layer = IndexLayer("w", 5, 7, 2, 3, rows=rows)
+    est = torch.tensor([estimate(layer, seed) for seed in range(4000)])
     assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / 4000 ** 0.5
     assert float(est.std()) > 0.1 * abs(exact)  # it does project
-    identity = Projections([IndexLayer("w", 5, 7, 5, 9)], 0)
-    assert float(project_queries({"w": q}, identity, torch.float64) @ project_rows({"w": (a, gr)}, identity,
-                                                                                   torch.float64).T) == \
-        pytest.approx(exact, rel=1e-12)
+    assert estimate(IndexLayer("w", 5, 7, 5, 9, rows=rows), 0) == pytest.approx(exact, rel=1e-12)
+
+
+def test_layouts_store_the_smaller_form_and_refuse_longer_examples_later(tmp_path):
+    layer = IndexLayer("w", 64, 65, 100, 100)
+    assert layer.choose(1).rows == 1 and layer.choose(1).width == 129  # g + a instead of g a
+    assert layer.choose(40).rows == 0 and layer.choose(40).width == 64 * 65  # the product is smaller
+    model, task, train, queries, _ = problem("lm")
+    an = analyzer(model, task, train)
+    index = an.build_index(tmp_path / "i", [train[0][:, :3]], dims=64)  # 3 positions per example
+    assert all(layer.rows == 3 for layer in index.layers)  # 3 (g + a) < g a for every layer of this model
+    with pytest.raises(ValueError, match="keeps 3 rows per example"):
+        an.add_to_index(index, train[1:])
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
