@@ -37,12 +37,12 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "output"
 MODULES = ("string", "textwrap", "json", "functools", "collections", "itertools", "pathlib", "argparse", "inspect")
 
 
-def corpus() -> str:
-    """Docstrings of standard-library modules and their public functions/classes (offline, deterministic)."""
+def corpus(modules: tuple[str, ...] = MODULES) -> str:
+    """Docstrings of standard-library ``modules`` and their public functions/classes (offline, deterministic)."""
     import importlib
 
     parts = []
-    for name in MODULES:
+    for name in modules:
         module = importlib.import_module(name)
         parts.append(inspect.getdoc(module) or "")
         for attr in sorted(dir(module)):
