@@ -367,7 +367,7 @@ class InfluenceAnalyzer:
             raise ValueError(f"influence: the gradient index covers layers {[layer.name for layer in index.layers]}, "
                              f"this analyzer tracks {self.layers}")
 
-    def _indexed_queries(self, query_loader: Iterable[Any], index: GradientIndex) -> Tensor:
+    def _indexed_queries(self, query_loader: Iterable[Any], index: GradientIndex) -> dict[str, Tensor]:
         self._check_index(index)
         dtype = getattr(torch, self.args.score_dtype)
         with eval_mode(self.model):

@@ -42,6 +42,9 @@ class capture:  # noqa: N801 (a context manager used like a function)
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        # the outputs' tensor hooks (held in C++, out of the garbage collector's sight) refer back to this object:
+        # dropping the outputs breaks that cycle, which otherwise kept every batch's rows alive
+        self.outputs.clear()
 
     def _forward(self, name: str, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any],
                  output: Any) -> None:
