@@ -1,5 +1,6 @@
 """A gradient index built under ``torchrun`` (each rank projects its batches and writes its shard, rank 0 the
-manifest) equals the single-process index: a plain model over 2 ranks and an FSDP2-sharded one (gloo, CPU)."""
+manifest) equals the single-process index, and so does a two-stage query: a plain model over 2 ranks and an
+FSDP2-sharded one (gloo, CPU)."""
 
 import pytest
 import torch
@@ -30,3 +31,6 @@ def test_index_built_on_two_ranks_equals_one_process(kind, sharded, tmp_path):
     assert got["shards"] == 4  # two adds, a shard per rank each
     torch.testing.assert_close(got["scores"], want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
     assert torch.equal(got["indices"], an.top_k(queries, index, k=4).indices)
+    dataset = [(x[i], y[i]) for x, y in train for i in range(len(x))]
+    candidates = fsdp_workers.two_stage_candidates(len(dataset), 3)
+    assert torch.equal(got["two_stage"], an.top_k(queries, dataset, k=3, candidates=candidates).indices)

@@ -327,7 +327,8 @@ def adaptive(rank: int, world: int, out: Path, kind: str, mesh_shape: list[int],
 
 def influence_index(rank: int, world: int, out: Path, kind: str, batches: int, sharded: bool) -> dict:
     """Build a gradient index of the model (``sharded``: FSDP2 across the ranks, else a plain model under the
-    default process group) from ``batches`` batches split over the ranks; rank 0 saves its top-k and scores."""
+    default process group) from ``batches`` batches split over the ranks, and answer a two-stage query; rank 0
+    saves its top-k and scores."""
     from kfac.influence import ClassificationTask, GradientIndex, InfluenceAnalyzer
 
     model = make_model(kind)
@@ -342,7 +343,15 @@ def influence_index(rank: int, world: int, out: Path, kind: str, batches: int, s
     reopened = GradientIndex.open(out / "index")
     top = an.top_k(queries, reopened, k=4)
     scores = an.pairwise_scores(queries, reopened)
+    dataset = [(x[i], y[i]) for x, y in train for i in range(len(x))]
+    two_stage = an.top_k(queries, dataset, k=3, candidates=two_stage_candidates(len(dataset), 3), batch_size=3)
     if rank == 0:
         torch.save({"scores": scores, "indices": top.indices, "examples": len(reopened),
-                    "shards": len(reopened.manifest["shards"])}, out / "index_scores.pt")
+                    "shards": len(reopened.manifest["shards"]), "two_stage": two_stage.indices},
+                   out / "index_scores.pt")
     return {"examples": len(index)}
+
+
+def two_stage_candidates(n: int, queries: int) -> torch.Tensor:
+    """Fixed candidate positions (7 per query) for the two-stage checks."""
+    return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(q))[:7] for q in range(queries)])
