@@ -195,10 +195,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = results["models"]
-    fig, axes = plt.subplots(len(models), 1, figsize=(11, 3.4 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(11, 3.7 * len(models)), squeeze=False)
     for ax, (mname, m) in zip(axes[:, 0], models.items()):
         ran = [(k, r) for k, r in m["methods"].items() if r["ran"]]
-        colors = ["tab:blue" if r["package"] is None else "tab:orange" for _, r in ran]
+        colors = ["tab:gray" if k == "exact" else "tab:blue" if r["package"] is None else "tab:orange" for k, r in ran]
         ax.bar(range(len(ran)), [r["lds"] for _, r in ran], yerr=[r["lds_se"] for _, r in ran], capsize=3,
                color=colors)
         for i, (_, r) in enumerate(ran):
@@ -206,8 +206,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(ran)), [k for k, _ in ran], rotation=25, ha="right", fontsize=8)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel("LDS (+-SE over queries)")
-        ax.set_title(f"{m['model']['description']}: {m['subsets']['count']} subset models, "
-                     f"{m['queries']} queries (blue: ours; orange: peers; text: fit + score time)", fontsize=9)
+        ax.set_title(f"{m['model']['description']}: {m['subsets']['count']} subset models, {m['queries']} queries\n"
+                     "(blue: ours; orange: peers; grey: exact-Hessian reference; text: fit + score time)", fontsize=9)
     fig.suptitle(f"LDS by method, {results['machine']['cpu_model']}, {results['machine']['threads']} thread(s)",
                  fontsize=10)
     fig.tight_layout()
