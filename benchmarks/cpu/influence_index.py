@@ -6,7 +6,8 @@ large corpus, against exhaustive EK-FAC scoring.
    indexes of projection size ``k`` (each side of each layer; float16): LDS +- standard error, the paired
    difference to exhaustive scoring (mean +- SE over queries), stored bytes per example against the raw float32
    per-example gradients (``sum g_dim * a_dim * 4``).
-2. Speed (synthetic, clearly labelled: random token ids and a randomly initialised 1-layer GPT; timing only): an
+2. Speed (synthetic, clearly labelled: random token ids and a randomly initialised GPT, width 128, 2 layers, 16
+   tokens per sequence; timing only): an
    index of ``--corpus`` training sequences (default 100 000) is built once; then ``--queries`` queries are
    answered (top-10) through the index and exhaustively (``top_k(queries, train_batches)``: one pass over the
    corpus). Queries per second both ways, the build time (itself one pass), bytes per example.
@@ -52,12 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few subsets, a small corpus; influence_index_quick.*")
-    p.add_argument("--dims", default="8,16,32,64", help="projection sizes k (each side of each layer)")
+    p.add_argument("--dims", default="8,16,32,64,256",
+                   help="projection sizes k (each side of each layer; 256 covers every dimension: exact)")
     p.add_argument("--subsets", type=int, default=None, help="LDS subset models (default 100, quick 8)")
     p.add_argument("--queries", type=int, default=None, help="LDS test queries (default 100, quick 10)")
     p.add_argument("--corpus", type=int, default=None, help="synthetic training sequences (default 100000, quick 3000)")
     p.add_argument("--speed-queries", type=int, default=8, help="queries answered in the speed part")
     p.add_argument("--speed-dims", type=int, default=16, help="projection size of the speed part's index")
+    p.add_argument("--speed-width", type=int, default=None, help="the speed part's GPT width (default 128, quick 32)")
+    p.add_argument("--speed-layers", type=int, default=2, help="the speed part's GPT layers")
     p.add_argument("--seed", type=int, default=0, help="initial weights, subsets, queries, synthetic data")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where influence_index[_quick].{json,png} go")
@@ -67,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.subsets = a.subsets or (8 if a.quick else 100)
     a.queries = a.queries or (10 if a.quick else 100)
     a.corpus = a.corpus or (3000 if a.quick else 100_000)
+    a.speed_width = a.speed_width or (32 if a.quick else 128)
     if a.subsets < 3 or min(a.dims) < 1 or a.corpus < 100:
         p.error("need --subsets >= 3, positive --dims and --corpus >= 100")
     return a
@@ -127,7 +132,7 @@ def speed_part(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     ids = torch.randint(0, vocab, (args.corpus, seq), generator=g)
     queries = [torch.randint(0, vocab, (args.speed_queries, seq), generator=g)]
     torch.manual_seed(args.seed)
-    model = GPT(vocab, seq, dim=32, heads=4, layers=1).eval()
+    model = GPT(vocab, seq, dim=args.speed_width, heads=4, layers=args.speed_layers).eval()
     train = [ids[i:i + batch] for i in range(0, len(ids), batch)]
     with warnings.catch_warnings():  # LayerNorms are not tracked
         warnings.simplefilter("ignore")
@@ -140,8 +145,9 @@ def speed_part(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     overlap = statistics.mean(len(set(a.tolist()) & set(b.tolist())) / 10
                               for a, b in zip(via_index.indices, exhaustive.indices))
     raw = sum(g * a for g, a in an._pre.block_shapes().values()) * 4
-    out = {"corpus": args.corpus, "sequence_length": seq, "vocab": vocab, "model": "GPT dim 32, 1 layer, random init "
-           "(synthetic: timing only)", "queries": args.speed_queries, "k": args.speed_dims,
+    out = {"corpus": args.corpus, "sequence_length": seq, "vocab": vocab,
+           "model": f"GPT width {args.speed_width}, {args.speed_layers} layer(s), random init (synthetic: timing only)",
+           "parameters": sum(p.numel() for p in model.parameters()), "queries": args.speed_queries, "k": args.speed_dims,
            "build_s": build_s, "index_s": index_s, "index_query_alone_s": alone, "exhaustive_s": exhaustive_s,
            "qps_index": args.speed_queries / index_s, "qps_exhaustive": args.speed_queries / exhaustive_s,
            "qps_index_alone": 1 / alone, "qps_exhaustive_alone": 1 / exhaustive_s,
