@@ -200,7 +200,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     b.bar(["exhaustive", "index"], [s["qps_exhaustive"], s["qps_index"]])
     b.set(yscale="log", ylabel="queries per second",
           title=f"{s['corpus']} synthetic sequences: {s['speedup']:.0f}x", )
-    fig.suptitle(f"Training-gradient index ({record['machine'].get('cpu', '')[:40]})", fontsize=9)
+    fig.suptitle(f"Training-gradient index ({record['machine'].get('cpu_model', '')[:40]})", fontsize=9)
     fig.tight_layout()
     save_png(fig, path, dpi=110)
     plt.close(fig)

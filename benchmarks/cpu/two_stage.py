@@ -187,7 +187,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     b.set(xlabel="candidates (% of corpus)", ylabel="speed-up per query", xscale="log", yscale="log")
     b.legend(fontsize=7)
     fig.suptitle(f"Two-stage queries: {record['corpus']['train_sequences']} sequences, "
-                 f"{record['corpus']['queries']} queries ({record['machine'].get('cpu', '')[:40]})", fontsize=9)
+                 f"{record['corpus']['queries']} queries ({record['machine'].get('cpu_model', '')[:40]})", fontsize=9)
     fig.tight_layout()
     save_png(fig, path, dpi=110)
     plt.close(fig)
