@@ -23,7 +23,8 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,13 @@ T = TypeVar("T")
 def log(msg: str) -> None:
     """Print a progress line at once (benchmarks are often piped through ``tee``)."""
     print(msg, flush=True)
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """``(fn(), seconds it took)`` (wall clock)."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def rotated(items: Sequence[T], k: int) -> list[T]:

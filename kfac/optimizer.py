@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed.comm import Communicator
-from .distributed.fsdp import local_shard, shard_size, sharded_parameters
+from .distributed.fsdp import is_sharded, local_shard, shard_size
 from .distributed.sharded_jvp import sharded_gram
 from .curvature import Preconditioner
 from ._tensor import all_finite
@@ -397,7 +397,7 @@ class KFAC(PreconditionedOptimizer):
 def _parameter_space(params: list[nn.Parameter], comm: Communicator) -> ParameterSpace | None:
     """Parameter-space products of the quadratic model from each rank's shards on an FSDP2 / HSDP model (the
     same answer on every rank); ``None``: whole tensors."""
-    if not sharded_parameters((str(i), p) for i, p in enumerate(params)):
+    if not any(is_sharded(p) for p in params):
         return None
     size = shard_size(params)
     return ParameterSpace(gram=lambda vectors: sharded_gram(vectors, comm, size),

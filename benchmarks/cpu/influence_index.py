@@ -27,7 +27,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "examples"))
-from benchmarks.common import machine_info, save_png, write_json  # noqa: E402
+from benchmarks.common import machine_info, save_png, timed, write_json  # noqa: E402
 from benchmarks.cpu.influence import (batches, choose_queries, lds_per_query, make_model, per_example_loss,  # noqa: E402
                                       summarise, train_lbfgs)
 from _digits import load_data  # noqa: E402
@@ -75,12 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.subsets < 3 or min(a.dims) < 1 or a.corpus < 100:
         p.error("need --subsets >= 3, positive --dims and --corpus >= 100")
     return a
-
-
-def timed(fn: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def lds_part(args: argparse.Namespace, folder: Path) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "examples"))
-from benchmarks.common import machine_info, save_png, write_json  # noqa: E402
+from benchmarks.common import machine_info, save_png, timed, write_json  # noqa: E402
 from gpt_influence import GPT, corpus, sequences, train  # noqa: E402
 
 from kfac.influence import CausalLMTask, InfluenceAnalyzer, TextCandidates  # noqa: E402
@@ -68,12 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not all(0 < f <= 1 for f in a.fractions) or a.queries < 1 or a.k < 1:
         p.error("fractions in (0, 1], positive --queries and --k")
     return a
-
-
-def timed(fn: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -46,6 +46,8 @@ __all__ = ["GradientIndex", "IndexLayer", "MANIFEST", "Projections", "add_exampl
 
 MANIFEST = "manifest.json"
 FORMAT = "kfac.influence.index"
+_PRODUCT_BUDGET = 1 << 24
+"""Most numbers in one chunk's intermediate ``Q P_A a_t`` products (rows layout): bounds scoring memory."""
 _DTYPES = {"float32": (torch.float32, np.float32, "F32"), "float16": (torch.float16, np.float16, "F16")}
 
 
@@ -292,6 +294,9 @@ class GradientIndex:
         for layer in self.layers:
             slices.append((layer, start, start + layer.width))
             start += layer.width
+        nq = _query_shape(queries)[0]
+        widest = max((layer.rows or 0) * layer.kg for layer in self.layers)  # the rows layout's nq x c x T x kg products
+        chunk = max(1, min(chunk, _PRODUCT_BUDGET // max(1, nq * widest)))
         for grads, positions in self.shards():
             for first in range(0, grads.shape[0], chunk):
                 rows = grads[first:first + chunk]
