@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["by_device_and_dtype", "foreach_mul_", "copy_all", "all_finite", "statistics_mode", "in_backward",
-           "functorch_active", "update_dots", "kl_clip_scale"]
+           "functorch_active", "update_dots", "kl_clip_scale", "differentiable_kernels"]
 
 
 def by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
@@ -110,3 +110,18 @@ def kl_clip_scale(dots: Tensor, lrs: Sequence[float], kl_clip: float) -> Tensor:
     lr2 = torch.tensor([lr * lr for lr in lrs], dtype=dots.dtype).to(dots.device, non_blocking=True)
     total = torch.where(torch.isfinite(dots), dots * lr2, torch.zeros((), dtype=dots.dtype, device=dots.device))
     return torch.clamp(torch.sqrt(kl_clip / total.sum().abs()), max=1.0)
+
+
+@contextlib.contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Attention through the composite kernel and CPU recurrent layers through the native one: both have
+    forward-mode and double-backward derivatives; the fused CPU kernels have neither."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        except ImportError:  # pragma: no cover (torch < 2.3)
+            pass
+        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        yield

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .._tensor import all_finite
+from .._tensor import all_finite, differentiable_kernels
 from ..distributed.fsdp import sharded_parameters
 from ..distributed.sharded_jvp import sharded_output_jvps
 from .losses import hessian_vector_product
@@ -70,7 +70,7 @@ def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Dire
         return tuple(model_outputs(functional_call(model, p, tuple(args), dict(kwargs or {}))))
 
     if sharded_parameters(params.items()):  # FSDP2: the model's own forward pass with dual parameters
-        with batch_statistics_only(model), _differentiable_kernels():
+        with batch_statistics_only(model), differentiable_kernels():
             return sharded_output_jvps(model, lambda: model_outputs(model(*args, **dict(kwargs or {}))), directions)
     tangents = [{n: d[n].to(p.dtype) if n in d else torch.zeros_like(p) for n, p in params.items()}
                 for d in directions]
@@ -81,7 +81,7 @@ def output_jvps(model: nn.Module, args: Sequence[Any], directions: Sequence[Dire
             except NotImplementedError as exc:  # a fused kernel without a forward-mode derivative
                 logger.debug("kfac: %s; JVPs through composite kernels from now on", exc)
                 _COMPOSITE.add(model)
-        with _differentiable_kernels():
+        with differentiable_kernels():
             return _output_jvps(outputs, params, tangents, reverse_fallback=True)
 
 
@@ -121,21 +121,6 @@ def _jvp(f: Any, params: dict[str, Tensor], tangent: dict[str, Tensor], reverse_
     out, pullback = vjp(f, params)[:2]
     transpose = vjp(lambda u: pullback(u)[0], tuple(torch.zeros_like(o) for o in out))[1]
     return out, transpose(tangent)[0]
-
-
-@contextlib.contextmanager
-def _differentiable_kernels() -> Iterator[None]:
-    """Attention through the composite kernel and CPU recurrent layers through the native one (both have
-    forward-mode derivatives; the fused CPU kernels do not)."""
-    with contextlib.ExitStack() as stack:
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        except ImportError:  # pragma: no cover (torch < 2.3)
-            pass
-        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        yield
 
 
 @contextlib.contextmanager

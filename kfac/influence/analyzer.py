@@ -22,6 +22,11 @@ Methods (``C`` per layer):
 
 Damping: a float is used as is for every layer; ``None`` (default) is ``0.1 * mean(Lambda)`` per layer for
 "ekfac"/"kfac", and ``0.1 * mean(g^2)`` (the mean diagonal of the empirical Fisher) for "mfac".
+
+Solver (queries only): ``"direct"`` (default) applies ``(C + damping I)^-1``; ``"cg"`` refines it towards the exact
+influence ``(H + damping I)^-1 grad f(q)``, ``H`` the Hessian of the mean training loss over the fitted data, by
+conjugate gradients preconditioned with ``(C + damping I)^-1`` (:mod:`kfac.influence.solver`;
+``solver_iterations`` passes over the data at most, ``solver_tolerance`` on the relative residual).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from .passes import DataPasses, eval_mode
 from .persistence import weights_digest
 from .index import MANIFEST, GradientIndex, add_examples, project_queries
 from .scoring import TopK
+from .solver import conjugate_gradients
 from .task import Task
 
 __all__ = ["GradientIndex", "InfluenceAnalyzer", "InfluenceArguments", "TopK", "weights_digest"]
@@ -99,6 +105,9 @@ class InfluenceAnalyzer:
         self._mfac: StaticFisher | None = None
         self._mfac_grads: dict[str, Tensor] | None = None
         self._method = EigenCorrectedKFAC()
+        self._hessian_data: Iterable[Any] | None = None
+        # what the last solver="cg" solve did: iterations, relative_residual per query, stopped_negative
+        self.solver_info: dict[str, Any] = {}
 
     # -- set-up --------------------------------------------------------------------------------------------
     def _engine(self, process_group: Any | None) -> KFACPreconditioner:
@@ -208,7 +217,8 @@ class InfluenceAnalyzer:
             elif self.args.method == "mfac":
                 self._set_mfac(collect_mfac_gradients(self._passes(), self.args, train_loader))
             else:
-                self._fit = Fit(damping={n: 1.0 for n in self.layers})
+                self._fit = Fit(damping=dict.fromkeys(self.layers, self.args.damping or 1.0))  # D of solver="cg"
+        self._hessian_data = train_loader
         self._require_fit().weights_sha256 = weights_digest(self.model)
         return self
 
@@ -222,6 +232,25 @@ class InfluenceAnalyzer:
         fit = self._require_fit()
         return scoring.precondition(mats, method=self.args.method, damping=fit.damping, store=self.store,
                                     kfac=self._method, mfac=self._mfac)
+
+    def _query_inverse(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The query gradients' inverse-curvature products: :meth:`_precondition` (``solver="direct"``) or
+        conjugate gradients on the damped Hessian of the fitted data, preconditioned by it (``"cg"``)."""
+        if self.args.solver == "direct":
+            return self._precondition(mats)
+        if self._hessian_data is None:
+            raise RuntimeError("influence: solver='cg' needs the training data of the Hessian: call fit(train_loader) "
+                               "or, after load(), use_hessian_data(train_loader)")
+        x, self.solver_info = conjugate_gradients(
+            self._passes(), self._hessian_data, mats, inverse=self._precondition, damping=self._require_fit().damping,
+            iterations=self.args.solver_iterations, tolerance=self.args.solver_tolerance)
+        return x
+
+    def use_hessian_data(self, train_loader: Iterable[Any]) -> InfluenceAnalyzer:
+        """The (re-iterable) training batches whose mean-loss Hessian ``solver="cg"`` solves with; :meth:`fit`
+        sets them to its own."""
+        self._hessian_data = train_loader
+        return self
 
     @overload
     def pairwise_scores(self, query_loader: Iterable[Any], train_loader: Iterable[Any], *,
@@ -246,7 +275,7 @@ class InfluenceAnalyzer:
             return train_loader.scores(self._indexed_queries(query_loader, train_loader))
         with eval_mode(self.model):
             passes = self._passes()
-            queries = scoring.query_gradients(passes, query_loader, self._precondition, dtype=dtype,
+            queries = scoring.query_gradients(passes, query_loader, self._query_inverse, dtype=dtype,
                                               query_rank=self.args.query_rank)
             self._log_memory(queries)
             blocks: scoring.Blocks = []
@@ -264,7 +293,7 @@ class InfluenceAnalyzer:
         dtype = getattr(torch, self.args.score_dtype)
         with eval_mode(self.model):
             passes = self._passes()
-            queries = scoring.query_gradients(passes, query_loader, self._precondition, dtype=dtype,
+            queries = scoring.query_gradients(passes, query_loader, self._query_inverse, dtype=dtype,
                                               query_rank=self.args.query_rank)
             blocks: scoring.Blocks = []
             for i, batch in passes.batches(train_loader, "per-token scoring"):
@@ -371,7 +400,7 @@ class InfluenceAnalyzer:
         self._check_index(index)
         dtype = getattr(torch, self.args.score_dtype)
         with eval_mode(self.model):
-            queries = scoring.query_gradients(self._passes(), query_loader, self._precondition, dtype=dtype,
+            queries = scoring.query_gradients(self._passes(), query_loader, self._query_inverse, dtype=dtype,
                                               query_rank=self.args.query_rank)
         return project_queries(queries, index.projections, dtype)
 

@@ -25,7 +25,9 @@ class InfluenceArguments:
     ``query_rank``: keep preconditioned query gradients at this rank (``None``: full). ``seed``: of the labels
     sampled for ``fisher="mc"``. ``lambda_labels``: the labels of EK-FAC's ``Lambda`` pass -- ``"data"`` (the
     data's own; the better LDS in our benchmark) or ``"sampled"`` (with ``fisher="mc"``: the labels sampled for
-    ``A`` and ``G``, kronfluence's convention). Converted and validated on construction (also by ``dataclasses.replace``).
+    ``A`` and ``G``, kronfluence's convention). ``solver``: ``"direct"`` (``(C + damping I)^-1``) or ``"cg"`` (conjugate gradients on
+the damped exact Hessian, preconditioned by it: at most ``solver_iterations`` passes over the fitted data, stopping
+at relative residual ``solver_tolerance``; see :mod:`kfac.influence.solver`). Converted and validated on construction (also by ``dataclasses.replace``).
     """
 
     method: str = "ekfac"
@@ -38,6 +40,9 @@ class InfluenceArguments:
     query_rank: int | None = None
     seed: int = 0
     lambda_labels: str = "data"
+    solver: str = "direct"
+    solver_iterations: int = 20
+    solver_tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
         self.factor_dtype = dtype_name(self.factor_dtype)
@@ -68,6 +73,12 @@ class InfluenceArguments:
             raise ValueError(f"fisher must be 'mc' or 'empirical', got {self.fisher!r}")
         if self.lambda_labels not in ("data", "sampled"):
             raise ValueError(f"lambda_labels must be 'data' or 'sampled', got {self.lambda_labels!r}")
+        if self.solver not in ("direct", "cg"):
+            raise ValueError(f"solver must be 'direct' or 'cg', got {self.solver!r}")
+        if not isinstance(self.solver_iterations, int) or self.solver_iterations < 0:
+            raise ValueError(f"solver_iterations must be a non-negative integer, got {self.solver_iterations!r}")
+        if not (isinstance(self.solver_tolerance, (int, float)) and 0 <= self.solver_tolerance < 1):
+            raise ValueError(f"solver_tolerance must be in [0, 1), got {self.solver_tolerance!r}")
         if self.damping is not None and not (isinstance(self.damping, (int, float)) and self.damping > 0
                                              and math.isfinite(self.damping)):
             raise ValueError(f"damping must be None or a finite positive number, got {self.damping!r}")
