@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-batch-size", type=int, default=32, help="batch size of fitting and scoring (GPT)")
     p.add_argument("--trak-proj-dim", type=int, default=2048, help="TRAK's projection dimension (its default)")
     p.add_argument("--cg-iters", type=int, default=None, help="dattri CG iterations (default 100, quick 20)")
+    p.add_argument("--solver-iters", type=int, default=20, help="most CG iterations of ours_ekfac_cg")
     p.add_argument("--seed", type=int, default=0, help="initial weights, subsets, queries, sampled labels")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where lds_peers[_quick].{json,png} go")
@@ -157,20 +158,22 @@ def evaluate(setting: Any, records: dict[str, Any], scores: dict[str, torch.Tens
 
 
 def goals(models: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals, checked on the measured LDS (None where a method needed for the check did not run)."""
+    """The issue's goals, checked on the measured LDS of our EK-FAC (the direct map, and refined by CG towards the
+    exact Hessian) -- None where a method needed for the check did not run."""
     out: dict[str, Any] = {}
-    for mname, m in models.items():
-        meth = m["methods"]
-        ours = meth.get("ours_ekfac", {}).get("lds")
-        peers = {k: v["lds"] for k, v in meth.items() if v.get("ran") and v["package"] is not None}
-        out[f"{mname}: ours EK-FAC >= every peer"] = None if ours is None or not peers else {
-            "met": all(ours >= v for v in peers.values()), "ours_ekfac": ours,
-            "peers_above": {k: v for k, v in peers.items() if v > ours}}
-    m = models.get("logreg", {}).get("methods", {})
-    for ref in ("exact", "dattri_if_explicit"):
-        if m.get(ref, {}).get("ran") and m.get("ours_ekfac", {}).get("ran"):
-            gap = m[ref]["lds"] - m["ours_ekfac"]["lds"]
-            out[f"logreg: ours EK-FAC within {GOAL_MARGIN} of {ref}"] = {"met": gap <= GOAL_MARGIN, "gap": gap}
+    for ours, label in (("ours_ekfac", "EK-FAC"), ("ours_ekfac_cg", "EK-FAC + CG")):
+        for mname, m in models.items():
+            meth = m["methods"]
+            lds = meth.get(ours, {}).get("lds")
+            peers = {k: v["lds"] for k, v in meth.items() if v.get("ran") and v["package"] is not None}
+            out[f"{mname}: ours {label} >= every peer"] = None if lds is None or not peers else {
+                "met": all(lds >= v for v in peers.values()), ours: lds,
+                "peers_above": {k: v for k, v in peers.items() if v > lds}}
+        m = models.get("logreg", {}).get("methods", {})
+        for ref in ("exact", "dattri_if_explicit"):
+            if m.get(ref, {}).get("ran") and m.get(ours, {}).get("ran"):
+                gap = m[ref]["lds"] - m[ours]["lds"]
+                out[f"logreg: ours {label} within {GOAL_MARGIN} of {ref}"] = {"met": gap <= GOAL_MARGIN, "gap": gap}
     return out
 
 
