@@ -4,6 +4,7 @@ state probes, and the trust-region math of ``kl_clip`` (public names; the module
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -123,5 +124,7 @@ def differentiable_kernels() -> Iterator[None]:
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         except ImportError:  # pragma: no cover (torch < 2.3)
             pass
+        stack.enter_context(warnings.catch_warnings())  # torch's note on oneDNN TF32, raised by the flags
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
         stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
         yield

@@ -233,6 +233,12 @@ class InfluenceAnalyzer:
         return scoring.precondition(mats, method=self.args.method, damping=fit.damping, store=self.store,
                                     kfac=self._method, mfac=self._mfac)
 
+    def _queries(self, passes: DataPasses, query_loader: Iterable[Any], dtype: torch.dtype) -> dict[str, Any]:
+        """The preconditioned query gradients of one scoring call (``solver_info`` then describes this call)."""
+        self.solver_info = {}
+        return scoring.query_gradients(passes, query_loader, self._query_inverse, dtype=dtype,
+                                       query_rank=self.args.query_rank)
+
     def _query_inverse(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
         """The query gradients' inverse-curvature products: :meth:`_precondition` (``solver="direct"``) or
         conjugate gradients on the damped Hessian of the fitted data, preconditioned by it (``"cg"``)."""
@@ -241,9 +247,15 @@ class InfluenceAnalyzer:
         if self._hessian_data is None:
             raise RuntimeError("influence: solver='cg' needs the training data of the Hessian: call fit(train_loader) "
                                "or, after load(), use_hessian_data(train_loader)")
-        x, self.solver_info = conjugate_gradients(
+        x, info = conjugate_gradients(
             self._passes(), self._hessian_data, mats, inverse=self._precondition, damping=self._require_fit().damping,
             iterations=self.args.solver_iterations, tolerance=self.args.solver_tolerance)
+        last = self.solver_info  # one solve per batch of queries: reported together
+        if last:
+            info = {"iterations": max(info["iterations"], last["iterations"]),
+                    "relative_residual": torch.cat([last["relative_residual"], info["relative_residual"]]),
+                    "stopped_negative": last["stopped_negative"] + info["stopped_negative"]}
+        self.solver_info = info
         return x
 
     def use_hessian_data(self, train_loader: Iterable[Any]) -> InfluenceAnalyzer:
@@ -275,8 +287,7 @@ class InfluenceAnalyzer:
             return train_loader.scores(self._indexed_queries(query_loader, train_loader))
         with eval_mode(self.model):
             passes = self._passes()
-            queries = scoring.query_gradients(passes, query_loader, self._query_inverse, dtype=dtype,
-                                              query_rank=self.args.query_rank)
+            queries = self._queries(passes, query_loader, dtype)
             self._log_memory(queries)
             blocks: scoring.Blocks = []
             for i, batch in passes.batches(train_loader, "scoring"):
@@ -293,8 +304,7 @@ class InfluenceAnalyzer:
         dtype = getattr(torch, self.args.score_dtype)
         with eval_mode(self.model):
             passes = self._passes()
-            queries = scoring.query_gradients(passes, query_loader, self._query_inverse, dtype=dtype,
-                                              query_rank=self.args.query_rank)
+            queries = self._queries(passes, query_loader, dtype)
             blocks: scoring.Blocks = []
             for i, batch in passes.batches(train_loader, "per-token scoring"):
                 blocks.append((i, scoring.token_score_batch(queries, passes.rows(batch, sampled=False), self.layers,
@@ -400,8 +410,7 @@ class InfluenceAnalyzer:
         self._check_index(index)
         dtype = getattr(torch, self.args.score_dtype)
         with eval_mode(self.model):
-            queries = scoring.query_gradients(self._passes(), query_loader, self._query_inverse, dtype=dtype,
-                                              query_rank=self.args.query_rank)
+            queries = self._queries(self._passes(), query_loader, dtype)
         return project_queries(queries, index.projections, dtype)
 
     def memory_estimate(self, num_queries: int, batch_size: int) -> dict[str, int]:

@@ -12,8 +12,8 @@ Hessian-vector product per unconverged query (double backward, batched over the 
 
 A query stops at ``||r|| <= tolerance ||b||`` (``r = b - (H + D) x``), after ``iterations`` iterations, or where
 ``p^T (H + D) p <= 0``: away from a minimum ``H`` can be indefinite and CG is then undefined (a warning says for
-how many queries: add damping). Each query returns its iterate of least residual (``x_0`` included), so the solver
-never answers worse than the direct map by that measure. Models sharded with FSDP2 are refused.
+how many queries) and such a query keeps the direct answer ``x_0``. On a positive definite system the last iterate
+is CG's best in the ``(H + D)``-norm. Models sharded with FSDP2 are refused.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _dot(x: Mats, y: Mats) -> Tensor:
 def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, inverse: Callable[[Mats], Mats],
                         damping: dict[str, float], iterations: int, tolerance: float) -> tuple[Mats, dict[str, Any]]:
     """Preconditioned CG for ``(H + D) x = b`` from ``x_0 = M b`` (see the module docstring); returns ``x`` and
-    ``{"iterations", "relative_residual" (n,), "stopped_negative" (count)}``."""
+    ``{"iterations", "relative_residual" (n,), "stopped_negative" (count)}`` (the residual of the answer returned)."""
     if sharded_parameters(passes.model.named_parameters()):
         raise ValueError("influence: solver='cg' does not support models sharded with FSDP2 (its double backward "
                          "is not sharded); use solver='direct'")
@@ -138,8 +138,8 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, i
     p = {k: t.clone() for k, t in z.items()}
     rz = _dot(r, z)
     norm_b = _dot(b, b).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
-    residual = _dot(r, r).sqrt()
-    best, best_x = residual.clone(), {k: t.clone() for k, t in x.items()}
+    start, start_residual = {k: t.clone() for k, t in x.items()}, _dot(r, r).sqrt()
+    residual = start_residual
     active = residual > tolerance * norm_b
     negative = torch.zeros(n, dtype=torch.bool)
     for it in range(iterations):
@@ -150,7 +150,7 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, i
         ap = operator(p, rows)
         p_rows = {k: t[rows] for k, t in p.items()}
         pap = _dot(p_rows, ap)
-        bad = pap <= 0
+        bad = ~(pap > 0)  # negative curvature (or a non-finite product)
         negative[rows[bad]] = True
         alpha = torch.where(bad, torch.zeros_like(pap), rz[rows] / pap.where(~bad, torch.ones_like(pap)))
         for k in x:
@@ -163,17 +163,15 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, i
         p = {k: z[k] + beta.view(-1, *([1] * (z[k].dim() - 1))) * p[k] for k in p}
         rz = rz_new
         residual = _dot(r, r).sqrt()
-        better = residual < best
-        for k in x:
-            best_x[k][better] = x[k][better]
-        best = torch.minimum(best, residual)
         active = active & ~negative & (residual > tolerance * norm_b)
-    info["relative_residual"] = (best / norm_b).float()
+    for k in x:  # indefinite: CG's iterates mean nothing there, the direct answer stands
+        x[k][negative] = start[k][negative]
+    info["relative_residual"] = (torch.where(negative, start_residual, residual) / norm_b).float()
     info["stopped_negative"] = int(negative.sum())
     if negative.any():
         warnings.warn(f"influence: solver='cg' met negative curvature (p^T (H + damping) p <= 0) for "
-                      f"{int(negative.sum())} of {n} queries and returned their least-residual iterate: the Hessian "
-                      "is indefinite here; raise the damping", RuntimeWarning, stacklevel=3)
+                      f"{int(negative.sum())} of {n} queries and kept the direct answer for them: the Hessian is "
+                      "indefinite here (not at a minimum, or too little damping)", RuntimeWarning, stacklevel=3)
     logger.info("influence: CG on the damped Hessian: %d queries, %d iterations, relative residual median %.2e",
                 n, info["iterations"], float(info["relative_residual"].median()))
-    return best_x, info
+    return x, info

@@ -138,7 +138,7 @@ def test_zero_iterations_are_the_direct_map_and_identity_is_plain_cg():
     torch.testing.assert_close(plain.pairwise_scores(queries, train), want, rtol=1e-8, atol=1e-10)
 
 
-def test_negative_curvature_keeps_the_least_residual_iterate():
+def test_negative_curvature_keeps_the_direct_answer():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 3)).eval()
     g = torch.Generator().manual_seed(2)
@@ -148,9 +148,14 @@ def test_negative_curvature_keeps_the_least_residual_iterate():
                            solver_tolerance=1e-12, **F64).fit(train)
     _, eig = dense_reference(model, train, [(x[:2], y[:2])], an.layers, an.damping)
     assert eig.min() < -1e-3, "the test needs an indefinite Hessian"
+    queries = [(x[:3], y[:3]), (x[3:6], y[3:6])]  # two batches of queries: one report for the call
     with pytest.warns(RuntimeWarning, match="negative curvature"):
-        scores = an.pairwise_scores([(x[:6], y[:6])], train)
-    assert torch.isfinite(scores).all() and an.solver_info["stopped_negative"] > 0
+        scores = an.pairwise_scores(queries, train)
+    info = an.solver_info
+    assert info["stopped_negative"] > 0 and info["relative_residual"].shape == (6,)
+    direct = InfluenceAnalyzer(model, ClassificationTask(), damping=1e-6, **F64).fit(train)
+    same = torch.isclose(scores, direct.pairwise_scores(queries, train), rtol=1e-10, atol=0).all(1)
+    assert int(same.sum()) == info["stopped_negative"]  # exactly the stopped queries keep the direct answer
 
 
 def test_bad_settings_and_missing_data_are_clear_errors(tmp_path):
