@@ -7,9 +7,10 @@ upweighting the training example lowers the query's measurement (loss). Runners 
 noted (none tuned on the evaluation subsets):
 
 * ours: ``InfluenceAnalyzer(method=...)``, ``fisher="mc"``, default damping (``0.1 * mean(Lambda)`` per layer;
-  M-FAC: ``0.1 * mean(g^2)``, all training gradients kept); ``ours_ekfac_cg``: ``solver="cg"`` (conjugate
-  gradients on the exact Hessian of the mean training loss, preconditioned by EK-FAC, ``--solver-iters`` passes at
-  most, relative residual 1e-4) with damping the objective's L2 coefficient (the heuristic on the GPT, which has none); ``exact``: the exact Hessian of the training objective
+  M-FAC: ``0.1 * mean(g^2)``, all training gradients kept); ``ours_ekfac_ggn`` / ``ours_ekfac_hessian``:
+  ``solver="ggn"`` / ``"hessian"`` (conjugate gradients on the exact Gauss-Newton matrix / Hessian of the mean
+  training loss, preconditioned by EK-FAC, ``--solver-iters`` passes at most, relative residual 1e-4) with damping
+  the objective's L2 coefficient (the heuristic on the GPT, which has none); ``exact``: the exact Hessian of the training objective
   (mean cross-entropy + L2), logistic regression only -- a reference, not a package method;
 * kronfluence 1.0.1: ``FactorArguments(strategy=...)`` (its default: sampled labels), ``ScoreArguments()``
   (default ``damping_factor=1e-8``) and, for EK-FAC, also ``damping_factor=None`` (its heuristic,
@@ -77,13 +78,14 @@ def math_attention() -> Any:
 # ---- ours ------------------------------------------------------------------------------------------------------
 
 def ours(method: str, solver: str = "direct") -> Callable[[Setting, Any], Result]:
-    """Ours; ``solver="cg"``: CG on the damped exact Hessian preconditioned by ``method``, with the training
-    objective's own L2 coefficient as damping (the heuristic default where it has none, as on the GPT)."""
+    """Ours; ``solver="ggn"`` / ``"hessian"``: CG on the damped exact Gauss-Newton matrix / Hessian preconditioned
+    by ``method``, with the training objective's own L2 coefficient as damping (the heuristic default where it has
+    none, as on the GPT)."""
     def run(s: Setting, args: Any) -> Result:
         task = CausalLMTask() if s.kind == "lm" else ClassificationTask()
         options: dict[str, Any] = {}
-        if solver == "cg":
-            options = {"solver": "cg", "solver_iterations": args.solver_iters, "solver_tolerance": 1e-4,
+        if solver != "direct":
+            options = {"solver": solver, "solver_iterations": args.solver_iters, "solver_tolerance": 1e-4,
                        "damping": s.weight_decay or None}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the GPT's LayerNorms and embeddings are not tracked
@@ -94,7 +96,7 @@ def ours(method: str, solver: str = "direct") -> Callable[[Setting, Any], Result
             scores, score_s = _timed(lambda: an.pairwise_scores(s.batched(s.query_data), train))
         damping = sorted(set(an.damping.values())) if method != "identity" else None
         notes = {"layers": an.layers, "damping_range": damping and [damping[0], damping[-1]]}
-        if solver == "cg":
+        if solver != "direct":
             info = an.solver_info
             notes.update(iterations=info["iterations"], stopped_negative=info["stopped_negative"],
                          median_relative_residual=float(info["relative_residual"].median()))
@@ -319,7 +321,8 @@ METHODS: dict[str, tuple[str | None, str, Callable[[Setting, Any], Result]]] = {
     "ours_kfac": (None, "ours: K-FAC (no eigenvalue correction)", ours("kfac")),
     "ours_ekfac": (None, "ours: EK-FAC", ours("ekfac")),
     "ours_mfac": (None, "ours: M-FAC (all training gradients)", ours("mfac")),
-    "ours_ekfac_cg": (None, "ours: EK-FAC-preconditioned CG on the exact Hessian", ours("ekfac", "cg")),
+    "ours_ekfac_ggn": (None, "ours: EK-FAC-preconditioned CG on the exact Gauss-Newton matrix", ours("ekfac", "ggn")),
+    "ours_ekfac_hessian": (None, "ours: EK-FAC-preconditioned CG on the exact Hessian", ours("ekfac", "hessian")),
     "exact": (None, "exact Hessian inverse (reference; logistic regression)", exact),
     "kronfluence_ekfac": ("kronfluence", "kronfluence: EK-FAC (damping 1e-8, its default)", kronfluence("ekfac")),
     "kronfluence_ekfac_heuristic": ("kronfluence", "kronfluence: EK-FAC (heuristic damping)",

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-batch-size", type=int, default=32, help="batch size of fitting and scoring (GPT)")
     p.add_argument("--trak-proj-dim", type=int, default=2048, help="TRAK's projection dimension (its default)")
     p.add_argument("--cg-iters", type=int, default=None, help="dattri CG iterations (default 100, quick 20)")
-    p.add_argument("--solver-iters", type=int, default=20, help="most CG iterations of ours_ekfac_cg")
+    p.add_argument("--solver-iters", type=int, default=20, help="most CG iterations of ours_ekfac_{ggn,hessian}")
     p.add_argument("--seed", type=int, default=0, help="initial weights, subsets, queries, sampled labels")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where lds_peers[_quick].{json,png} go")
@@ -159,9 +159,10 @@ def evaluate(setting: Any, records: dict[str, Any], scores: dict[str, torch.Tens
 
 def goals(models: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals, checked on the measured LDS of our EK-FAC (the direct map, and refined by CG towards the
-    exact Hessian) -- None where a method needed for the check did not run."""
+    exact Gauss-Newton matrix or Hessian) -- None where a method needed for the check did not run."""
     out: dict[str, Any] = {}
-    for ours, label in (("ours_ekfac", "EK-FAC"), ("ours_ekfac_cg", "EK-FAC + CG")):
+    for ours, label in (("ours_ekfac", "EK-FAC"), ("ours_ekfac_ggn", "EK-FAC + CG on the GGN"),
+                        ("ours_ekfac_hessian", "EK-FAC + CG on the Hessian")):
         for mname, m in models.items():
             meth = m["methods"]
             lds = meth.get(ours, {}).get("lds")

@@ -23,10 +23,11 @@ Methods (``C`` per layer):
 Damping: a float is used as is for every layer; ``None`` (default) is ``0.1 * mean(Lambda)`` per layer for
 "ekfac"/"kfac", and ``0.1 * mean(g^2)`` (the mean diagonal of the empirical Fisher) for "mfac".
 
-Solver (queries only): ``"direct"`` (default) applies ``(C + damping I)^-1``; ``"cg"`` refines it towards the exact
-influence ``(H + damping I)^-1 grad f(q)``, ``H`` the Hessian of the mean training loss over the fitted data, by
-conjugate gradients preconditioned with ``(C + damping I)^-1`` (:mod:`kfac.influence.solver`;
-``solver_iterations`` passes over the data at most, ``solver_tolerance`` on the relative residual).
+Solver (queries only): ``"direct"`` (default) applies ``(C + damping I)^-1``; ``"ggn"`` and ``"hessian"`` refine it
+towards the exact ``(K + damping I)^-1 grad f(q)``, ``K`` the Gauss-Newton matrix or the Hessian of the mean
+training loss over the fitted data, by conjugate gradients preconditioned with ``(C + damping I)^-1``
+(:mod:`kfac.influence.solver`; ``solver_iterations`` passes over the data at most, ``solver_tolerance`` on the
+relative residual).
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class InfluenceAnalyzer:
         self._mfac_grads: dict[str, Tensor] | None = None
         self._method = EigenCorrectedKFAC()
         self._hessian_data: Iterable[Any] | None = None
-        # what the last solver="cg" solve did: iterations, relative_residual per query, stopped_negative
+        # what the last CG solve (solver "ggn" / "hessian") did: iterations, relative_residual per query,
+        # stopped_negative
         self.solver_info: dict[str, Any] = {}
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class InfluenceAnalyzer:
             elif self.args.method == "mfac":
                 self._set_mfac(collect_mfac_gradients(self._passes(), self.args, train_loader))
             else:
-                self._fit = Fit(damping=dict.fromkeys(self.layers, self.args.damping or 1.0))  # D of solver="cg"
+                self._fit = Fit(damping=dict.fromkeys(self.layers, self.args.damping or 1.0))  # D of a CG solve
         self._hessian_data = train_loader
         self._require_fit().weights_sha256 = weights_digest(self.model)
         return self
@@ -241,15 +243,16 @@ class InfluenceAnalyzer:
 
     def _query_inverse(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
         """The query gradients' inverse-curvature products: :meth:`_precondition` (``solver="direct"``) or
-        conjugate gradients on the damped Hessian of the fitted data, preconditioned by it (``"cg"``)."""
+        conjugate gradients on the damped exact curvature of the fitted data, preconditioned by it."""
         if self.args.solver == "direct":
             return self._precondition(mats)
         if self._hessian_data is None:
-            raise RuntimeError("influence: solver='cg' needs the training data of the Hessian: call fit(train_loader) "
-                               "or, after load(), use_hessian_data(train_loader)")
+            raise RuntimeError(f"influence: solver={self.args.solver!r} needs the training data: call "
+                               "fit(train_loader) or, after load(), use_hessian_data(train_loader)")
         x, info = conjugate_gradients(
-            self._passes(), self._hessian_data, mats, inverse=self._precondition, damping=self._require_fit().damping,
-            iterations=self.args.solver_iterations, tolerance=self.args.solver_tolerance)
+            self._passes(), self._hessian_data, mats, curvature=self.args.solver, inverse=self._precondition,
+            damping=self._require_fit().damping, iterations=self.args.solver_iterations,
+            tolerance=self.args.solver_tolerance)
         last = self.solver_info  # one solve per batch of queries: reported together
         if last:
             info = {"iterations": max(info["iterations"], last["iterations"]),
@@ -259,8 +262,8 @@ class InfluenceAnalyzer:
         return x
 
     def use_hessian_data(self, train_loader: Iterable[Any]) -> InfluenceAnalyzer:
-        """The (re-iterable) training batches whose mean-loss Hessian ``solver="cg"`` solves with; :meth:`fit`
-        sets them to its own."""
+        """The (re-iterable) training batches whose mean-loss curvature ``solver="ggn"`` / ``"hessian"`` solves
+        with; :meth:`fit` sets them to its own."""
         self._hessian_data = train_loader
         return self
 

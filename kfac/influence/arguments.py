@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["METHODS", "InfluenceArguments", "dtype_name"]
+__all__ = ["METHODS", "SOLVERS", "InfluenceArguments", "dtype_name"]
 
 METHODS = ("ekfac", "kfac", "mfac", "identity")
+SOLVERS = ("direct", "ggn", "hessian")
 
 
 @dataclass
@@ -25,9 +26,9 @@ class InfluenceArguments:
     ``query_rank``: keep preconditioned query gradients at this rank (``None``: full). ``seed``: of the labels
     sampled for ``fisher="mc"``. ``lambda_labels``: the labels of EK-FAC's ``Lambda`` pass -- ``"data"`` (the
     data's own; the better LDS in our benchmark) or ``"sampled"`` (with ``fisher="mc"``: the labels sampled for
-    ``A`` and ``G``, kronfluence's convention). ``solver``: ``"direct"`` (``(C + damping I)^-1``) or ``"cg"`` (conjugate gradients on
-the damped exact Hessian, preconditioned by it: at most ``solver_iterations`` passes over the fitted data, stopping
-at relative residual ``solver_tolerance``; see :mod:`kfac.influence.solver`). Converted and validated on construction (also by ``dataclasses.replace``).
+    ``A`` and ``G``, kronfluence's convention). ``solver``: ``"direct"`` (``(C + damping I)^-1``), or ``"ggn"`` / ``"hessian"``: conjugate gradients on the damped
+exact Gauss-Newton matrix / Hessian, preconditioned by the direct map (at most ``solver_iterations`` passes over
+the fitted data, stopping at relative residual ``solver_tolerance``; see :mod:`kfac.influence.solver`). Converted and validated on construction (also by ``dataclasses.replace``).
     """
 
     method: str = "ekfac"
@@ -73,8 +74,8 @@ at relative residual ``solver_tolerance``; see :mod:`kfac.influence.solver`). Co
             raise ValueError(f"fisher must be 'mc' or 'empirical', got {self.fisher!r}")
         if self.lambda_labels not in ("data", "sampled"):
             raise ValueError(f"lambda_labels must be 'data' or 'sampled', got {self.lambda_labels!r}")
-        if self.solver not in ("direct", "cg"):
-            raise ValueError(f"solver must be 'direct' or 'cg', got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if not isinstance(self.solver_iterations, int) or self.solver_iterations < 0:
             raise ValueError(f"solver_iterations must be a non-negative integer, got {self.solver_iterations!r}")
         if not (isinstance(self.solver_tolerance, (int, float)) and 0 <= self.solver_tolerance < 1):

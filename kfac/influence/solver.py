@@ -1,26 +1,34 @@
-"""Exact inverse-Hessian-vector products for influence queries: conjugate gradients on the damped Hessian of the
-training loss, preconditioned by the fitted curvature.
+"""Exact inverse-curvature-vector products for influence queries: conjugate gradients on the damped Gauss-Newton
+matrix or Hessian of the training loss, preconditioned by the fitted curvature.
 
 For each query gradient ``b = grad f(q)`` (in the tracked layers' ``(g_dim, a_dim)`` matrix layout) the solver
-approximates ``x = (H + D)^-1 b``, where ``H`` is the exact Hessian of the *mean* per-example training loss
-``(1/N) sum_n L(z_n)`` over the data the curvature was fitted on, restricted to the tracked layers' parameters, and
-``D`` holds each layer's damping on its diagonal. The fitted method's own map ``M = (C + D)^-1`` (EK-FAC, K-FAC,
-M-FAC or the identity) is the preconditioner and the starting point ``x_0 = M b``, so the solver can only refine
-the direct answer, and zero iterations reproduce it. Each iteration costs one pass over the training data with a
-Hessian-vector product per unconverged query (double backward, batched over the queries where
-``torch.autograd.grad(is_grads_batched=True)`` can; batches are shared across ranks like every other pass).
+approximates ``x = (K + D)^-1 b``, with ``D`` each layer's damping on the diagonal and ``K`` one of two exact
+matrices of the *mean* per-example training loss ``(1/N) sum_n L(z_n)`` over the data the curvature was fitted on,
+with respect to the tracked layers' parameters:
 
-A query stops at ``||r|| <= tolerance ||b||`` (``r = b - (H + D) x``), after ``iterations`` iterations, or where
-``p^T (H + D) p <= 0``: away from a minimum ``H`` can be indefinite and CG is then undefined (a warning says for
-how many queries) and such a query keeps the direct answer ``x_0``. On a positive definite system the last iterate
-is CG's best in the ``(H + D)``-norm. Models sharded with FSDP2 are refused.
+* ``"ggn"``: the generalised Gauss-Newton matrix ``(1/N) sum_n J_n^T (d^2 L_n / dz^2) J_n`` (``z``: the task's
+  :meth:`~kfac.influence.Task.outputs`). Positive semi-definite for convex losses; the matrix that K-FAC and EK-FAC
+  approximate (their Fisher, for cross-entropy), and the Hessian itself for a linear model;
+* ``"hessian"``: the Hessian (Koh & Liang's influence), which adds the network's own second derivatives and is
+  indefinite away from a minimum.
+
+The fitted method's own map ``M = (C + D)^-1`` (EK-FAC, K-FAC, M-FAC or the identity) is the preconditioner and the
+starting point ``x_0 = M b``, so zero iterations reproduce the direct answer. Each iteration costs one pass over the
+training data with a product per unconverged query (double backward -- reverse over reverse for ``J v`` --, batched
+over the queries where ``torch.autograd.grad(is_grads_batched=True)`` can; batches are shared across ranks like
+every other pass).
+
+A query stops at ``||r|| <= tolerance ||b||`` (``r = b - (K + D) x``), after ``iterations`` iterations, or where
+``p^T (K + D) p <= 0``: CG is undefined on an indefinite system (a warning says for how many queries) and such a
+query keeps the direct answer ``x_0``. On a positive definite system the last iterate is CG's best in the
+``(K + D)``-norm. Models sharded with FSDP2 are refused.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,8 +38,9 @@ from .._tensor import differentiable_kernels
 from ..distributed.fsdp import sharded_parameters
 from ..modules import ModuleAdapter
 from .passes import DataPasses
+from .task import Task
 
-__all__ = ["conjugate_gradients", "hessian_products"]
+__all__ = ["PRODUCTS", "conjugate_gradients", "curvature_products"]
 
 logger = logging.getLogger("kfac")
 
@@ -61,44 +70,73 @@ def project(adapters: dict[str, ModuleAdapter], mats: Mats) -> Mats:
     return {n: _merge(adapters[n], _split(adapters[n], m), m) for n, m in mats.items()}
 
 
-def hessian_products(passes: DataPasses, loader: Iterable[Any], vectors: Mats) -> Mats:
-    """``H v`` for each of the ``n`` directions ``v`` (``{layer: (n, g, a)}``), ``H`` the Hessian of the mean
-    training loss over ``loader`` restricted to the tracked layers' parameters (one pass; summed over ranks)."""
+def _batched_grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor],
+                  ) -> list[Tensor | None]:
+    """``autograd.grad`` of ``outputs`` for each of the ``n`` stacked ``cotangents`` (``(n, *shape)``): one
+    vmapped backward where it can batch them, else one backward each (the graph is kept)."""
+    try:
+        return list(torch.autograd.grad(outputs, inputs, grad_outputs=cotangents, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True))
+    except RuntimeError as err:  # an operator vmap cannot batch
+        logger.debug("influence: batched backward failed (%s); one direction at a time", err)
+    each = [torch.autograd.grad(outputs, inputs, grad_outputs=[c[i] for c in cotangents], retain_graph=True,
+                                allow_unused=True) for i in range(cotangents[0].shape[0])]
+    return [None if each[0][j] is None else torch.stack([e[j] for e in each]) for j in range(len(inputs))]
+
+
+def _hessian_batch(task: Task, model: nn.Module, batch: Any, params: list[nn.Parameter], tangents: list[Tensor],
+                   ) -> tuple[list[Tensor | None], int]:
+    """``sum_n d^2 L_n / dθ^2 v`` over one batch (double backward), and its number of examples."""
+    values = task.loss(model, batch)
+    grads = torch.autograd.grad(values.sum(), params, create_graph=True)
+    return _batched_grad(grads, params, tangents), values.shape[0]
+
+
+def _ggn_batch(task: Task, model: nn.Module, batch: Any, params: list[nn.Parameter], tangents: list[Tensor],
+               ) -> tuple[list[Tensor | None], int]:
+    """``sum_n J_n^T (d^2 L_n / dz^2) J_n v`` over one batch: ``J v`` as the derivative of ``u -> J^T u``
+    (reverse over reverse), the output-space Hessian by double backward of ``Task.output_loss``, then ``J^T``."""
+    z = task.outputs(model, batch)
+    u = torch.zeros_like(z, requires_grad=True)
+    jtu = torch.autograd.grad(z, params, grad_outputs=u, create_graph=True)
+    jv = _batched_grad(jtu, [u], tangents)[0]
+    zd = z.detach().requires_grad_(True)
+    values = task.output_loss(zd, batch)
+    gz = torch.autograd.grad(values.sum(), zd, create_graph=True)
+    hjv = jv if jv is None else _batched_grad(gz, [zd], [jv])[0]
+    if hjv is None:  # the tracked parameters do not reach the outputs
+        return [None] * len(params), values.shape[0]
+    return _batched_grad([z], params, [hjv]), values.shape[0]
+
+
+PRODUCTS: dict[str, Callable[..., tuple[list[Tensor | None], int]]] = {"hessian": _hessian_batch, "ggn": _ggn_batch}
+"""The curvature ``solver`` names, one batch's products with it."""
+
+
+def curvature_products(passes: DataPasses, loader: Iterable[Any], vectors: Mats, *, curvature: str) -> Mats:
+    """``K v`` for each of the ``n`` directions ``v`` (``{layer: (n, g, a)}``): ``K`` the Hessian (``"hessian"``) or
+    the Gauss-Newton matrix (``"ggn"``) of the mean training loss over ``loader``, with respect to the tracked
+    layers' parameters (one pass; summed over ranks)."""
     adapters, layers = passes.engine.adapters, list(vectors)
     params = _parameters(adapters, layers)
     tangents = [t for n in layers for t in _split(adapters[n], vectors[n])]
     tangents = [t.to(p.dtype) for t, p in zip(tangents, params)]
     sums = [torch.zeros_like(t, dtype=torch.float64) for t in tangents]
     count = torch.zeros((), dtype=torch.float64, device=passes.device)
-    batched = True
-    for _, batch in passes.batches(loader, "Hessian-vector products"):
+    for _, batch in passes.batches(loader, f"{curvature}-vector products"):
         with torch.enable_grad(), differentiable_kernels():  # fused attention kernels have no double backward
-            values = passes.task.loss(passes.model, batch)
-            count += values.shape[0]
-            grads = torch.autograd.grad(values.sum(), params, create_graph=True)
-            outs: tuple[Tensor | None, ...] | None = None
-            if batched:
-                try:
-                    outs = torch.autograd.grad(grads, params, grad_outputs=tangents, is_grads_batched=True,
-                                               retain_graph=True, allow_unused=True)
-                except RuntimeError as err:  # an operator vmap cannot batch: one direction at a time
-                    logger.info("influence: Hessian-vector products one direction at a time (%s)", err)
-                    batched = False
-            if outs is None:
-                each = [torch.autograd.grad(grads, params, grad_outputs=[t[i] for t in tangents], retain_graph=True,
-                                            allow_unused=True) for i in range(tangents[0].shape[0])]
-                outs = tuple(None if each[0][j] is None else torch.stack([e[j] for e in each])
-                             for j in range(len(params)))
-        for s, o in zip(sums, outs):
+            outs, n = PRODUCTS[curvature](passes.task, passes.model, batch, params, tangents)
+        count += n
+        for acc, o in zip(sums, outs):
             if o is not None:
-                s += o.detach().double()
+                acc += o.detach().double()
     *sums, count = passes.engine.communicator.all_reduce_sum([*sums, count], category="influence", exact=True)
     if count.item() == 0:
-        raise ValueError("influence: solver='cg' found no training examples for its Hessian-vector products")
+        raise ValueError(f"influence: solver={curvature!r} found no training examples for its products")
     out, i = {}, 0
     for name in layers:
         k = len(adapters[name].parameters())
-        out[name] = _merge(adapters[name], [s / count for s in sums[i:i + k]], vectors[name])
+        out[name] = _merge(adapters[name], [t / count for t in sums[i:i + k]], vectors[name])
         i += k
     return out
 
@@ -108,13 +146,15 @@ def _dot(x: Mats, y: Mats) -> Tensor:
     return sum((x[k].double() * y[k].double()).flatten(1).sum(1) for k in x)  # type: ignore[return-value]
 
 
-def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, inverse: Callable[[Mats], Mats],
-                        damping: dict[str, float], iterations: int, tolerance: float) -> tuple[Mats, dict[str, Any]]:
-    """Preconditioned CG for ``(H + D) x = b`` from ``x_0 = M b`` (see the module docstring); returns ``x`` and
+def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, curvature: str,
+                        inverse: Callable[[Mats], Mats], damping: dict[str, float], iterations: int,
+                        tolerance: float) -> tuple[Mats, dict[str, Any]]:
+    """Preconditioned CG for ``(K + D) x = b`` from ``x_0 = M b``, ``K`` as :func:`curvature_products` names it
+    (see the module docstring); returns ``x`` and
     ``{"iterations", "relative_residual" (n,), "stopped_negative" (count)}`` (the residual of the answer returned)."""
     if sharded_parameters(passes.model.named_parameters()):
-        raise ValueError("influence: solver='cg' does not support models sharded with FSDP2 (its double backward "
-                         "is not sharded); use solver='direct'")
+        raise ValueError(f"influence: solver={curvature!r} does not support models sharded with FSDP2 (its double "
+                         "backward is not sharded); use solver='direct'")
     adapters = passes.engine.adapters
     b = project(adapters, b)
     n = next(iter(b.values())).shape[0]
@@ -123,7 +163,7 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, i
         return project(adapters, inverse(r))
 
     def operator(v: Mats, rows: Tensor) -> Mats:
-        hv = hessian_products(passes, loader, {k: t[rows] for k, t in v.items()})
+        hv = curvature_products(passes, loader, {k: t[rows] for k, t in v.items()}, curvature=curvature)
         return {k: hv[k] + damping[k] * v[k][rows] for k in v}
 
     x = precondition(b)
@@ -169,9 +209,9 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, i
     info["relative_residual"] = (torch.where(negative, start_residual, residual) / norm_b).float()
     info["stopped_negative"] = int(negative.sum())
     if negative.any():
-        warnings.warn(f"influence: solver='cg' met negative curvature (p^T (H + damping) p <= 0) for "
-                      f"{int(negative.sum())} of {n} queries and kept the direct answer for them: the Hessian is "
+        warnings.warn(f"influence: solver={curvature!r} met negative curvature (p^T (K + damping) p <= 0) for "
+                      f"{int(negative.sum())} of {n} queries and kept the direct answer for them: the matrix is "
                       "indefinite here (not at a minimum, or too little damping)", RuntimeWarning, stacklevel=3)
-    logger.info("influence: CG on the damped Hessian: %d queries, %d iterations, relative residual median %.2e",
-                n, info["iterations"], float(info["relative_residual"].median()))
+    logger.info("influence: CG on the damped %s: %d queries, %d iterations, relative residual median %.2e",
+                curvature, n, info["iterations"], float(info["relative_residual"].median()))
     return x, info

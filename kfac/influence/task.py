@@ -20,7 +20,10 @@ class Task:
       for ``fisher="mc"``, the default for fitting factors);
     * :meth:`positions`: which positions of each example count (``[B, T]``, e.g. an attention mask), or ``None``:
       rows of layers with ``T`` positions per example at positions that do not count are left out of ``A``,
-      ``G`` and the row counts when fitting.
+      ``G`` and the row counts when fitting;
+    * :meth:`outputs` and :meth:`output_loss`: the network's outputs ``z`` and the per-example losses as a function
+      of them (``loss = output_loss(outputs(model, batch), batch)``), needed by ``solver="ggn"`` for the
+      Gauss-Newton matrix ``J^T (d^2 L / dz^2) J``.
     """
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
@@ -31,6 +34,14 @@ class Task:
 
     def positions(self, batch: Any) -> Tensor | None:
         return None
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement outputs(model, batch) and "
+                                  "output_loss(outputs, batch), needed by solver='ggn'; or use solver='hessian'")
+
+    def output_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement output_loss(outputs, batch), needed by "
+                                  "solver='ggn'; or use solver='hessian'")
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError(
@@ -56,8 +67,13 @@ class ClassificationTask(Task):
         raise TypeError(f"ClassificationTask expects (inputs, labels) batches, got {type(batch).__name__}")
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
-        x, y = self._split(batch)
-        return F.cross_entropy(model(x), y, reduction="none")
+        return self.output_loss(self.outputs(model, batch), batch)
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        return model(self._split(batch)[0])
+
+    def output_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        return F.cross_entropy(outputs, self._split(batch)[1], reduction="none")
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
         x, _ = self._split(batch)
@@ -100,8 +116,16 @@ class CausalLMTask(Task):
         return losses.sum(1)
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.output_loss(self.outputs(model, batch), batch)
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        """The logits that predict the next tokens, ``(B, T - 1, V)``."""
         ids, mask = self._split(batch)
-        return self._summed(self._logits(model, ids, mask), ids[:, 1:], mask)
+        return self._logits(model, ids, mask)
+
+    def output_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        ids, mask = self._split(batch)
+        return self._summed(outputs, ids[:, 1:], mask)
 
     def positions(self, batch: Any) -> Tensor | None:
         """The attention mask: padded tokens do not count."""

@@ -1,6 +1,6 @@
-"""``solver="cg"``: the preconditioned query gradients equal the dense float64 solve ``(H + D)^-1 grad f(q)``, with
-``H`` the exact Hessian of the mean training loss over the tracked layers' parameters (``torch.autograd.functional``
-on a flat parameter vector) and ``D`` each layer's damping, on an MLP, a CNN with GroupNorm and a transformer
+"""``solver="ggn"`` / ``"hessian"``: the preconditioned query gradients equal the dense float64 solve
+``(K + D)^-1 grad f(q)``, with ``K`` the exact Gauss-Newton matrix or Hessian of the mean training loss over the
+tracked layers' parameters (``torch.autograd.functional`` on a flat parameter vector) and ``D`` each layer's damping, on an MLP, a CNN with GroupNorm and a transformer
 encoder in both ``batch_first`` layouts; zero iterations reproduce the direct map, and the identity gives plain CG; two gloo ranks equal one
 process; negative curvature and missing training data are handled as documented."""
 
@@ -14,7 +14,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helpers import float64_default, single_thread  # noqa: F401
-from kfac.influence import ClassificationTask, InfluenceAnalyzer
+from kfac.influence import ClassificationTask, InfluenceAnalyzer, Task
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 F64 = dict(factor_dtype=torch.float64, score_dtype=torch.float64, progress=False)
@@ -72,8 +72,10 @@ def tracked_parameters(model: nn.Module, layers: list[str]) -> list[tuple[str, s
     return out
 
 
-def dense_reference(model, train, queries, layers, damping):
-    """``grad f(q)^T (H + D)^-1 grad L(z_j)`` over the tracked parameters, all dense, float64."""
+def dense_reference(model, train, queries, layers, damping, curvature="hessian"):
+    """``grad f(q)^T (K + D)^-1 grad L(z_j)`` over the tracked parameters, all dense, float64: ``K`` the Hessian of
+    the mean cross-entropy, or its Gauss-Newton matrix ``mean_n J_n^T (diag p_n - p_n p_n^T) J_n``; and the
+    Hessian's eigenvalues."""
     named = tracked_parameters(model, layers)
     params = dict(model.named_parameters())
     shapes = [params[k].shape for _, k in named]
@@ -91,6 +93,13 @@ def dense_reference(model, train, queries, layers, damping):
     with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU attention kernel has no double backward
         hess = torch.autograd.functional.hessian(
             lambda v: F.cross_entropy(functional_call(model, unflat(v), (x,)), y), theta)
+    curv = hess
+    if curvature == "ggn":
+        with sdpa_kernel([SDPBackend.MATH]):
+            jac = torch.autograd.functional.jacobian(lambda v: functional_call(model, unflat(v), (x,)), theta)
+        p = torch.softmax(model(x).detach(), -1)  # jac: (N, classes, params)
+        out_hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        curv = torch.einsum("nip,nij,njq->pq", jac, out_hess, jac) / len(x)
     d = torch.cat([torch.full((s.numel(),), damping[layer]) for (layer, _), s in zip(named, shapes)])
 
     def grads(xs, ys):
@@ -102,20 +111,20 @@ def dense_reference(model, train, queries, layers, damping):
         return torch.stack(rows)
 
     gq, gt = grads(*queries[0]), grads(x, y)
-    return torch.linalg.solve(hess + torch.diag(d), gq.T).T @ gt.T, torch.linalg.eigvalsh(hess)
+    return torch.linalg.solve(curv + torch.diag(d), gq.T).T @ gt.T, torch.linalg.eigvalsh(hess)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "encoder", "encoder-seq-first"])
-@pytest.mark.parametrize("method", ["ekfac", "kfac"])
-def test_cg_equals_the_dense_damped_hessian_solve(kind, method):
+@pytest.mark.parametrize(("method", "curvature"), [("ekfac", "hessian"), ("kfac", "hessian"), ("ekfac", "ggn")])
+def test_cg_equals_the_dense_damped_solve(kind, method, curvature):
     model, train, queries = problem(kind)
     layers = InfluenceAnalyzer(model, ClassificationTask(), **F64).layers
     _, eig = dense_reference(model, train, queries, layers, dict.fromkeys(layers, 1.0))
     damping = float(0.05 - eig.min().clamp(max=0))  # H + D positive definite (H at random weights is indefinite)
-    an = InfluenceAnalyzer(model, ClassificationTask(), method=method, damping=damping, solver="cg",
+    an = InfluenceAnalyzer(model, ClassificationTask(), method=method, damping=damping, solver=curvature,
                            solver_iterations=200, solver_tolerance=1e-12, **F64).fit(train)
     got = an.pairwise_scores(queries, train)
-    want, _ = dense_reference(model, train, queries, an.layers, an.damping)
+    want, _ = dense_reference(model, train, queries, an.layers, an.damping, curvature)
     assert an.solver_info["stopped_negative"] == 0
     assert an.solver_info["relative_residual"].max() <= 1e-11
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
@@ -130,9 +139,9 @@ def test_zero_iterations_are_the_direct_map_and_identity_is_plain_cg():
     _, eig = dense_reference(model, train, queries, layers, dict.fromkeys(layers, 1.0))
     common = dict(damping=float(0.05 - eig.min().clamp(max=0)), **F64)
     direct = InfluenceAnalyzer(model, ClassificationTask(), **common).fit(train).pairwise_scores(queries, train)
-    zero = InfluenceAnalyzer(model, ClassificationTask(), solver="cg", solver_iterations=0, **common).fit(train)
+    zero = InfluenceAnalyzer(model, ClassificationTask(), solver="ggn", solver_iterations=0, **common).fit(train)
     torch.testing.assert_close(zero.pairwise_scores(queries, train), direct, rtol=1e-12, atol=1e-14)
-    plain = InfluenceAnalyzer(model, ClassificationTask(), method="identity", solver="cg", solver_iterations=400,
+    plain = InfluenceAnalyzer(model, ClassificationTask(), method="identity", solver="hessian", solver_iterations=400,
                               solver_tolerance=1e-12, **common).fit(train)
     want, _ = dense_reference(model, train, queries, plain.layers, plain.damping)
     torch.testing.assert_close(plain.pairwise_scores(queries, train), want, rtol=1e-8, atol=1e-10)
@@ -144,7 +153,7 @@ def test_negative_curvature_keeps_the_direct_answer():
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(40, 4, generator=g) * 3, torch.randint(0, 3, (40,), generator=g)
     train = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
-    an = InfluenceAnalyzer(model, ClassificationTask(), damping=1e-6, solver="cg", solver_iterations=100,
+    an = InfluenceAnalyzer(model, ClassificationTask(), damping=1e-6, solver="hessian", solver_iterations=100,
                            solver_tolerance=1e-12, **F64).fit(train)
     _, eig = dense_reference(model, train, [(x[:2], y[:2])], an.layers, an.damping)
     assert eig.min() < -1e-3, "the test needs an indefinite Hessian"
@@ -163,13 +172,25 @@ def test_bad_settings_and_missing_data_are_clear_errors(tmp_path):
     for bad in (dict(solver="lsqr"), dict(solver_iterations=-1), dict(solver_tolerance=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             InfluenceAnalyzer(model, ClassificationTask(), **bad, **F64)
-    an = InfluenceAnalyzer(model, ClassificationTask(), solver="cg", damping=0.3, **F64).fit(train)
+    an = InfluenceAnalyzer(model, ClassificationTask(), solver="ggn", damping=0.3, **F64).fit(train)
     want = an.pairwise_scores(queries, train)
     an.save(tmp_path / "fit")
     loaded = InfluenceAnalyzer.load(tmp_path / "fit", model, ClassificationTask(), progress=False)
     with pytest.raises(RuntimeError, match="use_hessian_data"):
         loaded.pairwise_scores(queries, train)
     torch.testing.assert_close(loaded.use_hessian_data(train).pairwise_scores(queries, train), want)
+
+    class LossOnly(Task):  # no outputs() / output_loss(): the Gauss-Newton matrix is out of reach, the Hessian not
+        def loss(self, model, batch):
+            return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    with pytest.raises(NotImplementedError, match="solver='hessian'"):
+        InfluenceAnalyzer(model, LossOnly(), solver="ggn", fisher="empirical", **F64).fit(train).pairwise_scores(
+            queries, train)
+    torch.testing.assert_close(InfluenceAnalyzer(model, LossOnly(), solver="hessian", method="identity", **F64)
+                               .fit(train).pairwise_scores(queries, train), InfluenceAnalyzer(
+        model, ClassificationTask(), solver="hessian", method="identity", **F64).fit(train).pairwise_scores(
+        queries, train))
 
 
 @pytest.mark.timeout(240)
@@ -179,7 +200,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     W.launch(W.influence_cg, 2, tmp_path)
     got = torch.load(tmp_path / "influence_cg.pt")
     model, train, queries = W.influence_problem()
-    an = InfluenceAnalyzer(model, ClassificationTask(), solver="cg", damping=0.5, solver_iterations=60,
+    an = InfluenceAnalyzer(model, ClassificationTask(), solver="ggn", damping=0.5, solver_iterations=60,
                            solver_tolerance=1e-13, **F64).fit(train)
     torch.testing.assert_close(got["scores"], an.pairwise_scores(queries, train), rtol=1e-9, atol=1e-12)
     assert got["iterations"] == an.solver_info["iterations"]

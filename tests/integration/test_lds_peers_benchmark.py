@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PEERS = {"kronfluence": ("kronfluence_ekfac", "kronfluence_ekfac_heuristic", "kronfluence_kfac",
                          "kronfluence_diagonal"),
          "trak": ("trak",), "dattri": ("dattri_if_explicit", "dattri_if_cg", "dattri_tracin")}
-OURS = ("ours_identity", "ours_kfac", "ours_ekfac", "ours_mfac", "ours_ekfac_cg")
+OURS = ("ours_identity", "ours_kfac", "ours_ekfac", "ours_mfac", "ours_ekfac_ggn", "ours_ekfac_hessian")
 
 
 def installed(package: str) -> bool:
@@ -63,9 +63,10 @@ def test_quick_run_structure_and_content(quick):
     assert "ours_ekfac-exact" in res["models"]["logreg"]["paired_lds_differences"]
     assert not res["models"]["mlp"]["methods"]["exact"]["ran"]  # the reference is for the convex model only
     assert any(key.startswith("logreg: ours EK-FAC within") for key in res["goals"])
-    # CG on the exact Hessian with the objective's own L2 as damping converges to exact influence
-    assert logreg["ours_ekfac_cg"]["lds"] == pytest.approx(logreg["exact"]["lds"], abs=0.02)
-    assert logreg["ours_ekfac_cg"]["settings"]["stopped_negative"] == 0
+    # CG with the objective's own L2 as damping converges to exact influence (a linear model's GGN is its Hessian)
+    for name in ("ours_ekfac_ggn", "ours_ekfac_hessian"):
+        assert logreg[name]["lds"] == pytest.approx(logreg["exact"]["lds"], abs=0.02), name
+        assert logreg[name]["settings"]["stopped_negative"] == 0, name
 
 
 @pytest.mark.slow

@@ -257,12 +257,13 @@ def influence(rank: int, world: int, out: Path, method: str) -> dict:
 
 
 def influence_cg(rank: int, world: int, out: Path) -> dict:
-    """EK-FAC-preconditioned CG on `world` ranks: the Hessian-vector products' batches are split over ranks."""
+    """EK-FAC-preconditioned CG on the Gauss-Newton matrix on `world` ranks: the products' batches are split over
+    ranks."""
     from kfac.influence import ClassificationTask, InfluenceAnalyzer
 
     model, train, queries = influence_problem()
     an = InfluenceAnalyzer(model, ClassificationTask(), factor_dtype=torch.float64, score_dtype=torch.float64,
-                           progress=False, solver="cg", damping=0.5, solver_iterations=60, solver_tolerance=1e-13)
+                           progress=False, solver="ggn", damping=0.5, solver_iterations=60, solver_tolerance=1e-13)
     scores = an.fit(train).pairwise_scores(queries, train)
     if rank == 0:
         torch.save({"scores": scores, "iterations": an.solver_info["iterations"]}, out / "influence_cg.pt")
