@@ -22,7 +22,7 @@ from ..distributed.comm import Communicator
 from ..planner import Plan
 from .store import FactorEntry
 
-__all__ = ["fields_of", "write", "gather"]
+__all__ = ["fields_of", "write", "gather", "sum_by_dtype"]
 
 
 def fields_of(entry: FactorEntry, method: Any, factor: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -89,7 +89,7 @@ def gather(entries: Mapping[str, FactorEntry], method: Any, plan: Plan, comm: Co
             values.append(t.to(device=devices[name], dtype=torch.float64 if exact else dtype))
             slots.append((name, key))
     if comm.enabled:
-        values = _sum_by_dtype(comm, values)
+        values = sum_by_dtype(comm, values)
     store: dict[str, Any] = {}
     got = dict(zip(slots, values))
     for name, entry in entries.items():
@@ -104,10 +104,12 @@ def gather(entries: Mapping[str, FactorEntry], method: Any, plan: Plan, comm: Co
     return {"format": "kfac.FactorStore", "version": 1, "entries": store}
 
 
-def _sum_by_dtype(comm: Communicator, values: list[Tensor]) -> list[Tensor]:
-    """Element-wise sums over ranks, one exact all-reduce per dtype (float64 for flags and counts)."""
+def sum_by_dtype(comm: Communicator, values: list[Tensor]) -> list[Tensor]:
+    """Element-wise sums over ranks, one exact all-reduce per dtype (float64 for flags and counts), the dtypes in
+    order of name: the same order on every rank (a set of dtypes iterates in an order that differs between
+    processes, which paired one rank's float32 reduction with another's float64 one)."""
     out = list(values)
-    for dtype in {t.dtype for t in values}:
+    for dtype in sorted({t.dtype for t in values}, key=str):
         idx = [i for i, t in enumerate(values) if t.dtype == dtype]
         for i, t in zip(idx, comm.all_reduce_sum([values[i] for i in idx], category="state", exact=True)):
             out[i] = t
