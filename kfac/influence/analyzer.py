@@ -106,7 +106,7 @@ class InfluenceAnalyzer:
         self._mfac: StaticFisher | None = None
         self._mfac_grads: dict[str, Tensor] | None = None
         self._method = EigenCorrectedKFAC()
-        self._hessian_data: Iterable[Any] | None = None
+        self._curvature_data: Iterable[Any] | None = None
         # what the last CG solve (solver "ggn" / "hessian") did: iterations, relative_residual per query,
         # stopped_negative
         self.solver_info: dict[str, Any] = {}
@@ -220,7 +220,7 @@ class InfluenceAnalyzer:
                 self._set_mfac(collect_mfac_gradients(self._passes(), self.args, train_loader))
             else:
                 self._fit = Fit(damping=dict.fromkeys(self.layers, self.args.damping or 1.0))  # D of a CG solve
-        self._hessian_data = train_loader
+        self._curvature_data = train_loader
         self._require_fit().weights_sha256 = weights_digest(self.model)
         return self
 
@@ -246,11 +246,11 @@ class InfluenceAnalyzer:
         conjugate gradients on the damped exact curvature of the fitted data, preconditioned by it."""
         if self.args.solver == "direct":
             return self._precondition(mats)
-        if self._hessian_data is None:
+        if self._curvature_data is None:
             raise RuntimeError(f"influence: solver={self.args.solver!r} needs the training data: call "
-                               "fit(train_loader) or, after load(), use_hessian_data(train_loader)")
+                               "fit(train_loader) or, after load(), use_curvature_data(train_loader)")
         x, info = conjugate_gradients(
-            self._passes(), self._hessian_data, mats, curvature=self.args.solver, inverse=self._precondition,
+            self._passes(), self._curvature_data, mats, curvature=self.args.solver, inverse=self._precondition,
             damping=self._require_fit().damping, iterations=self.args.solver_iterations,
             tolerance=self.args.solver_tolerance)
         last = self.solver_info  # one solve per batch of queries: reported together
@@ -261,10 +261,10 @@ class InfluenceAnalyzer:
         self.solver_info = info
         return x
 
-    def use_hessian_data(self, train_loader: Iterable[Any]) -> InfluenceAnalyzer:
+    def use_curvature_data(self, train_loader: Iterable[Any]) -> InfluenceAnalyzer:
         """The (re-iterable) training batches whose mean-loss curvature ``solver="ggn"`` / ``"hessian"`` solves
         with; :meth:`fit` sets them to its own."""
-        self._hessian_data = train_loader
+        self._curvature_data = train_loader
         return self
 
     @overload

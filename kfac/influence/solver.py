@@ -179,7 +179,7 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, c
     rz = _dot(r, z)
     norm_b = _dot(b, b).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     start, start_residual = {k: t.clone() for k, t in x.items()}, _dot(r, r).sqrt()
-    residual = start_residual
+    residual = start_residual.clone()
     active = residual > tolerance * norm_b
     negative = torch.zeros(n, dtype=torch.bool)
     for it in range(iterations):
@@ -197,12 +197,14 @@ def conjugate_gradients(passes: DataPasses, loader: Iterable[Any], b: Mats, *, c
             a = alpha.to(x[k].dtype).view(-1, *([1] * (x[k].dim() - 1)))
             x[k][rows] += a * p_rows[k]
             r[k][rows] -= a * ap[k]
-        z = precondition(r)
-        rz_new = _dot(r, z)
-        beta = (rz_new / rz.where(rz != 0, torch.ones_like(rz))).to(next(iter(p.values())).dtype)
-        p = {k: z[k] + beta.view(-1, *([1] * (z[k].dim() - 1))) * p[k] for k in p}
-        rz = rz_new
-        residual = _dot(r, r).sqrt()
+        r_rows = {k: t[rows] for k, t in r.items()}  # only the unconverged queries are preconditioned again
+        z = precondition(r_rows)
+        rz_new = _dot(r_rows, z)
+        beta = rz_new / rz[rows].where(rz[rows] != 0, torch.ones_like(rz_new))
+        for k in p:
+            p[k][rows] = z[k] + beta.to(p[k].dtype).view(-1, *([1] * (p[k].dim() - 1))) * p_rows[k]
+        rz[rows] = rz_new
+        residual[rows] = _dot(r_rows, r_rows).sqrt()
         active = active & ~negative & (residual > tolerance * norm_b)
     for k in x:  # indefinite: CG's iterates mean nothing there, the direct answer stands
         x[k][negative] = start[k][negative]

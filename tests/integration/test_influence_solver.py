@@ -179,9 +179,9 @@ def test_bad_settings_and_missing_data_are_clear_errors(tmp_path):
     want = an.pairwise_scores(queries, train)
     an.save(tmp_path / "fit")
     loaded = InfluenceAnalyzer.load(tmp_path / "fit", model, ClassificationTask(), progress=False)
-    with pytest.raises(RuntimeError, match="use_hessian_data"):
+    with pytest.raises(RuntimeError, match="use_curvature_data"):
         loaded.pairwise_scores(queries, train)
-    torch.testing.assert_close(loaded.use_hessian_data(train).pairwise_scores(queries, train), want)
+    torch.testing.assert_close(loaded.use_curvature_data(train).pairwise_scores(queries, train), want)
 
     class LossOnly(Task):  # no outputs() / output_loss(): the Gauss-Newton matrix is out of reach, the Hessian not
         def loss(self, model, batch):
